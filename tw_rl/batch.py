@@ -1,0 +1,91 @@
+"""The one data contract between rollout workers, the replay buffer and the learners.
+
+An :class:`Episode` is one generation (SPEC §2) stored compactly as numpy arrays: token ids, teacher log-probs,
+behaviour log-probs and masks — never full logit tensors. :class:`EpisodeBatch` is a padded batch of episodes as
+torch tensors, which is what learners consume. Shapes: ``B`` episodes, ``S`` source length, ``T`` output length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Episode:
+    """One finished generation. Step ``t`` is the action ``a_t`` taken in state ``s_t = (x, b, X_in[<t])``."""
+
+    src_ids: np.ndarray  # [S] int64: the student's input ids (budget prompt + source), no padding
+    actions: np.ndarray  # [T] int64: a_t ∈ V ∪ {<τ>}
+    tokens: np.ndarray  # [T] int64: y_t appended to X_out (= a_t, or the teacher's token when a_t = <τ>)
+    teacher_logprobs: np.ndarray  # [T] float32: log π_T(y_t | x, X_out[<t]) — the reward r_t (SPEC §3)
+    behavior_logprobs: np.ndarray  # [T] float32: log μ(a_t | s_t) of the policy that acted (0 for demos)
+    budget: float  # b
+    terminated: bool  # EOS entered X_out (terminal value 0); otherwise truncated at the length limit
+    policy_version: int = -1  # learner version that produced it; -1: a demonstration
+    source: str = "onpolicy"  # "onpolicy" | "teacher_demo" | "oracle"
+
+    @property
+    def teacher_mask(self) -> np.ndarray:
+        """[T] bool: the steps whose token came from the teacher (a_t = <τ>)."""
+        return self.actions != self.tokens
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    def usage(self) -> float:
+        """Teacher calls / output length (SPEC §5)."""
+        return float(self.teacher_mask.sum()) / max(1, len(self))
+
+
+@dataclass
+class EpisodeBatch:
+    """A padded batch of episodes (padding positions have ``mask`` False)."""
+
+    src_ids: torch.Tensor  # [B, S] int64, padded with pad_id
+    src_mask: torch.Tensor  # [B, S] bool
+    actions: torch.Tensor  # [B, T] int64
+    tokens: torch.Tensor  # [B, T] int64
+    teacher_mask: torch.Tensor  # [B, T] bool: a_t = <τ>
+    mask: torch.Tensor  # [B, T] bool: a real step
+    teacher_logprobs: torch.Tensor  # [B, T] float32
+    behavior_logprobs: torch.Tensor  # [B, T] float32
+    budgets: torch.Tensor  # [B] float32
+    terminated: torch.Tensor  # [B] bool
+    lengths: torch.Tensor  # [B] int64
+    policy_version: torch.Tensor  # [B] int64
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    def to(self, device: torch.device | str) -> "EpisodeBatch":
+        return EpisodeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @staticmethod
+    def collate(episodes: list[Episode], pad_id: int = 0) -> "EpisodeBatch":
+        B = len(episodes)
+        S = max(len(e.src_ids) for e in episodes)
+        T = max(1, max(len(e) for e in episodes))
+        src = np.full((B, S), pad_id, dtype=np.int64)
+        src_mask = np.zeros((B, S), dtype=bool)
+        actions = np.full((B, T), pad_id, dtype=np.int64)
+        tokens = np.full((B, T), pad_id, dtype=np.int64)
+        mask = np.zeros((B, T), dtype=bool)
+        tlp = np.zeros((B, T), dtype=np.float32)
+        blp = np.zeros((B, T), dtype=np.float32)
+        for i, e in enumerate(episodes):
+            n, m = len(e.src_ids), len(e)
+            src[i, :n], src_mask[i, :n] = e.src_ids, True
+            actions[i, :m], tokens[i, :m], mask[i, :m] = e.actions, e.tokens, True
+            tlp[i, :m], blp[i, :m] = e.teacher_logprobs, e.behavior_logprobs
+        t = torch.from_numpy
+        return EpisodeBatch(
+            src_ids=t(src), src_mask=t(src_mask), actions=t(actions), tokens=t(tokens),
+            teacher_mask=t((actions != tokens) & mask), mask=t(mask), teacher_logprobs=t(tlp),
+            behavior_logprobs=t(blp), budgets=torch.tensor([e.budget for e in episodes], dtype=torch.float32),
+            terminated=torch.tensor([e.terminated for e in episodes], dtype=torch.bool),
+            lengths=torch.tensor([len(e) for e in episodes], dtype=torch.int64),
+            policy_version=torch.tensor([e.policy_version for e in episodes], dtype=torch.int64),
+        )

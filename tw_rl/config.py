@@ -1,0 +1,310 @@
+"""Typed configuration: every default is defined once, here.
+
+A run is configured by one :class:`Config`. YAML files (``launch/configs/*.yaml``) and command-line overrides
+(``key.sub=value``) are merged onto these dataclasses with OmegaConf, which rejects unknown keys and wrong types;
+:func:`validate` then checks ranges and choices declared in each field's metadata. Every error names the key and
+what is allowed, and is raised before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range. The message names the key."""
+
+
+def param(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, choices: Any = None,
+          ge: float | None = None, le: float | None = None, gt: float | None = None) -> Any:
+    """A config field with its documentation and its allowed values (checked by :func:`validate`).
+
+    For list fields the range applies to every element.
+    """
+    meta = {"help": help, "choices": choices, "ge": ge, "le": le, "gt": gt}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class EmbeddedTaskConfig:
+    """The offline, seeded translation-like task (``tw_rl/data/embedded.py``)."""
+
+    n_common: int = param(300, "number of common source words (one target token each)", ge=10)
+    n_rare: int = param(3000, "number of rare source words (Zipf-distributed; spelled as several target pieces)",
+                        ge=10)
+    rare_prob: float = param(0.3, "probability that a content slot is filled by a rare word", ge=0.0, le=1.0)
+    zipf_a: float = param(1.1, "Zipf exponent of the rare-word frequencies", gt=0.0)
+    n_train: int = param(20000, "training pairs", ge=1)
+    n_validation: int = param(500, "validation pairs", ge=1)
+    n_test: int = param(500, "test pairs", ge=1)
+    task_seed: int = param(1234, "seed of the lexicon, the word mapping and the splits (independent of `seed`)")
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel data comes from and how it is checked."""
+
+    kind: str = param("embedded", "data source", choices=["embedded", "files", "hf"])
+    path: Optional[str] = param(None, "directory with the split files (kind=files)")
+    format: str = param("auto", "file format (kind=files): line-aligned pair files (plain or .gz), jsonl or tsv",
+                        choices=["auto", "pairs", "jsonl", "tsv"])
+    src_lang: str = param("de", "source suffix of pair files / source key of jsonl rows / hf translation key")
+    tgt_lang: str = param("en", "target suffix of pair files / target key of jsonl rows / hf translation key")
+    train_split: str = param("train", "name of the training split")
+    validation_split: str = param("validation", "name of the validation split")
+    test_split: str = param("test", "name of the held-out split used by evaluation")
+    hf_name: Optional[str] = param(None, "Hugging Face dataset name (kind=hf), e.g. wmt19 or xsum")
+    hf_config: Optional[str] = param(None, "Hugging Face dataset config, e.g. de-en")
+    max_examples: Optional[int] = param(None, "keep the first N pairs of every split (None: all)", ge=1)
+    max_src_tokens: int = param(64, "longest source in tokens; longer examples are errors (or skipped)", ge=4)
+    max_tgt_tokens: int = param(48, "longest target in tokens, and the episode length limit", ge=2)
+    on_error: str = param("raise", "bad examples: raise an error naming file and line, or skip and count them",
+                          choices=["raise", "skip"])
+    embedded: EmbeddedTaskConfig = param(factory=EmbeddedTaskConfig, help="the embedded task")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ArchConfig:
+    """Size of a T5-style model built from scratch (used when ``name_or_path`` is not given)."""
+
+    d_model: int = param(128, "hidden size", ge=4)
+    d_ff: int = param(512, "feed-forward size", ge=4)
+    d_kv: int = param(32, "size of one attention head", ge=2)
+    num_heads: int = param(4, "attention heads", ge=1)
+    num_layers: int = param(2, "encoder layers", ge=1)
+    num_decoder_layers: int = param(2, "decoder layers", ge=1)
+    dropout_rate: float = param(0.0, "dropout", ge=0.0, le=1.0)
+
+
+@dataclass
+class TokenizerConfig:
+    """The subword tokenizer shared by teacher and student when models are trained from scratch."""
+
+    path: Optional[str] = param(None, "load this tokenizer (hub name or directory) instead of training one")
+    vocab_size: int = param(1000, "vocabulary size of a tokenizer trained on the task", ge=32)
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: a model and the server that answers `<τ>` calls and scores outputs."""
+
+    name_or_path: Optional[str] = param(None, "hub name or local directory; None: train one in phase 0")
+    trust_remote_code: bool = param(False, "allow custom model code from the hub (off unless you trust it)")
+    arch: ArchConfig = param(factory=lambda: ArchConfig(d_model=256, d_ff=1024, d_kv=32, num_heads=8,
+                                                        num_layers=3, num_decoder_layers=3),
+                             help="size when trained from scratch")
+    num_replicas: int = param(1, "teacher server replicas (Ray actors)", ge=1)
+    num_cpus: float = param(1.0, "CPUs per teacher replica", ge=0.0)
+    num_gpus: float = param(0.0, "GPUs per teacher replica", ge=0.0)
+    max_batch_size: int = param(64, "dynamic batching: largest batch of queued requests served at once", ge=1)
+    max_wait_ms: float = param(2.0, "dynamic batching: longest wait for more requests before serving", ge=0.0)
+
+
+@dataclass
+class StudentConfig:
+    """The student: a model with `<τ>` added to its vocabulary and the teacher-token offset δ."""
+
+    name_or_path: Optional[str] = param(None, "hub name or local directory; None: train one in phase 0")
+    trust_remote_code: bool = param(False, "allow custom model code from the hub (off unless you trust it)")
+    arch: ArchConfig = param(factory=lambda: ArchConfig(d_model=32, d_ff=64, d_kv=16, num_heads=2,
+                                                        num_layers=1, num_decoder_layers=1),
+                             help="size when trained from scratch")
+    use_delta: bool = param(True, "add the learnable offset δ to teacher-provided tokens in the decoder input")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# phases
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class PretrainConfig:
+    """Phase 0: supervised training of teacher and student from scratch (SPEC §6)."""
+
+    enabled: bool = param(True, "run phase 0 when a model is not given")
+    teacher_epochs: float = param(4.0, "passes over the training split for the teacher", gt=0.0)
+    student_epochs: float = param(4.0, "passes over the training split for the student", gt=0.0)
+    batch_size: int = param(64, "pairs per step", ge=1)
+    lr: float = param(2e-2, "peak learning rate (AdamW with per-tensor scaled steps)", gt=0.0)
+    warmup_steps: int = param(100, "linear warm-up steps", ge=0)
+    time_limit_s: Optional[float] = param(None, "stop a model's training after this many seconds", gt=0.0)
+
+
+@dataclass
+class Phase1Config:
+    """Phase 1: behaviour cloning on KL-oracle traces (SPEC §6)."""
+
+    enabled: bool = param(True, "run phase 1")
+    epochs: float = param(2.0, "passes over the training split (one random budget per example and pass)", gt=0.0)
+    batch_size: int = param(64, "examples per step", ge=1)
+    lr: float = param(3e-3, "learning rate", gt=0.0)
+    distill_weight: float = param(1.0, "weight of token-level distillation on unmarked positions", ge=0.0)
+
+
+@dataclass
+class RolloutConfig:
+    """On-policy data collection by Ray rollout workers."""
+
+    num_workers: int = param(2, "rollout workers (Ray actors), each holding a student replica", ge=0)
+    envs_per_worker: int = param(64, "episodes decoded together by one worker per request", ge=1)
+    num_cpus: float = param(0.5, "CPUs per rollout worker", ge=0.0)
+    num_gpus: float = param(0.0, "GPUs per rollout worker", ge=0.0)
+    temperature: float = param(1.0, "sampling temperature for exploration", gt=0.0)
+
+
+@dataclass
+class RLConfig:
+    """Phase 2: PCL with budget multipliers (SPEC §4, §5)."""
+
+    enabled: bool = param(True, "run phase 2")
+    iterations: int = param(30, "sample → score → buffer → update → sync iterations", ge=0)
+    updates_per_iteration: int = param(4, "learner steps per iteration", ge=1)
+    batch_size: int = param(64, "episodes per learner step", ge=1)
+    lr: float = param(1e-3, "learning rate", gt=0.0)
+    alpha: float = param(1.0, "entropy temperature α", gt=0.0)
+    gamma: float = param(1.0, "discount γ", gt=0.0, le=1.0)
+    window: int = param(8, "multi-step window d (0: to the end of the sequence)", ge=0)
+    multi_step_weight: float = param(0.5, "mix: (1-w)·single-step + w·multi-step consistency", ge=0.0, le=1.0)
+    target_update_rate: float = param(0.05, "Polyak rate of the target copy", gt=0.0, le=1.0)
+    replay_capacity: int = param(4096, "on-policy episodes kept (demonstrations are never evicted)", ge=1)
+    on_policy_fraction: float = param(0.5, "fraction of each batch drawn from on-policy episodes", ge=0.0, le=1.0)
+    lambda_lr: float = param(2.0, "dual ascent step η_λ", ge=0.0)
+    lambda_init: float = param(0.0, "initial multipliers", ge=0.0)
+    grad_clip: float = param(1.0, "gradient norm clip", gt=0.0)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a run on the held-out split."""
+
+    max_examples: Optional[int] = param(None, "evaluate the first N held-out pairs (None: all)", ge=1)
+    batch_size: int = param(128, "sequences decoded together", ge=1)
+    hard_cap: bool = param(False, "forbid <τ> once calls reach ceil(b·max_len) (SPEC §5)")
+
+
+@dataclass
+class Config:
+    """A tw-rl run."""
+
+    out_dir: str = param("runs/demo", "the run directory: config, models, checkpoints, metrics, reports")
+    seed: int = param(0, "seed of everything random in the run")
+    algo: str = param("pcl", "the phase-2 learner (tw_rl.algos.ALGORITHMS)")
+    budgets: list[float] = param(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                                 help="teacher budgets trained and evaluated", ge=0.0, le=1.0)
+    budget_prompt: str = param("teacher budget {pct}%: ", "prefix of the student's input; {pct} = 100·b")
+    num_threads: int = param(2, "torch threads in the driver process", ge=1)
+    checkpoint_every: int = param(10, "phase-2 iterations between checkpoints", ge=1)
+    tensorboard: bool = param(True, "write TensorBoard event files next to metrics.jsonl")
+    data: DataConfig = param(factory=DataConfig, help="data")
+    tokenizer: TokenizerConfig = param(factory=TokenizerConfig, help="tokenizer")
+    teacher: TeacherConfig = param(factory=TeacherConfig, help="teacher")
+    student: StudentConfig = param(factory=StudentConfig, help="student")
+    pretrain: PretrainConfig = param(factory=PretrainConfig, help="phase 0")
+    phase1: Phase1Config = param(factory=Phase1Config, help="phase 1")
+    rollout: RolloutConfig = param(factory=RolloutConfig, help="rollout workers")
+    rl: RLConfig = param(factory=RLConfig, help="phase 2")
+    eval: EvalConfig = param(factory=EvalConfig, help="evaluation")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------------------
+def _field_names(node: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every field's declared choices and ranges, recursively. Raises :class:`ConfigError`."""
+    for f in dataclasses.fields(cfg):
+        key = f"{prefix}{f.name}"
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        meta = f.metadata
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is None:
+                continue
+            if meta.get("choices") is not None and v not in meta["choices"]:
+                raise ConfigError(f"{key}={v!r} is not allowed; allowed values: {meta['choices']}")
+            lo, hi, gt = meta.get("ge"), meta.get("le"), meta.get("gt")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if (lo is not None and v < lo) or (hi is not None and v > hi) or (gt is not None and v <= gt):
+                    rng = " and ".join(s for s in [f">= {lo}" if lo is not None else "",
+                                                   f"> {gt}" if gt is not None else "",
+                                                   f"<= {hi}" if hi is not None else ""] if s)
+                    raise ConfigError(f"{key}={v!r} is out of range; allowed: {rng}")
+    if prefix == "":
+        from tw_rl.algos import ALGORITHMS  # the registry is the list of allowed learners
+
+        if cfg.algo not in ALGORITHMS:
+            raise ConfigError(f"algo={cfg.algo!r} is unknown; allowed values: {sorted(ALGORITHMS)}")
+        if not cfg.budgets:
+            raise ConfigError("budgets=[] is empty; give at least one budget in [0, 1]")
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    allowed = ""
+    parent = Config()
+    for part in str(key).split(".")[:-1]:
+        parent = getattr(parent, part, None)
+        if not dataclasses.is_dataclass(parent):
+            break
+    if dataclasses.is_dataclass(parent) and "not in" in msg:
+        allowed = f"; known keys here: {_field_names(parent)}"
+    return ConfigError(f"{source}: bad config key {key!r}: {msg}{allowed}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge ``path`` (YAML) and ``overrides`` (``key.sub=value``) onto the defaults, then validate."""
+    merged: DictConfig = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist")
+            file_cfg = OmegaConf.load(p)
+            merged = OmegaConf.merge(merged, file_cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {item!r}") from None
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every field, defaults included)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+def budget_prompt(cfg_prompt: str, budget: float) -> str:
+    """The natural-language budget prefix of the student's input (SPEC §2)."""
+    return cfg_prompt.format(pct=int(round(100 * budget)))
