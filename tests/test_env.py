@@ -1,0 +1,147 @@
+"""TokenMDPEnv and its batched form against independent computations (SPEC §2, §3, §5)."""
+
+import numpy as np
+import pytest
+import torch
+
+from envs.token_mdp import TokenMDPBatch, TokenMDPEnv
+from tw_rl.decoding import decode
+
+MAX_LEN, MAX_SRC = 8, 10
+
+
+def make_env(toy, lam=0.0):
+    env = TokenMDPEnv(toy["examples"], toy["teacher"], n_actions=toy["V"] + 1, eos_id=toy["eos"],
+                      budgets=[0.0, 0.2, 0.5], max_len=MAX_LEN, max_src_len=MAX_SRC)
+    env.set_lambda(lam)
+    return env
+
+
+def teacher_logprobs(toy, src, out):
+    """log π_T(y_t | x, y_<t) straight from the model's full forward pass, no caches."""
+    m = toy["teacher"].model
+    dec = torch.tensor([[0] + out[:-1]])
+    with torch.no_grad():
+        logits = m(input_ids=torch.tensor([src]), decoder_input_ids=dec).logits[0]
+    lp = torch.log_softmax(logits, -1)
+    return lp[torch.arange(len(out)), torch.tensor(out)].numpy(), lp
+
+
+def test_reward_is_teacher_logprob_and_tau_appends_greedy_token(toy):
+    env = make_env(toy)
+    obs, info = env.reset(seed=0, options={"example": 1, "budget": 0.2})
+    src = toy["examples"][1].teacher_src
+    tau = toy["V"]
+    actions = [5, tau, 7, tau]
+    rewards = []
+    for a in actions:
+        obs, r, term, trunc, info = env.step(a)
+        rewards.append(r)
+        if term or trunc:
+            break
+    out = obs["prefix"][:obs["step"]].tolist()
+    ref, lp = teacher_logprobs(toy, src, out)
+    np.testing.assert_allclose(rewards, ref[:len(rewards)], atol=1e-5)
+    # <τ> steps carry the teacher's greedy token, marked in X_in; student steps carry the student's token
+    assert out[0] == 5 and out[2] == 7
+    assert out[1] == int(lp[1].argmax()) and out[3] == int(lp[3].argmax())
+    assert obs["teacher_mask"][:4].tolist() == [0, 1, 0, 1]
+    assert info["teacher_calls"] == 2 and info["usage"] == pytest.approx(0.5)
+
+
+def test_lagrangian_reward(toy):
+    lam = 0.7
+    env0, env1 = make_env(toy), make_env(toy, lam)
+    for env in (env0, env1):
+        env.reset(seed=0, options={"example": 2, "budget": 0.2})
+    tau = toy["V"]
+    for a in [tau, 4]:
+        _, r0, *_ = env0.step(a)
+        _, r1, *_ = env1.step(a)
+        c = float(a == tau)
+        assert r1 == pytest.approx(r0 - lam * (c - 0.2))
+
+
+def test_termination_and_truncation(toy):
+    env = make_env(toy)
+    env.reset(seed=0, options={"example": 0, "budget": 0.0})
+    _, _, term, trunc, _ = env.step(toy["eos"])
+    assert term and not trunc
+    env.reset(seed=0, options={"example": 0, "budget": 0.0})
+    for t in range(MAX_LEN):
+        _, _, term, trunc, _ = env.step(3)
+    assert trunc and not term
+
+
+def test_batched_form_equals_single_envs(toy):
+    rng = np.random.default_rng(0)
+    n = 5
+    ex_idx = rng.integers(len(toy["examples"]), size=n)
+    budgets = rng.choice([0.0, 0.2, 0.5], size=n)
+    batch = TokenMDPBatch(toy["teacher"], tau_id=toy["V"], eos_id=toy["eos"], max_len=MAX_LEN)
+    batch.reset([toy["examples"][i] for i in ex_idx], budgets, lam=0.3)
+    envs = [make_env(toy, 0.3) for _ in range(n)]
+    for e, i, b in zip(envs, ex_idx, budgets):
+        e.reset(seed=0, options={"example": int(i), "budget": float(b)})
+    done = np.zeros(n, bool)
+    for t in range(MAX_LEN):
+        actions = rng.integers(1, toy["V"] + 1, size=n)  # includes EOS (1) and <τ> (V)
+        r, term, trunc, _ = batch.step(actions)
+        for k, e in enumerate(envs):
+            if done[k]:
+                assert r[k] == 0.0
+                continue
+            obs, rk, tk, uk, _ = e.step(int(actions[k]))
+            assert rk == pytest.approx(r[k], abs=1e-5)
+            assert (tk, uk) == (bool(term[k]), bool(trunc[k]))
+            np.testing.assert_array_equal(obs["prefix"], batch.tokens[k])
+            np.testing.assert_array_equal(obs["teacher_mask"], batch.teacher_mask[k])
+        done |= term | trunc
+        if done.all():
+            break
+
+
+def _student_inputs(toy, budget, idx):
+    srcs = [toy["examples"][i].student_src[budget] for i in idx]
+    S = max(map(len, srcs))
+    ids = torch.zeros(len(srcs), S, dtype=torch.long)
+    mask = torch.zeros(len(srcs), S, dtype=torch.bool)
+    for k, s in enumerate(srcs):
+        ids[k, :len(s)], mask[k, :len(s)] = torch.tensor(s), True
+    return ids, mask
+
+
+def test_budget_zero_with_tau_masked_is_plain_greedy(toy):
+    idx = list(range(len(toy["examples"])))
+    ids, mask = _student_inputs(toy, 0.0, idx)
+    out = decode(toy["student"], ids, mask, max_len=MAX_LEN, eos_id=toy["eos"], allow_tau=False)
+    ref = toy["student"].model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=MAX_LEN,
+                                        do_sample=False, num_beams=1, suppress_tokens=[toy["V"]])
+    for k in idx:
+        want = ref[k, 1:].tolist()
+        want = want[:want.index(toy["eos"]) + 1] if toy["eos"] in want else want
+        assert out.tokens[k, :out.lengths[k]].tolist() == want
+        assert not out.teacher_mask[k].any()
+
+
+def test_sampled_decoding_matches_env_trajectories(toy):
+    """The KV-cached decoder and the environment agree on X_out, teacher marks, ends and rewards."""
+    idx = list(range(len(toy["examples"])))
+    ids, mask = _student_inputs(toy, 0.5, idx)
+    tsrc = [toy["examples"][i].teacher_src for i in idx]
+    out = decode(toy["student"], ids, mask, max_len=MAX_LEN, eos_id=toy["eos"], teacher=toy["teacher"],
+                 teacher_src=tsrc, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.teacher_mask.any(), "the toy student should call the teacher sometimes"
+    scores = toy["teacher"].score(tsrc, [out.tokens[k, :out.lengths[k]].tolist() for k in idx])
+    env = make_env(toy)
+    for k in idx:
+        env.reset(options={"example": k, "budget": 0.5})
+        rewards = []
+        for a in out.actions[k, :out.lengths[k]]:
+            obs, r, term, trunc, _ = env.step(int(a))
+            rewards.append(r)
+        n = out.lengths[k]
+        assert obs["prefix"][:n].tolist() == out.tokens[k, :n].tolist()
+        assert obs["teacher_mask"][:n].astype(bool).tolist() == out.teacher_mask[k, :n].tolist()
+        assert term == bool(out.terminated[k]) and (term or trunc)
+        np.testing.assert_allclose(rewards, scores[k], atol=1e-5)

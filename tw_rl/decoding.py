@@ -1,0 +1,101 @@
+"""Batched, KV-cached decoding over ``V ∪ {<τ>}`` — shared by rollout workers, evaluation and ``generate``.
+
+One student decoder position per step (the acting forward, :meth:`Student.step`); rows that choose ``<τ>`` are
+answered by one batched ``teacher.next_tokens`` call and the teacher's token enters the student's cache with the
+offset δ (SPEC §2). The transitions are those of :class:`envs.token_mdp.TokenMDPBatch` (tested equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from envs.token_mdp import TeacherClient
+from tw_rl.models.student import Student
+
+# (step t, student logits [B, A], calls so far [B]) -> bool [B]: rows whose action is forced to <τ>
+TauRule = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Decoded:
+    """Per-row results, padded to the longest row ``T`` (``pad_id`` beyond ``lengths``)."""
+
+    actions: np.ndarray  # [B, T] int64
+    tokens: np.ndarray  # [B, T] int64
+    behavior_logprobs: np.ndarray  # [B, T] float32: log μ(a_t|s_t) of the acting distribution
+    lengths: np.ndarray  # [B] int64
+    terminated: np.ndarray  # [B] bool
+
+    @property
+    def teacher_mask(self) -> np.ndarray:
+        return self.actions != self.tokens
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.lengths[i]
+        return self.actions[i, :n], self.tokens[i, :n]
+
+
+@torch.no_grad()
+def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, max_len: int, eos_id: int,
+           teacher: TeacherClient | None = None, teacher_src: Sequence[Sequence[int]] | None = None,
+           start_id: int = 0, pad_id: int = 0, temperature: float = 0.0, allow_tau: bool = True,
+           call_cap: torch.Tensor | None = None, tau_rule: TauRule | None = None,
+           generator: torch.Generator | None = None) -> Decoded:
+    """Decode ``B`` rows at once.
+
+    ``temperature == 0`` is greedy; otherwise actions are sampled from ``softmax(logits / temperature)``.
+    ``allow_tau=False`` masks ``<τ>`` (the student alone). ``call_cap [B]``: ``<τ>`` is forbidden once a row's
+    calls reach it (the inference-time hard cap of SPEC §5). ``tau_rule`` forces ``<τ>`` on chosen rows
+    (baselines: random positions, confidence fallback); forced rows always call, whatever the student prefers.
+    """
+    B, tau = src_ids.shape[0], student.tau_id
+    if (allow_tau or tau_rule is not None) and (teacher is None or teacher_src is None):
+        raise ValueError("decoding with <τ> needs a teacher and teacher_src")
+    enc = student.encode(src_ids, src_mask)
+    cache = student.new_cache()
+    inp = torch.full((B,), start_id, dtype=torch.long, device=src_ids.device)
+    inp_teacher = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
+    calls = torch.zeros(B, dtype=torch.long, device=src_ids.device)
+    actions = torch.full((B, max_len), pad_id, dtype=torch.long)
+    tokens = torch.full((B, max_len), pad_id, dtype=torch.long)
+    blp = torch.zeros((B, max_len), dtype=torch.float32)
+    lengths = torch.zeros(B, dtype=torch.long)
+    for t in range(max_len):
+        logits = student.step(enc, src_mask, inp, inp_teacher, cache).float()
+        if not allow_tau:
+            logits[:, tau] = float("-inf")
+        if call_cap is not None:
+            logits[calls >= call_cap, tau] = float("-inf")
+        if temperature > 0:
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            a = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            a = logits.argmax(dim=-1)
+        if tau_rule is not None:
+            a = torch.where(tau_rule(t, logits, calls.clone()), torch.full_like(a, tau), a)
+        live = ~done
+        is_tau = live & (a == tau)
+        y = torch.where(live, a, torch.full_like(a, pad_id))
+        rows = is_tau.nonzero().flatten().tolist()
+        if rows:
+            w, _ = teacher.next_tokens([teacher_src[i] for i in rows], [tokens[i, :t].tolist() for i in rows])
+            y[rows] = torch.as_tensor(w, dtype=torch.long, device=y.device)
+        actions[:, t] = torch.where(live, a, torch.full_like(a, pad_id)).cpu()
+        tokens[:, t] = y.cpu()
+        blp[:, t] = torch.where(live, logp.gather(1, a[:, None]).squeeze(1), torch.zeros_like(logp[:, 0])).cpu()
+        lengths += live.cpu().long()
+        calls += is_tau.long()
+        done |= live & (y == eos_id)
+        if bool(done.all()):
+            break
+        inp, inp_teacher = y, is_tau
+    T = max(1, int(lengths.max()))
+    terminated = (tokens == eos_id).any(dim=1)
+    return Decoded(actions[:, :T].numpy(), tokens[:, :T].numpy(), blp[:, :T].numpy(), lengths.numpy(),
+                   terminated.numpy())

@@ -1,0 +1,116 @@
+"""The student: a seq2seq model whose actions are ``V ∪ {<τ>}`` and whose decoder knows which tokens it asked for.
+
+SPEC §2: ``<τ>`` is added to the vocabulary as the last action; a teacher-provided token enters the decoder as
+``embed(w) + δ`` where ``δ`` is a learnable offset saved with the student. Logits over ``V ∪ {<τ>}`` are read as
+soft Q-values by the learners (SPEC §4).
+
+Acting and training are different forward passes: :meth:`Student.step` feeds one decoder position with a KV
+cache (acting); :meth:`Student.forward` returns all positions' logits (training).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+TAU_TOKEN = "<τ>"
+_META = "tw_student.json"
+_DELTA = "tw_delta.safetensors"
+
+
+class Student(nn.Module):
+    """Wraps a Hugging Face seq2seq model. ``tau_id`` is the last action index; ``n_actions = tau_id + 1``."""
+
+    def __init__(self, model: PreTrainedModel, tau_id: int, delta: torch.Tensor | None = None,
+                 use_delta: bool = True):
+        super().__init__()
+        self.model = model
+        self.tau_id = int(tau_id)
+        d_model = model.get_input_embeddings().weight.shape[1]
+        self.delta = nn.Parameter(delta.clone() if delta is not None else torch.zeros(d_model))
+        self.use_delta = use_delta
+        if model.get_output_embeddings().weight.shape[0] != self.n_actions:
+            raise ValueError(f"the student's output layer has {model.get_output_embeddings().weight.shape[0]} rows "
+                             f"but <τ> has id {tau_id}; <τ> must be the last of V ∪ {{<τ>}}")
+
+    @property
+    def n_actions(self) -> int:
+        return self.tau_id + 1
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @classmethod
+    def from_base(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                  use_delta: bool = True) -> "Student":
+        """Add ``<τ>`` to ``tokenizer`` (in place) and to ``model``'s embeddings, as the last action."""
+        if TAU_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([TAU_TOKEN], special_tokens=True)
+        tau_id = tokenizer.convert_tokens_to_ids(TAU_TOKEN)
+        if tau_id != len(tokenizer) - 1:
+            raise ValueError(f"{TAU_TOKEN} got id {tau_id}, expected the last id {len(tokenizer) - 1}")
+        model.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():  # start <τ> as an unlikely action: the student calls only once it has learned to
+            model.get_output_embeddings().weight[tau_id].zero_()
+        return cls(model, tau_id, use_delta=use_delta)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def decoder_embeds(self, tokens: torch.Tensor, teacher_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids and [B, L] bool → [B, L, d]: ``embed(y) + δ·1[y came from the teacher]``."""
+        e = self.model.get_input_embeddings()(tokens)
+        if self.use_delta:
+            e = e + teacher_mask.unsqueeze(-1).to(e.dtype) * self.delta
+        return e
+
+    def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor):
+        return self.model.get_encoder()(input_ids=src_ids, attention_mask=src_mask.long())
+
+    def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor, dec_tokens: torch.Tensor,
+                dec_teacher_mask: torch.Tensor, encoder_outputs=None) -> torch.Tensor:
+        """Training forward: logits ``[B, L, |V|+1]`` for every decoder position (position t is state s_t)."""
+        out = self.model(input_ids=None if encoder_outputs is not None else src_ids,
+                         attention_mask=src_mask.long(), encoder_outputs=encoder_outputs,
+                         decoder_inputs_embeds=self.decoder_embeds(dec_tokens, dec_teacher_mask), use_cache=False)
+        return out.logits
+
+    @staticmethod
+    def new_cache() -> EncoderDecoderCache:
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+    def step(self, encoder_outputs, src_mask: torch.Tensor, tokens: torch.Tensor, teacher_mask: torch.Tensor,
+             cache: EncoderDecoderCache) -> torch.Tensor:
+        """Acting forward: feed one decoder position ``[B]`` with the KV cache; returns logits ``[B, |V|+1]``."""
+        out = self.model(encoder_outputs=encoder_outputs, attention_mask=src_mask.long(),
+                         decoder_inputs_embeds=self.decoder_embeds(tokens[:, None], teacher_mask[:, None]),
+                         cache=cache, use_cache=True)
+        return out.logits[:, -1]
+
+    # ----------------------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """HF format (safetensors) plus δ and the ``<τ>`` id."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(d, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(d)
+        save_file({"delta": self.delta.detach().contiguous().cpu()}, str(d / _DELTA))
+        (d / _META).write_text(json.dumps({"tau_id": self.tau_id, "tau_token": TAU_TOKEN,
+                                           "use_delta": self.use_delta}, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path, trust_remote_code: bool = False) -> tuple["Student", PreTrainedTokenizerBase]:
+        d = Path(directory)
+        if not (d / _META).is_file():
+            raise FileNotFoundError(f"{d} is not a saved tw-rl student (no {_META})")
+        meta = json.loads((d / _META).read_text())
+        model = AutoModelForSeq2SeqLM.from_pretrained(d, use_safetensors=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(d)
+        delta = load_file(str(d / _DELTA))["delta"]
+        return cls(model, meta["tau_id"], delta=delta, use_delta=meta["use_delta"]), tokenizer
