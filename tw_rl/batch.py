@@ -60,6 +60,10 @@ class EpisodeBatch:
     def __len__(self) -> int:
         return int(self.actions.shape[0])
 
+    def decoder_inputs(self, start_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :func:`decoder_inputs`."""
+        return decoder_inputs(self, start_id, pad_id)
+
     def to(self, device: torch.device | str) -> "EpisodeBatch":
         return EpisodeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
@@ -89,3 +93,21 @@ class EpisodeBatch:
             lengths=torch.tensor([len(e) for e in episodes], dtype=torch.int64),
             policy_version=torch.tensor([e.policy_version for e in episodes], dtype=torch.int64),
         )
+
+
+def decoder_inputs(batch: EpisodeBatch, start_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's decoder input for every state ``s_0 … s_T`` of the batch (SPEC §2).
+
+    Returns ``dec_tokens [B, T+1]`` = ``[start_id, y_1 … y_T]`` and ``dec_teacher_mask [B, T+1]`` =
+    ``[False, m_1 … m_T]``, so that decoder position ``t`` is the state ``s_t`` and position ``T`` is the state
+    after the last action (needed to bootstrap truncated episodes). Positions beyond an episode's length hold
+    ``pad_id`` and False.
+    """
+    B = batch.tokens.shape[0]
+    device = batch.tokens.device
+    tokens = torch.where(batch.mask, batch.tokens, torch.full_like(batch.tokens, pad_id))
+    start = torch.full((B, 1), start_id, dtype=tokens.dtype, device=device)
+    dec_tokens = torch.cat([start, tokens], dim=1)
+    no_teacher = torch.zeros((B, 1), dtype=torch.bool, device=device)
+    dec_teacher_mask = torch.cat([no_teacher, batch.teacher_mask & batch.mask], dim=1)
+    return dec_tokens, dec_teacher_mask

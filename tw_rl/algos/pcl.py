@@ -1,0 +1,254 @@
+"""Path Consistency Learning with the budget Lagrangian (SPEC.md §3, §4, §5).
+
+The student's logits over ``V ∪ {<τ>}`` are soft Q-values (the unified parameterisation of SPEC §4)::
+
+    V(s)        = α · logsumexp_a Q(s, a) / α
+    log π(a|s)  = (Q(s, a) − V(s)) / α
+
+and the loss asks every sub-path ``s_t … s_{t+d}`` of every episode in the batch — on-policy rollout or
+demonstration alike — to satisfy the soft path consistency::
+
+    C_t = −V(s_t) + γ^d V_target(s_{t+d}) + Σ_{i<d} γ^i (r_{t+i} − α log π(a_{t+i}|s_{t+i})),   loss ½ C_t²
+
+The single-step form (``d = 1``) reduces to soft Q-learning, ``C_t = r_t + γ V_target(s_{t+1}) − Q(s_t, a_t)``;
+the multi-step form uses a window ``d`` (or runs to the end of the episode). Everything here is a pure function
+over tensors, vectorised over time; :class:`PCLLearner` adds the network, the Polyak target copy and the optimiser.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from tw_rl.batch import EpisodeBatch, decoder_inputs
+from tw_rl.config import Config, RLConfig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pure functions
+# --------------------------------------------------------------------------------------------------------------
+def soft_values(q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``V(s) = α logsumexp(Q(s,·)/α)`` (SPEC §4). ``q [..., A]`` → ``[...]``."""
+    return alpha * torch.logsumexp(q / alpha, dim=-1)
+
+
+def log_policy(q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``log π(·|s) = (Q(s,·) − V(s))/α`` (SPEC §4). ``q [..., A]`` → ``[..., A]``."""
+    return torch.log_softmax(q / alpha, dim=-1)
+
+
+def lagrangian_rewards(batch: EpisodeBatch, lambdas: torch.Tensor) -> torch.Tensor:
+    """Per-step reward with the budget Lagrangian, ``r_t = log π_T(y_t|·) − λ_b (c_t − b)`` (SPEC §3, §5).
+
+    ``c_t = 1[a_t = <τ>]`` is ``batch.teacher_mask``; ``lambdas [B]`` is the multiplier of each episode's budget
+    level (see :meth:`tw_rl.budget.BudgetMultipliers.for_episodes`). Returns ``[B, T]`` float32, 0 on padding.
+    """
+    lam = lambdas.to(device=batch.teacher_logprobs.device, dtype=torch.float32)[:, None]
+    cost = batch.teacher_mask.to(torch.float32) - batch.budgets.to(torch.float32)[:, None]
+    rewards = batch.teacher_logprobs.to(torch.float32) - lam * cost
+    return torch.where(batch.mask, rewards, torch.zeros_like(rewards))
+
+
+def _window_matrix(T: int, window: int, gamma: float, device: torch.device) -> torch.Tensor:
+    """``W [T, T]`` with ``W[t, k] = γ^(k−t)`` for ``t ≤ k < t + d`` (``d = T`` when window is 0), else 0.
+
+    A banded matrix product instead of a discounted cumulative sum: ``γ^(−t)`` rescaling would overflow for long
+    sequences and small γ, and ``T`` (the output length) is small enough for ``O(B·T²)``.
+    """
+    d = T if window == 0 else window
+    idx = torch.arange(T, device=device)
+    offset = idx[None, :] - idx[:, None]  # k − t
+    band = (offset >= 0) & (offset < d)
+    return torch.where(band, gamma ** offset.clamp(min=0).to(torch.float32), torch.zeros((), device=device))
+
+
+def pcl_consistency(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor,
+                    rewards: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor,
+                    alpha: float, gamma: float, window: int) -> torch.Tensor:
+    """Window-``d`` path-consistency residuals of every step of every episode (SPEC §4).
+
+    ``C_t = −V(s_t) + γ^d' V_target(s_{t+d'}) + Σ_{i<d'} γ^i (r_{t+i} − α log π(a_{t+i}|s_{t+i}))`` with
+    ``d' = min(d, len − t)`` (``window = 0``: ``d' = len − t``, to the end of the episode) and
+    ``V_target(s_len) = 0`` when the episode terminated (a truncated one bootstraps).
+
+    Args:
+        q: ``[B, T+1, A]`` online soft Q-values; position ``t`` is the state ``s_t``.
+        q_target: ``[B, T+1, A]`` target-network soft Q-values for the bootstrapped ``V``; None: use ``q``
+            itself (the original PCL, gradient through both ends).
+        actions: ``[B, T]`` int64 ``a_t``; rewards: ``[B, T]`` ``r_t``; mask: ``[B, T]`` bool, a real step.
+        lengths: ``[B]`` int64 episode lengths; terminated: ``[B]`` bool.
+        window: ``d ≥ 1``, or 0 for to the end. ``window = 1`` is the single-step (soft Q-learning) form.
+
+    Returns:
+        ``[B, T]`` residuals, 0 on padding. Values at padding positions never depend on padded inputs.
+    """
+    B, T = actions.shape
+    device = q.device
+    q = q.float()
+    q_target = q if q_target is None else q_target.float()
+    v = soft_values(q, alpha)  # [B, T+1]
+    safe_actions = torch.where(mask, actions, torch.zeros_like(actions))  # pad ids may be out of range
+    q_a = q[:, :T].gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    alpha_log_pi = q_a - v[:, :T]  # α log π(a_t|s_t)
+    # `where`, not multiplication, so that junk (even inf) beyond an episode's end cannot leak into the sums.
+    g = torch.where(mask, rewards.float() - alpha_log_pi, torch.zeros_like(alpha_log_pi))
+    path_sum = g @ _window_matrix(T, window, gamma, device).T  # [B, T]: Σ_{i<d'} γ^i g_{t+i}
+
+    steps = torch.arange(T, device=device)[None, :]
+    d = T if window == 0 else window
+    end = torch.minimum(steps + d, lengths[:, None])  # t + d'
+    v_target = soft_values(q_target, alpha)  # [B, T+1]
+    at_end = torch.arange(T + 1, device=device)[None, :] == lengths[:, None]
+    v_target = torch.where(at_end & terminated[:, None], torch.zeros_like(v_target), v_target)
+    # clamp: on padding (t ≥ len) end − t < 0, and γ^(−t) could overflow into a NaN gradient through `where`.
+    discount = gamma ** (end - steps).clamp(min=0).to(torch.float32)
+    bootstrap = discount * v_target.gather(1, end.clamp(max=T))
+
+    residuals = -v[:, :T] + bootstrap + path_sum
+    return torch.where(mask, residuals, torch.zeros_like(residuals))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+
+
+def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor, rewards: torch.Tensor,
+             mask: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor, alpha: float, gamma: float,
+             window: int, multi_step_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(1 − w)·single + w·multi``, each the mean over real steps of ``½ C_t²`` (SPEC §4).
+
+    Arguments as in :func:`pcl_consistency`; ``w = multi_step_weight``. Returns the scalar loss and float stats
+    (``loss/*``, ``rollout/entropy`` — the mean policy entropy over the batch's states — and ``value/*``).
+    """
+    args = (q, q_target, actions, rewards, mask, lengths, terminated, alpha, gamma)
+    c_single = pcl_consistency(*args, window=1)
+    single = _masked_mean(0.5 * c_single.pow(2), mask)
+    if multi_step_weight > 0.0 and window != 1:
+        c_multi = pcl_consistency(*args, window=window)
+        multi = _masked_mean(0.5 * c_multi.pow(2), mask)
+    else:  # window 1 is the single-step form: don't pay for it twice
+        c_multi, multi = c_single, single
+    loss = (1.0 - multi_step_weight) * single + multi_step_weight * multi
+
+    with torch.no_grad():
+        T = actions.shape[1]
+        log_pi = log_policy(q[:, :T].float(), alpha)
+        entropy = -torch.special.xlogy(log_pi.exp(), log_pi.exp()).sum(-1)  # xlogy: 0·log 0 = 0 for masked <τ>
+        stats = {
+            "loss/pcl": float(loss),
+            "loss/single_step": float(single),
+            "loss/multi_step": float(multi),
+            "loss/abs_residual_multi": float(_masked_mean(c_multi.abs(), mask)),
+            "rollout/entropy": float(_masked_mean(entropy, mask)),
+            "value/v_start": float(soft_values(q[:, 0].float(), alpha).mean()),
+            "value/reward": float(_masked_mean(rewards.float(), mask)),
+        }
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the learner
+# --------------------------------------------------------------------------------------------------------------
+class PCLLearner:
+    """One PCL learner: the student, its Polyak target copy, AdamW, gradient clipping (SPEC §4).
+
+    ``student`` is any module with ``forward(src_ids [B,S], src_mask [B,S], dec_tokens [B,L],
+    dec_teacher_mask [B,L]) -> logits [B,L,A]`` whose last action index ``A−1`` is ``<τ>``. The learner runs
+    on the device of the student's parameters.
+    """
+
+    def __init__(self, cfg: RLConfig, student: nn.Module, start_id: int, pad_id: int) -> None:
+        self.cfg = cfg
+        self.student = student
+        self.start_id, self.pad_id = start_id, pad_id
+        self.target = copy.deepcopy(student)
+        self.target.requires_grad_(False)
+        self.target.eval()
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)  # logits are Q-values: no decay
+        self.step = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def q_values(self, net: nn.Module, batch: EpisodeBatch) -> torch.Tensor:
+        """Soft Q-values ``[B, T+1, A]`` of every state of the batch under ``net``."""
+        dec_tokens, dec_teacher_mask = decoder_inputs(batch, self.start_id, self.pad_id)
+        return net(batch.src_ids, batch.src_mask, dec_tokens, dec_teacher_mask)
+
+    def update(self, batch: EpisodeBatch, lambdas: torch.Tensor) -> dict[str, float]:
+        """One gradient step on ``batch`` with per-episode multipliers ``lambdas [B]``; then the Polyak update."""
+        cfg = self.cfg
+        batch = batch.to(self.device)
+        self.student.train()
+        q = self.q_values(self.student, batch)
+        with torch.no_grad():
+            q_target = self.q_values(self.target, batch)
+        rewards = lagrangian_rewards(batch, lambdas)
+        loss, stats = pcl_loss(q, q_target, batch.actions, rewards, batch.mask, batch.lengths, batch.terminated,
+                               cfg.alpha, cfg.gamma, cfg.window, cfg.multi_step_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.polyak_update()
+        self.step += 1
+
+        n_steps = batch.mask.sum().clamp(min=1)
+        stats.update({
+            "loss/grad_norm": float(grad_norm),
+            "rollout/usage": float((batch.teacher_mask & batch.mask).sum() / n_steps),
+            "rollout/teacher_logprob": float(_masked_mean(batch.teacher_logprobs, batch.mask)),
+            "rollout/length": float(batch.lengths.float().mean()),
+            "learner/step": float(self.step),
+        })
+        return stats
+
+    @torch.no_grad()
+    def polyak_update(self) -> None:
+        """``θ_target ← (1 − ρ) θ_target + ρ θ`` with ``ρ = target_update_rate``; buffers are copied."""
+        rate = self.cfg.target_update_rate
+        for tp, p in zip(self.target.parameters(), self.student.parameters()):
+            tp.lerp_(p, rate)
+        for tb, b in zip(self.target.buffers(), self.student.buffers()):
+            tb.copy_(b)
+
+    # ---- checkpointing: a flat dict of tensors (safetensors-ready) -------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Student, target, AdamW moments and the step count as a flat ``name → tensor`` dict.
+
+        Tensors are cloned and contiguous, so tied weights do not share storage (safetensors refuses that).
+        Optimiser hyperparameters are not stored: they come from the config.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for prefix, net in (("student.", self.student), ("target.", self.target)):
+            for k, v in net.state_dict().items():
+                out[prefix + k] = v.detach().clone().contiguous()
+        for idx, st in self.optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                out[f"optimizer.{idx}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
+        out["learner.step"] = torch.tensor(self.step, dtype=torch.int64)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        for prefix, net in (("student.", self.student), ("target.", self.target)):
+            net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        opt_state: dict[int, dict[str, Any]] = {}
+        for k, v in state.items():
+            if k.startswith("optimizer."):
+                _, idx, name = k.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = v.clone()
+        opt = self.optimizer.state_dict()
+        opt["state"] = opt_state
+        self.optimizer.load_state_dict(opt)
+        self.step = int(state["learner.step"])
+
+
+def make_learner(cfg: RLConfig | Config, student: nn.Module, start_id: int, pad_id: int) -> PCLLearner:
+    """The registry entry point (``tw_rl.algos.ALGORITHMS["pcl"]``); accepts the run config or its ``rl`` part."""
+    rl = cfg.rl if isinstance(cfg, Config) else cfg
+    return PCLLearner(rl, student, start_id, pad_id)

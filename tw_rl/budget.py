@@ -1,0 +1,67 @@
+"""Budget multipliers: one Lagrange multiplier ``λ_b ≥ 0`` per budget level (SPEC.md §5).
+
+The constraint for level ``b`` is mean usage ≤ ``b``; the reward carries ``−λ_b (c_t − b)``
+(:func:`tw_rl.algos.pcl.lagrangian_rewards`), and the multipliers follow projected dual ascent
+``λ_b ← max(0, λ_b + η_λ (usage_b − b))`` on the usage of recent on-policy episodes
+(:meth:`tw_rl.replay.ReplayBuffer.recent_usage`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+_TOL = 1e-6
+
+
+class BudgetMultipliers:
+    """``λ_b`` for every budget level ``b`` of the grid, updated by projected dual ascent (SPEC §5)."""
+
+    def __init__(self, budgets: Iterable[float], lr: float, init: float) -> None:
+        self.budgets = np.array(sorted(float(b) for b in budgets), dtype=np.float64)  # [K]
+        if self.budgets.size == 0:
+            raise ValueError("budgets is empty")
+        if np.any(np.diff(self.budgets) <= _TOL):
+            raise ValueError(f"budget levels must be distinct: {self.budgets.tolist()}")
+        if lr < 0 or init < 0:
+            raise ValueError(f"lr={lr} and init={init} must be >= 0")
+        self.lr = float(lr)
+        self.lambdas = np.full(self.budgets.shape, float(init), dtype=np.float64)  # [K], always ≥ 0
+
+    def level_index(self, budget: float) -> int:
+        """Index of the grid level equal to ``budget`` (within 1e-6); ValueError if there is none."""
+        i = int(np.argmin(np.abs(self.budgets - budget)))
+        if abs(self.budgets[i] - budget) > _TOL:
+            raise ValueError(f"budget {budget} is not a level of the grid {self.budgets.tolist()}")
+        return i
+
+    def update(self, usage_by_budget: dict[float, float]) -> None:
+        """``λ_b ← max(0, λ_b + η (usage_b − b))`` for each level in ``usage_by_budget``; others unchanged."""
+        for b, usage in usage_by_budget.items():
+            i = self.level_index(b)
+            self.lambdas[i] = max(0.0, self.lambdas[i] + self.lr * (float(usage) - self.budgets[i]))
+
+    def for_episodes(self, budgets: torch.Tensor) -> torch.Tensor:
+        """Per-episode multipliers: ``budgets [B]`` → ``λ [B]`` float32 on the same device."""
+        b = budgets.detach().cpu().to(torch.float64).numpy()
+        dist = np.abs(b[:, None] - self.budgets[None, :])  # [B, K]
+        idx = dist.argmin(axis=1)
+        bad = dist[np.arange(len(b)), idx] > _TOL
+        if bad.any():
+            raise ValueError(f"budgets {b[bad].tolist()} are not levels of the grid {self.budgets.tolist()}")
+        return torch.as_tensor(self.lambdas[idx], dtype=torch.float32, device=budgets.device)
+
+    def as_metrics(self) -> dict[str, float]:
+        """``{"lambda/0.2": λ_0.2, ...}``."""
+        return {f"lambda/{float(b)}": float(lam) for b, lam in zip(self.budgets, self.lambdas)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"budgets": torch.from_numpy(self.budgets.copy()), "lambdas": torch.from_numpy(self.lambdas.copy())}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        budgets = state["budgets"].to(torch.float64).numpy()
+        if budgets.shape != self.budgets.shape or np.abs(budgets - self.budgets).max() > _TOL:
+            raise ValueError(f"checkpoint budgets {budgets.tolist()} differ from {self.budgets.tolist()}")
+        self.lambdas = state["lambdas"].to(torch.float64).numpy().copy()
