@@ -145,3 +145,22 @@ def test_sampled_decoding_matches_env_trajectories(toy):
         assert obs["teacher_mask"][:n].astype(bool).tolist() == out.teacher_mask[k, :n].tolist()
         assert term == bool(out.terminated[k]) and (term or trunc)
         np.testing.assert_allclose(rewards, scores[k], atol=1e-5)
+
+
+def test_registered_env_passes_gymnasium_checker():
+    import time
+
+    import gymnasium
+    from gymnasium.utils.env_checker import check_env
+
+    import envs  # noqa: F401  (registers tw_rl/TokenMDP-v0)
+
+    t0 = time.perf_counter()
+    env = gymnasium.make("tw_rl/TokenMDP-v0")
+    assert time.perf_counter() - t0 < 30
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, info = env.reset(seed=0, options={"budget": 0.2})
+    assert obs["budget"][0] == np.float32(0.2) and info["teacher_calls"] == 0
+    tau = env.action_space.n - 1
+    obs, r, term, trunc, info = env.step(tau)
+    assert info["teacher_calls"] == 1 and obs["teacher_mask"][0] == 1 and isinstance(info["text"], str)

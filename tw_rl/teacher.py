@@ -17,6 +17,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
+from tw_rl.examples import pad_batch
+
 
 class Teacher:
     """``vocab_size`` is ``|V|`` (the student's vocabulary without ``<τ>``); greedy tokens are drawn from it."""
@@ -86,10 +88,10 @@ class Teacher:
         return out
 
     @torch.no_grad()
-    def distributions(self, src: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Teacher-forced ``log π_T(· | x, y_<t)`` ``[T, |V|]`` per output — what the Phase-1 oracle needs."""
-        lp = self._logprobs(src, [o[:-1] for o in outputs])
-        return [lp[i, :len(o)].cpu() for i, o in enumerate(outputs)]
+    def distributions(self, src: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Teacher-forced ``log π_T(· | x, y_<t)``, ``[B, T, |V|]`` (T = longest output; rows beyond an output's
+        length are padding) — what the Phase-1 oracle and its distillation term need."""
+        return self._logprobs(src, [list(o[:-1]) for o in outputs]).cpu()
 
     @torch.no_grad()
     def generate(self, src: Sequence[Sequence[int]], max_len: int, eos_id: int) -> list[list[int]]:
@@ -109,11 +111,5 @@ class Teacher:
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad int sequences: ids ``[B, L]`` and mask ``[B, L]``."""
-    L = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, :len(s)] = True
+    ids, mask = pad_batch(seqs, pad_id)
     return ids.to(device), mask.to(device)

@@ -1,0 +1,52 @@
+"""Phase-1 oracle: KL ranking, marks, traces and the BC loss."""
+
+import numpy as np
+import pytest
+import torch
+
+from tw_rl.oracle import Reference, bc_loss, kl_teacher_student, mark_positions, oracle_episode
+from envs.token_mdp import Example
+
+
+def test_kl_matches_closed_form():
+    t = torch.log_softmax(torch.randn(5, 7), -1)
+    s = torch.randn(5, 8)  # one extra action (<τ>) that the oracle ignores
+    ps = torch.softmax(s[:, :7], -1)
+    want = (t.exp() * (t - ps.log())).sum(-1)
+    torch.testing.assert_close(kl_teacher_student(t, s), want)
+    assert torch.all(kl_teacher_student(t, torch.cat([t, torch.zeros(5, 1)], -1)) < 1e-6)  # KL(p‖p) = 0
+
+
+@pytest.mark.parametrize("b, k", [(0.0, 0), (0.2, 2), (0.25, 2), (0.5, 5), (1.0, 10)])
+def test_marks_are_top_round_bT(b, k):
+    kl = np.array([0.1, 3.0, 0.2, 2.0, 0.2, 0.0, 5.0, 0.2, 1.0, 0.3], dtype=np.float32)
+    marks = mark_positions(kl, b)
+    assert marks.sum() == k == round(b * 10)
+    if k:
+        assert kl[marks].min() >= kl[~marks].max() if k < 10 else True
+    # ties go to the earlier position
+    assert mark_positions(np.ones(4, np.float32), 0.5).tolist() == [True, True, False, False]
+
+
+def test_oracle_episode_is_a_valid_trace():
+    ref = Reference(tokens=np.array([5, 6, 7, 1]), teacher_logprobs=np.array([-.1, -.2, -.3, -.4], np.float32),
+                    kl=np.array([0.1, 2.0, 0.3, 0.0], np.float32), terminated=True)
+    ex = Example(teacher_src=[3, 1], student_src={0.5: [9, 3, 1]})
+    e = oracle_episode(ex, ref, 0.5, tau_id=10)
+    assert e.actions.tolist() == [5, 10, 10, 1] and e.tokens.tolist() == [5, 6, 7, 1]
+    assert e.teacher_mask.tolist() == [False, True, True, False] and e.usage() == 0.5
+    assert e.src_ids.tolist() == [9, 3, 1] and e.terminated and e.policy_version == -1
+
+
+def test_bc_loss_hand_computed():
+    logits = torch.randn(1, 3, 4)  # A = 4, V = 3, <τ> = 3
+    actions = torch.tensor([[0, 3, 2]])
+    mask = torch.tensor([[True, True, False]])
+    tmask = torch.tensor([[False, True, False]])
+    t_logp = torch.log_softmax(torch.randn(1, 3, 3), -1)
+    loss, stats = bc_loss(logits, actions, mask, tmask, t_logp, distill_weight=0.5)
+    lp = torch.log_softmax(logits, -1)[0]
+    ce = -(lp[0, 0] + lp[1, 3]) / 2
+    kd = -(t_logp[0, 0].exp() * lp[0, :3]).sum()  # only the unmarked valid position 0
+    torch.testing.assert_close(loss, ce + 0.5 * kd)
+    assert stats["loss/bc_ce"] == pytest.approx(float(ce), rel=1e-5)

@@ -1,0 +1,32 @@
+"""Turn text pairs into MDP inputs: the teacher's ids of ``x`` and the student's ids of ``prompt(b) + x``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from envs.token_mdp import Example
+from tw_rl.config import budget_prompt
+from tw_rl.data import Pair
+
+
+def make_examples(pairs: Sequence[Pair], tokenizer, budgets: Sequence[float], prompt: str) -> list[Example]:
+    """Tokenize once per budget, batched. Budgets are the grid's values (floats used as dict keys)."""
+    sources = [p.source for p in pairs]
+    teacher = tokenizer(sources, add_special_tokens=True)["input_ids"]
+    student = {float(b): tokenizer([budget_prompt(prompt, b) + s for s in sources],
+                                   add_special_tokens=True)["input_ids"] for b in budgets}
+    return [Example(teacher_src=teacher[i], student_src={b: student[b][i] for b in student},
+                    text=p.source, reference=p.target) for i, p in enumerate(pairs)]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad: ids ``[B, L]`` and a bool mask ``[B, L]``."""
+    L = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = True
+    return ids, mask

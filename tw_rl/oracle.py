@@ -1,0 +1,120 @@
+"""Phase 1: behaviour cloning on KL-oracle traces (SPEC §6).
+
+The reference path of an input is the teacher's greedy output ``y*`` **[choice]**: then the teacher's token at a
+marked position is exactly ``y*_t``, so an oracle trace is a valid trajectory of the MDP (and a valid
+off-policy path for PCL). Each position is scored by ``KL(π_T ‖ π_S)`` teacher-forced along ``y*`` (``π_S`` is
+the phase-0 student over ``V``); for a budget ``b`` the top ``round(b·T)`` positions become ``<τ>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from envs.token_mdp import Example
+from tw_rl.batch import Episode
+from tw_rl.examples import pad_batch
+
+
+@dataclass
+class Reference:
+    """The teacher's greedy path for one input and what the oracle needs from it."""
+
+    tokens: np.ndarray  # [T] int64: y*
+    teacher_logprobs: np.ndarray  # [T] float32: log π_T(y*_t | x, y*_<t)
+    kl: np.ndarray  # [T] float32: KL(π_T ‖ π_S) at each position
+    terminated: bool
+
+
+def kl_teacher_student(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(π_T ‖ π_S)`` per position. ``teacher_logp [..., V]`` (log-probs), ``student_logits [..., ≥V]``:
+    the student's distribution is taken over ``V`` only (its ``<τ>`` logit, if any, is dropped)."""
+    V = teacher_logp.shape[-1]
+    s_logp = torch.log_softmax(student_logits[..., :V].float(), dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - s_logp)).sum(-1)
+
+
+def mark_positions(kl: np.ndarray, budget: float) -> np.ndarray:
+    """The top ``round(b·T)`` positions by KL (ties: the earlier position) → bool ``[T]``."""
+    T = len(kl)
+    k = int(round(budget * T))
+    marks = np.zeros(T, dtype=bool)
+    if k > 0:
+        order = np.lexsort((np.arange(T), -kl))  # by KL descending, then position ascending
+        marks[order[:k]] = True
+    return marks
+
+
+@torch.no_grad()
+def build_references(examples: Sequence[Example], teacher, base_student, max_len: int, eos_id: int,
+                     batch_size: int = 128, pad_id: int = 0, start_id: int = 0) -> list[Reference]:
+    """Teacher greedy paths, their rewards, and per-position KL against ``base_student`` (a plain seq2seq model
+    over ``V``, fed the source without a budget prompt)."""
+    refs: list[Reference] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        src = [e.teacher_src for e in chunk]
+        outs = teacher.generate(src, max_len=max_len, eos_id=eos_id)
+        t_logp = teacher.distributions(src, outs)  # [B, T, V]
+        ids, mask = pad_batch(src, pad_id)
+        dec, _ = pad_batch([[start_id] + o[:-1] for o in outs], pad_id)
+        s_logits = base_student(input_ids=ids, attention_mask=mask.long(), decoder_input_ids=dec).logits
+        for j, o in enumerate(outs):
+            T = len(o)
+            y = torch.as_tensor(o)
+            refs.append(Reference(
+                tokens=np.asarray(o, dtype=np.int64),
+                teacher_logprobs=t_logp[j, torch.arange(T), y].numpy().astype(np.float32),
+                kl=kl_teacher_student(t_logp[j, :T], s_logits[j, :T]).numpy().astype(np.float32),
+                terminated=bool(o and o[-1] == eos_id)))
+    return refs
+
+
+def oracle_episode(example: Example, ref: Reference, budget: float, tau_id: int) -> Episode:
+    """An oracle trace as an Episode: ``<τ>`` at the marked positions, the teacher's tokens everywhere."""
+    marks = mark_positions(ref.kl, budget)
+    return Episode(src_ids=np.asarray(example.student_src[budget], dtype=np.int64),
+                   actions=np.where(marks, tau_id, ref.tokens), tokens=ref.tokens.copy(),
+                   teacher_logprobs=ref.teacher_logprobs.copy(),
+                   behavior_logprobs=np.zeros(len(ref.tokens), dtype=np.float32), budget=budget,
+                   terminated=ref.terminated, policy_version=-1, source="oracle")
+
+
+def demo_episode(example: Example, ref: Reference, budget: float) -> Episode:
+    """The teacher's output as a demonstration with no calls (the student emitting the teacher's tokens)."""
+    return Episode(src_ids=np.asarray(example.student_src[budget], dtype=np.int64), actions=ref.tokens.copy(),
+                   tokens=ref.tokens.copy(), teacher_logprobs=ref.teacher_logprobs.copy(),
+                   behavior_logprobs=np.zeros(len(ref.tokens), dtype=np.float32), budget=budget,
+                   terminated=ref.terminated, policy_version=-1, source="teacher_demo")
+
+
+def bc_loss(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, teacher_mask: torch.Tensor,
+            teacher_logp: torch.Tensor | None, distill_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """SPEC §6 loss on oracle traces.
+
+    ``logits [B, T, A]`` over ``V ∪ {<τ>}`` at the states of the trace; ``actions [B, T]``; ``mask``/
+    ``teacher_mask [B, T]`` bool; ``teacher_logp [B, T, V]``: the teacher's log-probs (None: no distillation).
+    Cross-entropy of the oracle action everywhere, plus ``distill_weight`` × the cross-entropy from the
+    teacher's distribution to the student's on the unmarked positions.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    n = mask.sum().clamp(min=1)
+    ce = -(logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1) * mask).sum() / n
+    loss, stats = ce, {"loss/bc_ce": float(ce)}
+    if teacher_logp is not None and distill_weight > 0:
+        V = teacher_logp.shape[-1]
+        unmarked = mask & ~teacher_mask
+        kd = -(teacher_logp.exp() * logp[..., :V]).sum(-1)
+        kd = (kd * unmarked).sum() / unmarked.sum().clamp(min=1)
+        loss = loss + distill_weight * kd
+        stats["loss/bc_distill"] = float(kd)
+    with torch.no_grad():
+        pred_tau = logits.argmax(-1) == logits.shape[-1] - 1
+        stats["phase1/tau_precision"] = float((pred_tau & teacher_mask & mask).sum() / (pred_tau & mask).sum().clamp(min=1))
+        stats["phase1/tau_recall"] = float((pred_tau & teacher_mask & mask).sum() / (teacher_mask & mask).sum().clamp(min=1))
+    stats["loss/bc"] = float(loss)
+    return loss, stats
