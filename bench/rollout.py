@@ -1,0 +1,169 @@
+"""Rollout decoding speed against Hugging Face ``generate``, and the cost of one teacher call.
+
+1. Student tokens/s of :func:`tw_rl.decoding.decode` at budget 0 (``<τ>`` masked, no teacher) against greedy
+   ``model.generate`` on the same model, batch and lengths. Both produce exactly ``new_tokens`` tokens per row
+   (``decode`` gets an EOS id that never ends a row; ``generate`` gets ``min_new_tokens = max_new_tokens``).
+   Runs alternate between the two; the median of ``--repeats`` runs is reported.
+2. Seconds per ``Teacher.next_tokens`` call for batch sizes 1, 8, 64: cold (encoder states computed) and warm
+   (encoder states from the teacher's cache, as for every ``<τ>`` after the first of a source).
+
+Models are T5s built from the ``ArchConfig`` defaults (student, teacher and the plain ``ArchConfig()``) with a
+vocabulary of 1000 (+ ``<τ>`` for the student), randomly initialised: speed does not depend on training.
+The last line printed is JSON with ``ratio_vs_generate`` (default student: decode tokens/s ÷ generate tokens/s).
+
+    .venv/bin/python bench/rollout.py [--threads 1] [--batch 64] [--new-tokens 48] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tw_rl.config import ArchConfig, StudentConfig, TeacherConfig  # noqa: E402
+from tw_rl.decoding import decode  # noqa: E402
+from tw_rl.models.student import Student  # noqa: E402
+from tw_rl.teacher import Teacher  # noqa: E402
+
+VOCAB, PAD, EOS = 1000, 0, 1
+
+
+def build(arch: ArchConfig, vocab: int, seed: int = 0) -> T5ForConditionalGeneration:
+    """Same layout as ``tw_rl.models.factory.build_t5`` (tied embeddings, ReLU feed-forward)."""
+    cfg = T5Config(vocab_size=vocab, d_model=arch.d_model, d_ff=arch.d_ff, d_kv=arch.d_kv, num_heads=arch.num_heads,
+                   num_layers=arch.num_layers, num_decoder_layers=arch.num_decoder_layers, dropout_rate=0.0,
+                   feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS,
+                   decoder_start_token_id=PAD)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, EOS
+    model.generation_config.decoder_start_token_id = PAD
+    return model
+
+
+def sources(batch: int, src_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(src_len // 2, src_len + 1, (batch,), generator=g)
+    ids = torch.randint(2, VOCAB, (batch, src_len), generator=g)
+    mask = torch.arange(src_len)[None] < lens[:, None]
+    ids[~mask] = PAD
+    ids[torch.arange(batch), lens - 1] = EOS
+    return ids, mask
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+@torch.no_grad()
+def bench_decode(arch: ArchConfig, batch: int, new_tokens: int, src_len: int, repeats: int) -> dict:
+    model = build(arch, VOCAB + 1)  # V ∪ {<τ>}
+    student = Student(model, tau_id=VOCAB).eval()
+    ids, mask = sources(batch, src_len)
+
+    def run_decode():  # EOS id -1: no row ends early, exactly new_tokens steps (as generate with min_new_tokens)
+        return decode(student, ids, mask, max_len=new_tokens, eos_id=-1, allow_tau=False)
+
+    def run_generate():
+        return model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, num_beams=1)
+
+    gen = torch.Generator().manual_seed(0)
+
+    def run_sampled():  # what rollouts do: temperature 1 over V ∪ {<τ>} (τ masked here: no teacher)
+        return decode(student, ids, mask, max_len=new_tokens, eos_id=-1, allow_tau=False, temperature=1.0,
+                      generator=gen)
+
+    run_decode(), run_generate(), run_sampled()  # warm-up
+    td, tg, ts = [], [], []
+    for _ in range(repeats):
+        s, out = timed(run_decode)
+        assert out.tokens.shape == (batch, new_tokens) and (out.lengths == new_tokens).all()
+        td.append(s)
+        s, out = timed(run_generate)
+        assert out.shape == (batch, new_tokens + 1)
+        tg.append(s)
+        ts.append(timed(run_sampled)[0])
+    n = batch * new_tokens
+    d, g, smp = (n / statistics.median(t) for t in (td, tg, ts))
+    params = sum(p.numel() for p in model.parameters())
+    return {"params": params, "d_model": arch.d_model, "layers": arch.num_layers + arch.num_decoder_layers,
+            "decode_tokens_per_s": round(d), "generate_tokens_per_s": round(g), "ratio_vs_generate": round(d / g, 3),
+            "decode_sampled_tokens_per_s": round(smp),
+            "decode_s": [round(x, 4) for x in td], "generate_s": [round(x, 4) for x in tg]}
+
+
+@torch.no_grad()
+def bench_teacher(arch: ArchConfig, src_len: int, prefix_len: int, repeats: int,
+                  batch_sizes=(1, 8, 64)) -> dict:
+    teacher = Teacher(build(arch, VOCAB, seed=1), vocab_size=VOCAB)
+    g = torch.Generator().manual_seed(1)
+    out = {"params": sum(p.numel() for p in teacher.model.parameters()), "d_model": arch.d_model,
+           "prefix_len": prefix_len, "src_len": src_len}
+    for b in batch_sizes:
+        ids, mask = sources(b, src_len, seed=b)
+        src = [row[m].tolist() for row, m in zip(ids, mask)]
+        prefixes = torch.randint(2, VOCAB, (b, prefix_len), generator=g).tolist()
+        teacher.next_tokens(src, prefixes)  # warm-up
+        cold, warm = [], []
+        for _ in range(repeats):
+            teacher._enc_cache.clear()  # cold: the encoder runs for every source of the call
+            cold.append(timed(lambda: teacher.next_tokens(src, prefixes))[0])
+            warm.append(timed(lambda: teacher.next_tokens(src, prefixes))[0])  # encoder states cached
+        c, w = statistics.median(cold), statistics.median(warm)
+        out[f"batch_{b}"] = {"cold_ms": round(1e3 * c, 2), "warm_ms": round(1e3 * w, 2),
+                             "warm_ms_per_row": round(1e3 * w / b, 3), "cold_over_warm": round(c / w, 2)}
+    # a call re-reads the whole prefix (no teacher KV cache across calls): cost grows with the step t
+    ids, mask = sources(8, src_len, seed=8)
+    src = [row[m].tolist() for row, m in zip(ids, mask)]
+    by_len = {}
+    for L in (1, 12, prefix_len, 2 * prefix_len):
+        prefixes = torch.randint(2, VOCAB, (8, L), generator=g).tolist()
+        teacher.next_tokens(src, prefixes)
+        by_len[L] = round(1e3 * statistics.median(timed(lambda: teacher.next_tokens(src, prefixes))[0]
+                                                  for _ in range(repeats)), 2)
+    out["batch_8_warm_ms_by_prefix_len"] = by_len
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a rollout worker runs 1 by default)")
+    ap.add_argument("--batch", type=int, default=64, help="rows decoded together (RolloutConfig.envs_per_worker)")
+    ap.add_argument("--new-tokens", type=int, default=48, help="tokens per row (DataConfig.max_tgt_tokens)")
+    ap.add_argument("--src-len", type=int, default=32, help="longest source")
+    ap.add_argument("--prefix-len", type=int, default=24, help="teacher calls: prefix X_out[<t] length")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    models = {"student_default": StudentConfig().arch, "arch_default": ArchConfig()}
+    decoding = {}
+    for name, arch in models.items():
+        decoding[name] = bench_decode(arch, args.batch, args.new_tokens, args.src_len, args.repeats)
+        print(f"decode vs generate [{name}]: {json.dumps(decoding[name])}", flush=True)
+    teacher = bench_teacher(TeacherConfig().arch, args.src_len, args.prefix_len, args.repeats)
+    print(f"teacher next_tokens [teacher_default]: {json.dumps(teacher)}", flush=True)
+    summary = {"ratio_vs_generate": decoding["student_default"]["ratio_vs_generate"],
+               "ratio_vs_generate_arch_default": decoding["arch_default"]["ratio_vs_generate"],
+               "decode_tokens_per_s": decoding["student_default"]["decode_tokens_per_s"],
+               "generate_tokens_per_s": decoding["student_default"]["generate_tokens_per_s"],
+               "teacher_warm_ms": {b: teacher[f"batch_{b}"]["warm_ms"] for b in (1, 8, 64)},
+               "teacher_cold_ms": {b: teacher[f"batch_{b}"]["cold_ms"] for b in (1, 8, 64)},
+               "batch": args.batch, "new_tokens": args.new_tokens, "threads": args.threads,
+               "torch": torch.__version__}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Ray-on-CPU integration: the teacher actor (dynamic batching), remote teacher client, rollout group with restarts.
+
+One local Ray (2 CPUs) for the whole module. Models are the toy ones of conftest.py, saved to a temporary directory
+and loaded inside the actors.
+"""
+
+import asyncio
+import copy
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from tests.conftest import tiny_t5
+from tw_rl.config import Config, RolloutConfig, TeacherConfig
+from tw_rl.distributed import (DynamicBatcher, RemoteTeacher, RolloutGroup, TeacherActor, TeacherServer,
+                               init_ray, shutdown_ray, start_teacher)
+from tw_rl.models.student import Student
+
+MAX_LEN = 8
+BUDGETS = [0.0, 0.2, 0.5]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    init_ray(num_cpus=2, object_store_memory=200 * 1024 ** 2)
+    yield
+    shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(toy, tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    toy["teacher"].model.save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
+def requests(toy, n, seed=0):
+    """``n`` requests of 1–4 rows: (sources, prefixes) with prefixes of varied lengths."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, 5))
+        ex = [toy["examples"][int(i)] for i in rng.integers(len(toy["examples"]), size=k)]
+        out.append(([e.teacher_src for e in ex],
+                    [rng.integers(2, toy["V"], size=int(rng.integers(0, 6))).tolist() for _ in ex]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plain server (asyncio, no Ray)
+# ---------------------------------------------------------------------------------------------------------------
+def test_batcher_serves_full_batches_at_once_and_splits_results():
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = []
+
+    def fn(src, rows):
+        seen.append(len(rows))
+        return [s * 100 + r for s, r in zip(src, rows)]
+
+    async def main():
+        b = DynamicBatcher(fn, ThreadPoolExecutor(1), max_batch_size=6, max_wait_ms=10_000)
+        reqs = [([i] * 2, [1, 2]) for i in range(3)]  # 3 requests × 2 rows = 6 rows: served without waiting
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(b.submit(s, r) for s, r in reqs))
+        return res, time.perf_counter() - t0, b.stats
+
+    res, dt, stats = asyncio.run(main())
+    assert res == [[1, 2], [101, 102], [201, 202]]
+    assert seen == [6] and dt < 5 and stats.mean_batch_requests == 3
+
+
+def test_server_matches_plain_teacher_without_ray(toy):
+    async def main():
+        server = TeacherServer(teacher=copy.deepcopy(toy["teacher"]), max_batch_size=64, max_wait_ms=20)
+        reqs = requests(toy, 6, seed=1)
+        res = await asyncio.gather(*(server.next_tokens(s, p) for s, p in reqs))
+        return reqs, res, await server.stats()
+
+    reqs, res, stats = asyncio.run(main())
+    for (s, p), (w, lp) in zip(reqs, res):
+        w0, lp0 = toy["teacher"].next_tokens(s, p)
+        assert w == w0
+        np.testing.assert_allclose(lp, lp0, atol=1e-5)
+    assert stats.next_tokens.requests == 6 and stats.next_tokens.batches < 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the teacher actor
+# ---------------------------------------------------------------------------------------------------------------
+def test_teacher_actor_equals_plain_teacher(ray_cluster, toy, teacher_dir):
+    client = start_teacher(TeacherConfig(num_cpus=0.5, max_wait_ms=0.0), teacher_dir, vocab_size=toy["V"])
+    (src, prefixes), = requests(toy, 1, seed=2)
+    # same tokens; log-probs equal up to float summation order (the actor runs 1 torch thread, this process 2)
+    w, lp = client.next_tokens(src, prefixes)
+    w0, lp0 = toy["teacher"].next_tokens(src, prefixes)
+    assert w == w0
+    np.testing.assert_allclose(lp, lp0, rtol=0, atol=1e-5)
+    outputs = [p + [toy["eos"]] for p in prefixes]
+    for a, b in zip(client.score(src, outputs), toy["teacher"].score(src, outputs)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(client.distributions(src, outputs), toy["teacher"].distributions(src, outputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert client.score([], []) == []
+    ray.kill(client.handles[0], no_restart=True)
+
+
+def test_concurrent_requests_are_batched_and_routed_back(ray_cluster, toy, teacher_dir):
+    actor = TeacherActor.options(num_cpus=0.5).remote(teacher_dir, toy["V"], max_batch_size=64, max_wait_ms=50,
+                                                      num_threads=1)
+    reqs = requests(toy, 8, seed=3)
+    refs = [actor.next_tokens.remote(s, p) for s, p in reqs]  # 8 callers at once
+    results = ray.get(refs)
+    for (s, p), (w, lp) in zip(reqs, results):
+        w0, lp0 = toy["teacher"].next_tokens(s, p)
+        assert w == w0 and len(w) == len(p)
+        np.testing.assert_allclose(lp, lp0, atol=1e-5)
+    # the same from several threads (several rollout workers' clients), with scores
+    client = RemoteTeacher([actor])
+    got = [None] * 8
+
+    def call(i):
+        s, p = reqs[i]
+        got[i] = client.score(s, [x + [1] for x in p])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for (s, p), g in zip(reqs, got):
+        want = toy["teacher"].score(s, [x + [1] for x in p])
+        assert len(g) == len(want)
+        for a, b in zip(g, want):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    st = client.stats()[0]
+    assert st.next_tokens.requests == 8 and st.next_tokens.rows == sum(len(p) for _, p in reqs)
+    assert st.next_tokens.mean_batch_requests > 1, st
+    assert st.score.requests == 8 and st.score.mean_batch_requests > 1, st
+    ray.kill(actor, no_restart=True)
+
+
+def test_max_batch_size_caps_a_batch(ray_cluster, toy):
+    actor = TeacherActor.options(num_cpus=0.5).remote(teacher=toy["teacher"], max_batch_size=4, max_wait_ms=200)
+    reqs = [([toy["examples"][0].teacher_src] * 2, [[3], [4, 5]]) for _ in range(6)]
+    ray.get([actor.next_tokens.remote(s, p) for s, p in reqs])
+    st = ray.get(actor.stats.remote()).next_tokens
+    assert st.max_batch_rows == 4 and st.batches == 3
+    ray.kill(actor, no_restart=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rollout group
+# ---------------------------------------------------------------------------------------------------------------
+def other_student(toy, seed=7):
+    base = tiny_t5(toy["V"], seed=seed)
+    base.resize_token_embeddings(toy["V"] + 1)
+    return Student(base, tau_id=toy["V"]).eval()
+
+
+def test_rollout_group_samples_restarts_and_versions(ray_cluster, toy, teacher_dir):
+    run_cfg = Config(seed=0, budgets=BUDGETS,
+                     rollout=RolloutConfig(num_workers=2, envs_per_worker=16, num_cpus=0.5, temperature=1.0),
+                     teacher=TeacherConfig(num_cpus=0.5, max_wait_ms=5.0))
+    run_cfg.data.max_tgt_tokens = MAX_LEN
+    cfg = run_cfg.rollout
+    group = RolloutGroup.from_config(run_cfg, toy["student"], teacher_dir, toy["examples"], toy["teacher"])
+    assert not group.local and group.num_workers == 2
+    new = other_student(toy)
+    eps, st = group.sample(new.state_dict(), version=1)
+    assert len(eps) == 32 and st.episodes == 32 and st.tokens == sum(len(e) for e in eps)
+    assert sorted(w.worker_index for w in st.workers) == [0, 1]
+    assert {e.policy_version for e in eps} == {1} and st.stale_episodes == 0 and st.restarts == 0
+    assert st.teacher_calls == sum(int(e.teacher_mask.sum()) for e in eps) > 0
+    # the workers act with the weights sent: their episodes equal a local group's with the same seeds
+    local = RolloutGroup(toy["student"], toy["teacher"], toy["examples"], BUDGETS, cfg, max_len=MAX_LEN,
+                         eos_id=toy["eos"], seed=0, local=True)
+    leps, lst = local.sample(new.state_dict(), version=1)
+    assert [e.src_ids.tolist() for e in leps] == [e.src_ids.tolist() for e in eps]
+    assert lst.restarts == 0 and {e.policy_version for e in leps} == {1}
+
+    # kill worker 1 while a sample is in flight: the group re-sends the weights and the sample
+    ref = ray.put(toy["student"].state_dict())  # one put per iteration
+    killer = threading.Timer(0.05, lambda: ray.kill(group.workers[1], no_restart=False))
+    killer.start()
+    eps2, st2 = group.sample(ref, version=2, n_per_worker=64)
+    killer.join()
+    eps3, st3 = group.sample(ref, version=3)
+    assert len(eps2) == 128 and len(eps3) == 32
+    assert st2.restarts + st3.restarts == 1 == group.restarts_total == st3.restarts_total
+    assert {e.policy_version for e in eps2} == {2} and {e.policy_version for e in eps3} == {3}
+    assert st2.stale_episodes == st3.stale_episodes == 0
+    assert sorted(w.worker_index for w in st3.workers) == [0, 1]
+    # a restarted worker without new weights this call produces stale episodes, and they are counted
+    first = ray.get(group.workers[0].identity.remote())[1]
+    ray.kill(group.workers[0], no_restart=False)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # wait until Ray has restarted it (a new instance answers)
+        try:
+            if ray.get(group.workers[0].identity.remote(), timeout=5)[1] != first:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.2)
+    eps4, st4 = group.sample(None, version=3, n_per_worker=4)
+    assert st4.restarts == 1 and st4.reissued == 0 and len(eps4) == 8
+    assert st4.stale_episodes == 4 and {e.policy_version for e in eps4} == {0, 3}
+    eps5, st5 = group.sample(None, version=3, n_per_worker=4)  # the group re-sent the weights afterwards
+    assert st5.stale_episodes == 0 and st5.restarts == 0
+    assert st.as_metrics()["rollout/episodes"] == 32
+    teacher_actor = group._owned_teacher.handles[0]
+    group.close()
+    with pytest.raises(ray.exceptions.RayActorError):  # close() stopped the teacher it started
+        ray.get(teacher_actor.stats.remote(), timeout=30)
+
+
+def test_oversized_config_fails_fast(ray_cluster, toy):
+    cfg = Config(rollout=RolloutConfig(num_workers=4, num_cpus=0.5), teacher=TeacherConfig(num_cpus=1.0))
+    with pytest.raises(ValueError, match="need 3 CPUs but Ray has 2"):
+        RolloutGroup.from_config(cfg, toy["student"], None, toy["examples"], toy["teacher"])
+
+
+def test_from_config_local_mode_uses_no_ray(toy):
+    cfg = Config(seed=0, budgets=BUDGETS, rollout=RolloutConfig(num_workers=0, envs_per_worker=5))
+    cfg.data.max_tgt_tokens = MAX_LEN
+    group = RolloutGroup.from_config(cfg, toy["student"], None, toy["examples"], toy["teacher"])
+    assert group.local and group.num_workers == 1 and group.workers[0].teacher is toy["teacher"]
+    assert group.workers[0].student is not toy["student"]  # a replica: the caller's module is never loaded into
+    eps, st = group.sample(other_student(toy).state_dict(), version=4)
+    assert len(eps) == 5 and {e.policy_version for e in eps} == {4} and st.restarts == 0
+    assert all(len(e) <= MAX_LEN for e in eps)
+    eps2, st2 = group.sample(None, version=4)
+    assert st2.stale_episodes == 0 and {e.policy_version for e in eps2} == {4}
+    group.close()

@@ -1,0 +1,196 @@
+"""On-policy data collection: a plain rollout worker (no Ray in here).
+
+A :class:`RolloutWorker` holds one student replica and a teacher client. :meth:`RolloutWorker.sample` draws
+examples and budgets, decodes them together with :func:`tw_rl.decoding.decode` (the student's sampled actions,
+``<τ>`` answered by ``teacher.next_tokens``), scores every output with ONE batched ``teacher.score`` call (the
+reward ``r_t = log π_T(y_t | x, X_out[<t])``, SPEC §3) and returns :class:`~tw_rl.batch.Episode` objects stamped
+with the weights' ``policy_version``. :mod:`tw_rl.distributed` wraps this class in a thin Ray actor; local mode
+uses it as is.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from envs.token_mdp import Example, TeacherClient
+from tw_rl.batch import Episode
+from tw_rl.decoding import decode
+from tw_rl.models.student import Student
+
+StudentSource = Student | Callable[[], Student]
+
+
+@dataclass
+class RolloutStats:
+    """What one :meth:`RolloutWorker.sample` call did (metric namespace ``rollout/*``)."""
+
+    worker_index: int
+    instance: str  # id of the worker object: changes when a (Ray) worker is restarted
+    policy_version: int  # weights version the episodes were generated with
+    episodes: int
+    tokens: int  # output tokens generated (student's and teacher's)
+    teacher_calls: int  # rows answered by the teacher (<τ> actions)
+    teacher_requests: int  # batched next_tokens requests sent (≤ decoding steps)
+    decode_seconds: float  # student decoding, teacher <τ> answers included
+    score_seconds: float  # the one batched teacher.score call (rewards)
+    seconds: float  # the whole sample call
+    tokens_per_s: float  # tokens / seconds
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RolloutResult:
+    """The episodes of one :meth:`RolloutWorker.sample` call and what it cost."""
+
+    episodes: list[Episode]
+    stats: RolloutStats
+
+
+class _CountingTeacher:
+    """Counts the ``<τ>`` requests and rows that pass through to the real teacher client."""
+
+    def __init__(self, teacher: TeacherClient):
+        self.teacher, self.requests, self.rows = teacher, 0, 0
+
+    def next_tokens(self, src, prefixes):
+        self.requests += 1
+        self.rows += len(prefixes)
+        return self.teacher.next_tokens(src, prefixes)
+
+    def score(self, src, outputs):
+        return self.teacher.score(src, outputs)
+
+
+def _load_student(path: str) -> Student:
+    return Student.load(path)[0]
+
+
+class RolloutWorker:
+    """Generates on-policy episodes of the token MDP with a student replica.
+
+    ``student`` is a :class:`Student` or a picklable zero-argument factory returning one (e.g. the loader made by
+    :meth:`from_student_dir`, so a Ray actor loads the weights from disk instead of receiving them pickled).
+    ``teacher`` answers ``<τ>`` and scores outputs (a :class:`~tw_rl.teacher.Teacher` in local mode, a
+    ``RemoteTeacher`` under Ray). ``budgets`` is the grid drawn from uniformly; every example must have a
+    ``student_src`` for each. Randomness: a numpy generator for examples and budgets and a torch generator for
+    actions, both seeded from ``(seed, worker_index)``; :meth:`sample` with ``seed=`` uses a fresh pair seeded
+    from ``(seed, worker_index, call seed)`` instead, which makes a call reproducible even on a restarted worker.
+    """
+
+    def __init__(self, student: StudentSource, teacher: TeacherClient, examples: Sequence[Example],
+                 budgets: Sequence[float], max_len: int, eos_id: int, temperature: float, batch_size: int,
+                 seed: int, worker_index: int = 0, num_threads: int | None = None, pad_id: int = 0,
+                 start_id: int = 0, device: str = "cpu"):
+        if num_threads is not None:  # under Ray, OMP_NUM_THREADS may say 1 whatever the actor's CPUs
+            torch.set_num_threads(max(1, int(num_threads)))
+        if not examples:
+            raise ValueError("RolloutWorker needs at least one example")
+        if not budgets:
+            raise ValueError("RolloutWorker needs at least one budget")
+        self.budgets = [float(b) for b in budgets]
+        for i, ex in enumerate(examples):
+            missing = [b for b in self.budgets if b not in ex.student_src]
+            if missing:
+                raise ValueError(f"example {i} has no student input for budgets {missing}; "
+                                 f"it has {sorted(ex.student_src)}")
+        if temperature < 0 or batch_size < 1 or max_len < 1:
+            raise ValueError(f"need temperature >= 0, batch_size >= 1, max_len >= 1; got {temperature}, "
+                             f"{batch_size}, {max_len}")
+        self.device = torch.device(device)
+        self.student = (student if isinstance(student, Student) else student()).to(self.device).eval()
+        self.teacher = teacher
+        self.examples = list(examples)
+        self.max_len, self.eos_id, self.temperature, self.batch_size = max_len, eos_id, temperature, batch_size
+        self.seed, self.worker_index, self.pad_id, self.start_id = seed, worker_index, pad_id, start_id
+        self.version = 0
+        self.instance = uuid.uuid4().hex[:12]
+        self._rng, self._gen = self._generators(seed, worker_index)
+
+    @classmethod
+    def from_student_dir(cls, path: str | Path, teacher: TeacherClient, examples: Sequence[Example],
+                         budgets: Sequence[float], **kwargs) -> "RolloutWorker":
+        """A worker whose student is ``Student.load(path)`` (``kwargs``: the other constructor arguments)."""
+        return cls(cls.student_loader(path), teacher, examples, budgets, **kwargs)
+
+    @staticmethod
+    def student_loader(path: str | Path) -> Callable[[], Student]:
+        """A picklable factory that loads a saved student directory (``Student.load``)."""
+        return functools.partial(_load_student, str(path))
+
+    def _generators(self, *seed: int) -> tuple[np.random.Generator, torch.Generator]:
+        """numpy (examples, budgets) and torch (actions, on the student's device) generators from one seed."""
+        ss = np.random.SeedSequence([int(s) for s in seed])
+        torch_seed = int(ss.spawn(1)[0].generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+        return np.random.default_rng(ss), torch.Generator(device=self.device).manual_seed(torch_seed)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Load the learner's student weights (``Student.state_dict()``); later episodes carry ``version``."""
+        self.student.load_state_dict(state_dict)
+        self.version = int(version)
+
+    def identity(self) -> tuple[int, str, int]:
+        """``(worker_index, instance, policy_version)``: lets a driver notice a restarted worker."""
+        return self.worker_index, self.instance, self.version
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, seed: int | None = None) -> RolloutResult:
+        """Decode ``n`` (default ``batch_size``) episodes of uniformly drawn examples and budgets, together.
+
+        Actions are sampled at ``temperature`` over ``V ∪ {<τ>}``; rewards come from one batched
+        ``teacher.score`` over all outputs.
+        """
+        t0 = time.perf_counter()
+        n = self.batch_size if n is None else int(n)
+        rng, gen = (self._rng, self._gen) if seed is None else self._generators(self.seed, self.worker_index, seed)
+        idx = rng.integers(len(self.examples), size=n)
+        budgets = [self.budgets[j] for j in rng.integers(len(self.budgets), size=n)]
+        examples = [self.examples[i] for i in idx]
+        src = [ex.student_src[b] for ex, b in zip(examples, budgets)]
+        teacher_src = [ex.teacher_src for ex in examples]
+        src_ids, src_mask = _pad(src, self.pad_id, self.device)
+
+        teacher = _CountingTeacher(self.teacher)
+        out = decode(self.student, src_ids, src_mask, max_len=self.max_len, eos_id=self.eos_id, teacher=teacher,
+                     teacher_src=teacher_src, start_id=self.start_id, pad_id=self.pad_id,
+                     temperature=self.temperature, generator=gen if self.temperature > 0 else None)
+        t1 = time.perf_counter()
+        outputs = [out.tokens[k, :out.lengths[k]].tolist() for k in range(n)]
+        rewards = self.teacher.score(teacher_src, outputs)
+        t2 = time.perf_counter()
+
+        episodes = []
+        for k in range(n):
+            L = int(out.lengths[k])
+            episodes.append(Episode(
+                src_ids=np.asarray(src[k], dtype=np.int64), actions=out.actions[k, :L].copy(),
+                tokens=out.tokens[k, :L].copy(), teacher_logprobs=np.asarray(rewards[k], dtype=np.float32),
+                behavior_logprobs=out.behavior_logprobs[k, :L].copy(), budget=budgets[k],
+                terminated=bool(out.terminated[k]), policy_version=self.version, source="onpolicy"))
+        tokens = int(out.lengths.sum())
+        seconds = time.perf_counter() - t0
+        stats = RolloutStats(worker_index=self.worker_index, instance=self.instance, policy_version=self.version,
+                             episodes=n, tokens=tokens, teacher_calls=teacher.rows,
+                             teacher_requests=teacher.requests, decode_seconds=t1 - t0, score_seconds=t2 - t1,
+                             seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9))
+        return RolloutResult(episodes, stats)
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad the student inputs: ids ``[B, S]`` and mask ``[B, S]``."""
+    S = max(1, max(len(s) for s in seqs))
+    ids = np.full((len(seqs), S), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), S), dtype=bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, True
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
