@@ -425,7 +425,7 @@ class RolloutGroup:
         return len(self.workers)
 
     def sample(self, weights: dict[str, torch.Tensor] | Any | None, version: int,
-               n_per_worker: int | None = None) -> tuple[list[Episode], GroupStats]:
+               n_per_worker: int | None = None, seed: int | None = None) -> tuple[list[Episode], GroupStats]:
         """Sync ``weights`` (a state dict or an ObjectRef to one; ``None``: keep the current weights) as
         ``version``, then sample ``n_per_worker`` (default ``cfg.envs_per_worker``) episodes on every worker.
 
@@ -437,7 +437,9 @@ class RolloutGroup:
         """
         t0 = time.perf_counter()
         self._calls += 1
-        call_seed = self._calls  # per-call seeds: a re-issued sample draws what the lost one would have
+        # per-call seeds: a re-issued sample draws what the lost one would have, and a resumed run (which passes
+        # its iteration as ``seed``) draws what the uninterrupted run would have
+        call_seed = self._calls if seed is None else int(seed)
         if weights is not None:
             if self.local:
                 self._weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights

@@ -79,10 +79,10 @@ def sweep(student: Student, teacher, examples, budgets, tokenizer, max_len, eos_
 
 
 def gap_closed(tw_rows: list[dict], student_bleu: float, teacher_bleu: float) -> dict[str, float]:
-    """``(BLEU_tw(b) − BLEU_student) / (BLEU_teacher − BLEU_student)`` for every budget."""
+    """``(BLEU_tw(b) − BLEU_student) / (BLEU_teacher − BLEU_student)`` for every budget (None when the teacher
+    is not better than the student: there is no gap to close)."""
     gap = teacher_bleu - student_bleu
-    return {f"{r['budget']:g}": round((r["bleu"] - student_bleu) / gap, 4) if gap > 0 else float("nan")
-            for r in tw_rows}
+    return {f"{r['budget']:g}": round((r["bleu"] - student_bleu) / gap, 4) if gap > 0 else None for r in tw_rows}
 
 
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
@@ -97,8 +97,9 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     p1 = {r["budget"]: r for r in report.get("phase1_only", [])}
     for r in report["tw"]:
         q = p1.get(r["budget"], {})
+        closed = report["gap_closed"].get(f"{r['budget']:g}", "")
         lines.append(f"| {r['budget']:g} | {r['bleu']} | {r['chrf']} | {r['usage_mean']} | {r['usage_p95']} | "
-                     f"{r['calls_per_token']} | {report['gap_closed'].get(f'{r['budget']:g}', '')} | "
+                     f"{r['calls_per_token']} | {closed} | "
                      f"{q.get('bleu', '')} | {q.get('usage_mean', '')} |")
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return run_dir / "report.json", run_dir / "report.md"

@@ -56,7 +56,7 @@ class Student(nn.Module):
         tau_id = tokenizer.convert_tokens_to_ids(TAU_TOKEN)
         if tau_id != len(tokenizer) - 1:
             raise ValueError(f"{TAU_TOKEN} got id {tau_id}, expected the last id {len(tokenizer) - 1}")
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         with torch.no_grad():  # start <τ> as an unlikely action: the student calls only once it has learned to
             model.get_output_embeddings().weight[tau_id].zero_()
         return cls(model, tau_id, use_delta=use_delta)

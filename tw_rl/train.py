@@ -1,0 +1,267 @@
+"""The driver: phase 0 → phase 1 → phase 2 → evaluation, one function per phase (SPEC §6).
+
+Phase 2 reads like the algorithm: sample (rollout workers, teacher calls) → score (teacher log-probs as
+rewards) → buffer → update (PCL with the budget Lagrangian) → sync (one weight broadcast per iteration).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from envs.token_mdp import Example
+from tw_rl.algos import get_algorithm
+from tw_rl.batch import Episode, EpisodeBatch
+from tw_rl.budget import BudgetMultipliers
+from tw_rl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tw_rl.config import Config, save_config, to_yaml
+from tw_rl.data import load_split
+from tw_rl.data.validate import check_token_lengths
+from tw_rl.evaluate import evaluate_plain, gap_closed, sweep, write_report
+from tw_rl.examples import make_examples, pad_batch
+from tw_rl.metrics import MetricsLogger, Timer
+from tw_rl.models.factory import load_seq2seq
+from tw_rl.models.student import Student
+from tw_rl.oracle import Reference, bc_loss, build_references, demo_episode, oracle_episode
+from tw_rl.pretrain import pretrain
+from tw_rl.replay import ReplayBuffer
+from tw_rl.teacher import Teacher
+
+
+@dataclass
+class Run:
+    """What every phase needs: paths, tokenizer, teacher, examples."""
+
+    cfg: Config
+    dir: Path
+    tokenizer: object
+    teacher: Teacher
+    teacher_dir: str
+    base_student_dir: str
+    train: list[Example]
+    test: list[Example]
+    eos_id: int
+    pad_id: int
+    start_id: int
+
+    @property
+    def max_len(self) -> int:
+        return self.cfg.data.max_tgt_tokens
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Run every enabled phase and the evaluation; returns the report (also in ``out_dir/report.json``)."""
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    _seed_everything(cfg.seed)
+    torch.set_num_threads(cfg.num_threads)
+    with MetricsLogger(run_dir, tensorboard=cfg.tensorboard) as log:
+        with Timer(times := {}, "phase0"):
+            run = phase0(cfg, run_dir)
+        with Timer(times, "phase1"):
+            student = phase1(run, log)
+        phase1_student = Student.load(run.dir / "models" / "phase1")[0] if cfg.rl.enabled else student
+        with Timer(times, "phase2"):
+            student = phase2(run, student, log, resume)
+        with Timer(times, "eval"):
+            report = evaluate_run(run, student, phase1_student)
+        report["timing"] = {k: round(v, 1) for k, v in times.items()}
+        report["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        write_report(run_dir, report)
+        log.log(0, {f"eval/bleu_{r['budget']:g}": r["bleu"] for r in report["tw"]}, phase="eval")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def phase0(cfg: Config, run_dir: Path) -> Run:
+    """Phase 0 (cached in the run directory): tokenizer, teacher and student; then the tokenized splits."""
+    summary = pretrain(cfg, run_dir)
+    teacher_dir = cfg.teacher.name_or_path or summary["teacher"]["dir"]
+    student_dir = cfg.student.name_or_path or summary["student"]["dir"]
+    teacher_model, tok = load_seq2seq(teacher_dir, trust_remote_code=cfg.teacher.trust_remote_code)
+    prompt_len = max(len(tok(cfg.budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
+                     for b in cfg.budgets)
+
+    def split(name: str, limit: int | None) -> list[Example]:
+        pairs = load_split(cfg.data, name)[:limit]
+        pairs = check_token_lengths(pairs, tok, cfg.data.max_src_tokens - prompt_len, cfg.data.max_tgt_tokens,
+                                    cfg.data.on_error)
+        return make_examples(pairs, tok, cfg.budgets, cfg.budget_prompt)
+
+    return Run(cfg=cfg, dir=run_dir, tokenizer=tok,
+               teacher=Teacher(teacher_model, vocab_size=len(tok), pad_id=tok.pad_token_id,
+                               start_id=teacher_model.config.decoder_start_token_id),
+               teacher_dir=str(teacher_dir), base_student_dir=str(student_dir),
+               train=split(cfg.data.train_split, cfg.phase1.num_examples),
+               test=split(cfg.data.test_split, cfg.eval.max_examples),
+               eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+               start_id=teacher_model.config.decoder_start_token_id)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def references(run: Run) -> list[Reference]:
+    """Teacher greedy paths of the training inputs with per-position KL to the phase-0 student (cached)."""
+    path = run.dir / "models" / "references.npz"
+    if path.is_file():
+        z = np.load(path)
+        off = z["offsets"]
+        return [Reference(z["tokens"][a:b], z["teacher_logprobs"][a:b], z["kl"][a:b], bool(t))
+                for a, b, t in zip(off[:-1], off[1:], z["terminated"])]
+    base, _ = load_seq2seq(run.base_student_dir)
+    refs = build_references(run.train, run.teacher, base.eval(), run.max_len, run.eos_id,
+                            batch_size=run.cfg.eval.batch_size, pad_id=run.pad_id, start_id=run.start_id)
+    off = np.concatenate([[0], np.cumsum([len(r.tokens) for r in refs])])
+    np.savez(path, offsets=off, tokens=np.concatenate([r.tokens for r in refs]),
+             teacher_logprobs=np.concatenate([r.teacher_logprobs for r in refs]),
+             kl=np.concatenate([r.kl for r in refs]), terminated=np.array([r.terminated for r in refs]))
+    return refs
+
+
+def new_student(run: Run) -> Student:
+    base, tok = load_seq2seq(run.base_student_dir)
+    return Student.from_base(base, tok, use_delta=run.cfg.student.use_delta)
+
+
+def phase1(run: Run, log: MetricsLogger) -> Student:
+    """Behaviour cloning on KL-oracle traces (SPEC §6); the result is saved to ``models/phase1``."""
+    cfg, out = run.cfg.phase1, run.dir / "models" / "phase1"
+    if (out / "done.json").is_file():
+        return Student.load(out)[0]
+    student = new_student(run)
+    if not cfg.enabled:
+        return student
+    refs = references(run)
+    rng = np.random.default_rng(run.cfg.seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    steps = int(cfg.epochs * len(refs) / cfg.batch_size)
+    student.train()
+    for step in tqdm(range(steps), desc="phase 1 (oracle BC)", unit="step"):
+        idx = rng.integers(len(refs), size=cfg.batch_size)
+        budgets = rng.choice(run.cfg.budgets, size=cfg.batch_size)
+        eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id) for i, b in zip(idx, budgets)]
+        batch = EpisodeBatch.collate(eps, run.pad_id)
+        dec, dec_tm = batch.decoder_inputs(run.start_id, run.pad_id)
+        logits = student(batch.src_ids, batch.src_mask, dec[:, :-1], dec_tm[:, :-1])
+        t_logp = run.teacher.distributions([run.train[i].teacher_src for i in idx],
+                                           [refs[i].tokens.tolist() for i in idx])
+        loss, stats = bc_loss(logits, batch.actions, batch.mask, batch.teacher_mask, t_logp, cfg.distill_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == steps - 1:
+            log.log(step, stats, phase="phase1")
+    student.eval()
+    student.save(out, run.tokenizer)
+    (out / "done.json").write_text(json.dumps({"steps": steps}))
+    return student
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Student:
+    """PCL with budget multipliers on a replay buffer mixing demonstrations and on-policy rollouts (SPEC §4–6)."""
+    from tw_rl.distributed import RolloutGroup, init_ray  # Ray lives at the edge
+
+    cfg = run.cfg
+    if not cfg.rl.enabled:
+        return student
+    rng = np.random.default_rng(cfg.seed + 1)
+    learner = get_algorithm(cfg.algo).make_learner(cfg, student, run.start_id, run.pad_id)
+    multipliers = BudgetMultipliers(cfg.budgets, cfg.rl.lambda_lr, cfg.rl.lambda_init)
+    buffer = ReplayBuffer(cfg.rl.replay_capacity, cfg.rl.on_policy_fraction)
+    refs = references(run)
+    buffer.add_demos(demonstrations(run, refs, student.tau_id, rng))
+    start = 0
+    if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
+        start, buffer = restore(ckpt, learner, multipliers, rng)
+        print(f"resumed from {ckpt} at iteration {start}")
+    if cfg.rollout.num_workers > 0:
+        init_ray()
+    group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
+                                     eos_id=run.eos_id)
+    try:
+        for it in tqdm(range(start, cfg.rl.iterations), desc="phase 2 (PCL)", unit="iter"):
+            times: dict[str, float] = {}
+            with Timer(times, "rollout"):  # sample: on-policy episodes, <τ> answered, rewards scored
+                episodes, rstats = group.sample(learner.student.state_dict(), version=it, seed=it)
+            buffer.add(episodes)  # buffer
+            multipliers.update(usage_by_budget(episodes))  # dual ascent on measured usage (SPEC §5)
+            with Timer(times, "update"):  # update: PCL steps on the mixed buffer
+                for _ in range(cfg.rl.updates_per_iteration):
+                    batch = EpisodeBatch.collate(buffer.sample(cfg.rl.batch_size, rng), run.pad_id)
+                    stats = learner.update(batch, multipliers.for_episodes(batch.budgets))
+            log.log(it, {**stats, **rstats.as_metrics(), **multipliers.as_metrics(), **times,
+                         **{f"rollout/usage_{b:g}": u for b, u in usage_by_budget(episodes).items()}},
+                    phase="phase2")
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.rl.iterations:
+                checkpoint(run, it + 1, learner, multipliers, buffer, rng)
+    finally:
+        group.close()
+    learner.student.eval()
+    learner.student.save(run.dir / "models" / "final", run.tokenizer)
+    return learner.student
+
+
+def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.Generator) -> list[Episode]:
+    """Seeded, never-evicted off-policy paths: teacher outputs and oracle traces, at random budgets."""
+    budgets = rng.choice(run.cfg.budgets, size=len(refs))
+    return ([oracle_episode(ex, r, float(b), tau_id) for ex, r, b in zip(run.train, refs, budgets)]
+            + [demo_episode(ex, r, float(b)) for ex, r, b in zip(run.train, refs, budgets) if b == 0.0])
+
+
+def usage_by_budget(episodes: list[Episode]) -> dict[float, float]:
+    by: dict[float, list[float]] = {}
+    for e in episodes:
+        by.setdefault(e.budget, []).append(e.usage())
+    return {b: float(np.mean(u)) for b, u in sorted(by.items())}
+
+
+def checkpoint(run: Run, it: int, learner, multipliers: BudgetMultipliers, buffer: ReplayBuffer,
+               rng: np.random.Generator) -> Path:
+    arrays, meta = buffer.state_dict()
+    return save_checkpoint(run.dir, it, {"learner": learner.state_dict(), "multipliers": multipliers.state_dict(),
+                                         "replay": {k: torch.from_numpy(v) for k, v in arrays.items()}},
+                           {"iteration": it, "replay": meta, "rng": rng_state(rng)}, to_yaml(run.cfg))
+
+
+def restore(path: Path, learner, multipliers: BudgetMultipliers, rng: np.random.Generator
+            ) -> tuple[int, ReplayBuffer]:
+    """Load a checkpoint into ``learner``, ``multipliers`` and ``rng``; returns the iteration and the buffer."""
+    tensors, state = load_checkpoint(path)
+    learner.load_state_dict(tensors["learner"])
+    multipliers.load_state_dict(tensors["multipliers"])
+    buffer = ReplayBuffer.from_state_dict({k: v.numpy() for k, v in tensors["replay"].items()}, state["replay"])
+    set_rng_state(state["rng"], rng)
+    return int(state["iteration"]), buffer
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def evaluate_run(run: Run, student: Student, phase1_student: Student) -> dict:
+    """Greedy decoding of the held-out split at every budget; student alone and teacher alone."""
+    cfg, tok = run.cfg, run.tokenizer
+    base, _ = load_seq2seq(run.base_student_dir)
+    args = dict(tokenizer=tok, max_len=run.max_len, eos_id=run.eos_id, batch_size=cfg.eval.batch_size,
+                hard_cap=cfg.eval.hard_cap)
+    report = {"n_examples": len(run.test),
+              "student_only": evaluate_plain(base.eval(), run.test, tok, run.max_len, cfg.eval.batch_size),
+              "teacher_only": evaluate_plain(run.teacher.model, run.test, tok, run.max_len, cfg.eval.batch_size),
+              "tw": sweep(student, run.teacher, run.test, cfg.budgets, **args),
+              "phase1_only": sweep(phase1_student, run.teacher, run.test, cfg.budgets, **args)}
+    report["gap_closed"] = gap_closed(report["tw"], report["student_only"]["bleu"], report["teacher_only"]["bleu"])
+    return report
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
