@@ -128,3 +128,27 @@ def test_restore_gives_back_the_saved_state(tiny_run):
     arrays, _ = buffer.state_dict()
     for k, v in arrays.items():
         np.testing.assert_array_equal(v, saved["replay"][k].numpy())
+
+
+def test_phase2_on_ray_rollout_workers(tiny_run, tmp_path):
+    """The demo's path: 2 Ray rollout actors sharing a teacher actor (this module's one ray.init)."""
+    import shutil
+
+    from tw_rl.distributed import shutdown_ray
+    from tw_rl.train import train
+
+    _, out, _ = tiny_run
+    run = tmp_path / "ray"
+    shutil.copytree(out / "models", run / "models")
+    shutil.copytree(out / "tokenizer", run / "tokenizer")
+    shutil.copy(out / "pretrain.json", run / "pretrain.json")
+    shutil.rmtree(run / "models" / "final")
+    try:
+        report = train(load_config(None, TINY + [f"out_dir={run}", "rollout.num_workers=2", "rl.iterations=2",
+                                                 "rollout.envs_per_worker=4"]))
+    finally:
+        shutdown_ray()
+    rows = read_metrics(run, phase="phase2")
+    assert [r["rollout/episodes"] for r in rows] == [8, 8]  # 2 workers × 4 episodes
+    assert all(r["rollout/stale_episodes"] == 0 for r in rows)
+    assert len(report["tw"]) == 3
