@@ -85,14 +85,29 @@ def pcl_consistency(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: 
     Returns:
         ``[B, T]`` residuals, 0 on padding. Values at padding positions never depend on padded inputs.
     """
-    B, T = actions.shape
-    device = q.device
+    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha)
+    return _residuals(v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma, window)
+
+
+def _values(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor,
+            alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``V [B, T+1]`` (online), ``V_target [B, T+1]`` and ``α log π(a_t|s_t) [B, T]`` — computed once and shared
+    by the single- and multi-step residuals (the logsumexp over the vocabulary is the costly part)."""
+    T = actions.shape[1]
     q = q.float()
-    q_target = q if q_target is None else q_target.float()
     v = soft_values(q, alpha)  # [B, T+1]
+    v_target = v if q_target is None else soft_values(q_target.float(), alpha)
     safe_actions = torch.where(mask, actions, torch.zeros_like(actions))  # pad ids may be out of range
     q_a = q[:, :T].gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    alpha_log_pi = q_a - v[:, :T]  # α log π(a_t|s_t)
+    return v, v_target, q_a - v[:, :T]
+
+
+def _residuals(v: torch.Tensor, v_target: torch.Tensor, alpha_log_pi: torch.Tensor, rewards: torch.Tensor,
+               mask: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor, gamma: float,
+               window: int) -> torch.Tensor:
+    """The residuals of :func:`pcl_consistency` from precomputed values."""
+    B, T = alpha_log_pi.shape
+    device = v.device
     # `where`, not multiplication, so that junk (even inf) beyond an episode's end cannot leak into the sums.
     g = torch.where(mask, rewards.float() - alpha_log_pi, torch.zeros_like(alpha_log_pi))
     path_sum = g @ _window_matrix(T, window, gamma, device).T  # [B, T]: Σ_{i<d'} γ^i g_{t+i}
@@ -100,7 +115,6 @@ def pcl_consistency(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: 
     steps = torch.arange(T, device=device)[None, :]
     d = T if window == 0 else window
     end = torch.minimum(steps + d, lengths[:, None])  # t + d'
-    v_target = soft_values(q_target, alpha)  # [B, T+1]
     at_end = torch.arange(T + 1, device=device)[None, :] == lengths[:, None]
     v_target = torch.where(at_end & terminated[:, None], torch.zeros_like(v_target), v_target)
     # clamp: on padding (t ≥ len) end − t < 0, and γ^(−t) could overflow into a NaN gradient through `where`.
@@ -123,11 +137,12 @@ def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.T
     Arguments as in :func:`pcl_consistency`; ``w = multi_step_weight``. Returns the scalar loss and float stats
     (``loss/*``, ``rollout/entropy`` — the mean policy entropy over the batch's states — and ``value/*``).
     """
-    args = (q, q_target, actions, rewards, mask, lengths, terminated, alpha, gamma)
-    c_single = pcl_consistency(*args, window=1)
+    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha)
+    args = (v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma)
+    c_single = _residuals(*args, window=1)
     single = _masked_mean(0.5 * c_single.pow(2), mask)
     if multi_step_weight > 0.0 and window != 1:
-        c_multi = pcl_consistency(*args, window=window)
+        c_multi = _residuals(*args, window=window)
         multi = _masked_mean(0.5 * c_multi.pow(2), mask)
     else:  # window 1 is the single-step form: don't pay for it twice
         c_multi, multi = c_single, single
@@ -135,15 +150,15 @@ def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.T
 
     with torch.no_grad():
         T = actions.shape[1]
-        log_pi = log_policy(q[:, :T].float(), alpha)
-        entropy = -torch.special.xlogy(log_pi.exp(), log_pi.exp()).sum(-1)  # xlogy: 0·log 0 = 0 for masked <τ>
+        pi = torch.exp((q[:, :T].float() - v[:, :T, None]) / alpha)
+        entropy = -torch.special.xlogy(pi, pi).sum(-1)  # xlogy: 0·log 0 = 0 for masked <τ>
         stats = {
             "loss/pcl": float(loss),
             "loss/single_step": float(single),
             "loss/multi_step": float(multi),
             "loss/abs_residual_multi": float(_masked_mean(c_multi.abs(), mask)),
             "rollout/entropy": float(_masked_mean(entropy, mask)),
-            "value/v_start": float(soft_values(q[:, 0].float(), alpha).mean()),
+            "value/v_start": float(v[:, 0].mean()),
             "value/reward": float(_masked_mean(rewards.float(), mask)),
         }
     return loss, stats
