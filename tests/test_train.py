@@ -22,6 +22,8 @@ TINY = [
     "rollout.num_workers=0", "rollout.envs_per_worker=8",
     "eval.max_examples=12", "eval.batch_size=16", "checkpoint_every=1", "tensorboard=false",
     "budgets=[0.0,0.2,0.5]", "num_threads=1",
+    "eval.latency_examples=1", "eval.latency_repeats=1", "eval.throughput_batch_size=4", "eval.spec_lenience=[]",
+    "student.arch.num_layers=1", "student.arch.num_decoder_layers=1",
 ]
 
 

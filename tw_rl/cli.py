@@ -18,8 +18,12 @@ _HELP = {
             "writes DIR/report.json and DIR/report.md",
     "train": "run phases 0 → 1 → 2 and the evaluation for a config (each phase skippable in the config)",
     "pretrain": "phase 0 only: train the tokenizer, the teacher and the student from scratch, report their BLEU",
-    "eval": "evaluate a trained run against baselines (not yet: the evaluation issue)",
-    "generate": "generate with a trained student and teacher (not yet: the evaluation issue)",
+    "eval": "evaluate a trained run against the baselines (student alone, teacher alone, random calls, confidence "
+            "fallback, speculative decoding) at every budget; writes report.json, report.md, quality_vs_cost.png "
+            "and outputs.jsonl to the run directory (or --out)",
+    "generate": "generate with a trained run's student and teacher; prints one line per input with the tokens the "
+                "teacher produced marked (underlined on a terminal, else in ⟦…⟧); reads lines from standard input "
+                "when no text is given",
 }
 
 
@@ -42,10 +46,91 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    for name in ("eval", "generate"):
-        p = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
-        p.add_argument("args", nargs="*")
+    p = sub.add_parser("eval", help=_HELP["eval"], description=_HELP["eval"])
+    p.add_argument("--run", type=Path, help="the run directory (written by tw-rl train or tw-rl demo)")
+    p.add_argument("--budgets", type=float, nargs="+", help="evaluate these budgets of the trained grid "
+                   "(default: the whole grid)")
+    p.add_argument("--data", help="evaluate on other data: a directory of split files (data.kind=files), "
+                   "hf:NAME[:CONFIG] (a Hugging Face dataset) or embedded (default: the run's data)")
+    p.add_argument("--split", help="the split to evaluate (default: the run's data.test_split); the confidence "
+                   "threshold is always calibrated on data.validation_split")
+    p.add_argument("--out", type=Path, help="write the report here instead of the run directory")
+    p.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override the run's config, e.g. eval.max_examples=200 eval.baselines=false")
+    p = sub.add_parser("generate", help=_HELP["generate"], description=_HELP["generate"])
+    p.add_argument("--run", type=Path, help="the run directory (written by tw-rl train or tw-rl demo)")
+    p.add_argument("--budget", type=float, default=0.2, help="teacher budget, one of the run's trained budgets "
+                   "(default 0.2)")
+    p.add_argument("--hard-cap", action="store_true", help="forbid <τ> once calls reach ceil(b·max_len)")
+    p.add_argument("--truncate", action="store_true", help="cut inputs longer than data.max_src_tokens to their "
+                   "first tokens instead of refusing them")
+    p.add_argument("--mark", choices=["auto", "brackets", "ansi", "none"], default="auto",
+                   help="how teacher tokens are marked: ⟦…⟧, ANSI underline, or not at all (auto: underline on a "
+                   "terminal, brackets otherwise)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per input: text, marked text, "
+                   "tokens and which of them the teacher produced")
+    p.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="inputs; none: one input per line of standard input")
     return parser
+
+
+def data_overrides(spec: str | None) -> list[str]:
+    """``--data`` as config overrides: a directory, ``hf:NAME[:CONFIG]`` or ``embedded``."""
+    if not spec:
+        return []
+    if spec == "embedded":
+        return ["data.kind=embedded"]
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        return ["data.kind=hf", f"data.hf_name={name}"] + ([f"data.hf_config={config}"] if config else [])
+    return ["data.kind=files", f"data.path={spec}"]
+
+
+def run_eval(args) -> int:
+    from tw_rl.api import load, student_dir
+    from tw_rl.evaluate import evaluate, write_outputs, write_report
+    from tw_rl.models.student import Student
+
+    model = load(args.run, device=args.device, overrides=data_overrides(args.data)
+                 + ([f"data.test_split={args.split}"] if args.split else []) + list(args.overrides))
+    cfg = model.cfg
+    budgets = [model.check_budget(b) for b in args.budgets] if args.budgets else None
+    test = model.load_examples(cfg.data.test_split, cfg.eval.max_examples)
+    validation = (model.load_examples(cfg.data.validation_split, cfg.eval.max_examples) if cfg.eval.baselines
+                  else [])
+    phase1 = Path(args.run) / "models" / "phase1"  # the driver's report also has the student before RL
+    phase1_student = (Student.load(phase1)[0] if student_dir(Path(args.run)).name == "final"
+                      and (phase1 / "tw_student.json").is_file() else None)
+    report, outputs = evaluate(model, test, validation, budgets=budgets, phase1_student=phase1_student,
+                               split=cfg.data.test_split)
+    out = args.out or args.run
+    json_path, md_path = write_report(out, report)
+    write_outputs(out, outputs)
+    print(f"report: {md_path} (and {json_path}, {Path(out) / 'quality_vs_cost.png'}, {Path(out) / 'outputs.jsonl'})")
+    for r in report["tw"]:
+        print(f"b={r['budget']:g}: BLEU {r['bleu']}, usage {r['usage_mean']}, {r['latency_ms']} ms/sequence")
+    return 0
+
+
+def run_generate(args) -> int:
+    import json
+
+    from tw_rl.api import ANSI_UNDERLINE, BRACKETS, load
+
+    texts = list(args.texts) or [line.rstrip("\r\n") for line in sys.stdin]
+    model = load(args.run, device=args.device)
+    gens = model.generate(texts, budget=args.budget, hard_cap=args.hard_cap, truncate=args.truncate)
+    mark = args.mark if args.mark != "auto" else ("ansi" if sys.stdout.isatty() else "brackets")
+    marks = {"ansi": ANSI_UNDERLINE, "brackets": BRACKETS, "none": ("", "")}[mark]
+    for g in gens:
+        if args.json:
+            print(json.dumps({"text": g.text, "marked": g.marked(), "tokens": g.pieces,
+                              "from_teacher": g.from_teacher, "usage": round(g.usage, 4), "budget": g.budget,
+                              "truncated": g.truncated}, ensure_ascii=False))
+        else:
+            print(g.marked(marks))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     from tw_rl.config import ConfigError, load_config
 
     if args.command in ("eval", "generate"):
-        print(f"tw-rl {args.command}: not yet implemented (it comes with the evaluation issue).", file=sys.stderr)
-        return 2
+        if args.run is None:
+            print(f"tw-rl {args.command}: --run DIR is required (a run directory written by tw-rl train or "
+                  f"tw-rl demo)", file=sys.stderr)
+            return 2
+        from tw_rl.api import InputError
+        from tw_rl.data import DataError
+        from tw_rl.models.factory import ModelNotAvailableError
+
+        try:
+            return run_eval(args) if args.command == "eval" else run_generate(args)
+        except (ConfigError, InputError, DataError, ModelNotAvailableError, FileNotFoundError) as e:
+            print(f"tw-rl {args.command}: {e}", file=sys.stderr)
+            return 2
     overrides = list(args.overrides)
     if args.command == "demo":
         overrides.append(f"out_dir={args.out}")

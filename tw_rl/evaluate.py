@@ -1,105 +1,630 @@
-"""Evaluation of a run: quality and teacher usage per budget (greedy decoding of the held-out split).
+"""Evaluation of a trained run: quality against teacher cost, for Training Wheels and the baselines (SPEC §7).
 
-Writes ``report.json`` and ``report.md`` (schema in the training issue; ``docs/design.md``).
+Rows (``report.json``; every row has the same metrics):
+
+- ``student_only`` / ``teacher_only``: the phase-0 student / the teacher alone, greedy, on the bare source.
+- ``tw`` / ``tw_hard_cap``: the trained student deciding its own ``<τ>`` calls at each budget, without / with the
+  inference-time hard cap (SPEC §5). ``phase1_only``: the phase-1 student the same way (from the driver only).
+- ``baselines.random``: the trained student at the same budget prompt, its own ``<τ>`` masked, the teacher called
+  at random steps (:func:`tw_rl.baselines.random_calls`) at the rate that gives the ``tw`` row's usage on the
+  validation split (calibrated: calls shorten or lengthen outputs, so the rate is not exactly the usage).
+- ``baselines.confidence``: the same student calling when its top ``V`` probability is below a threshold
+  calibrated on the validation split to the ``tw`` row's usage (:func:`tw_rl.baselines.calibrate_threshold`).
+  Both report ``usage_target`` (the ``tw`` usage), ``validation_usage`` and their own usage on the test split.
+- ``baselines.speculative``: speculative decoding, teacher as target, phase-0 student as draft: first Hugging Face
+  assisted generation (lossless), then draft-and-verify decoding at each ``eval.spec_lenience`` (1: lossless,
+  smaller: lossy; :func:`tw_rl.baselines.speculative_greedy`). ``matches_teacher``: the fraction of outputs equal
+  to the teacher's.
+
+Metrics:
+
+- ``bleu``, ``chrf``: sacrebleu corpus scores (signatures in ``report["signatures"]``); ``rouge1/2/L``: mean
+  F-measure × 100 from rouge-score when the task is summarization.
+- ``usage_mean`` / ``usage_p95``: teacher-produced tokens / output tokens per sequence (EOS counted), mean and 95th
+  percentile over sequences. Teacher alone and lossless speculative decoding: every token is the teacher's (1.0);
+  lossy speculative decoding: the tokens that are the teacher's own greedy choice.
+- ``calls_per_token``: teacher forward passes / output tokens over the corpus, a pass over ``k`` rows counting
+  ``k`` (Training Wheels and the baselines: one per ``<τ>``; teacher alone: one per token; speculative decoding:
+  one per verification round).
+- ``gap_closed`` per budget: ``(Q_tw(b) − Q_student) / (Q_teacher − Q_student)`` with Q = BLEU (ROUGE-L for
+  summarization).
+- ``latency_ms``: median wall time of decoding one pre-tokenized input at batch size 1 (``eval.latency_examples``
+  inputs × ``eval.latency_repeats``), models already loaded and warmed up by one untimed call, the teacher's
+  encoder cache emptied before each timed call, both models on the same device. Tokenization is not timed. All
+  rows are timed together in rounds (:func:`timings`), after every quality pass.
+- ``throughput_seq_s``: sequences per second decoding a batch of ``eval.throughput_batch_size`` inputs (median of
+  ``eval.latency_repeats``). Speculative decoding is batch-size-1 only (Hugging Face's and ours): it decodes a
+  batch one sequence after another, so its throughput is ``1000 / mean latency_ms``.
+
+Files (:func:`write_report`, :func:`write_outputs`): ``report.json``, ``report.md`` (one table),
+``quality_vs_cost.png`` and ``outputs.jsonl`` (per method, budget and example: source, reference, output, tokens and
+which of them the teacher produced).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import sacrebleu
 import torch
+from tqdm.auto import tqdm
 
 from envs.token_mdp import Example
-from tw_rl.decoding import decode
+from tw_rl.baselines import Calibration, calibrate_threshold, confidence_fallback, random_calls, \
+    speculative_generate, speculative_greedy
+from tw_rl.decoding import Decoded
 from tw_rl.examples import pad_batch
 from tw_rl.models.student import Student
 
+if TYPE_CHECKING:
+    from tw_rl.api import TrainedModel
 
-def quality(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU and chrF (sacrebleu defaults)."""
-    return {"bleu": round(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score, 2),
-            "chrf": round(sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score, 2)}
+SUMMARIZATION_SETS = ("xsum", "cnn_dailymail", "cnn", "samsum", "gigaword", "multi_news", "billsum", "summ")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------------------------
+def quality(hyps: Sequence[str], refs: Sequence[str], task: str = "translation") -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu defaults); plus ROUGE-1/2/L (mean F1 × 100) for summarization."""
+    q = {"bleu": round(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score, 2),
+         "chrf": round(sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score, 2)}
+    if task == "summarization":
+        q.update(rouge(hyps, refs))
+    return q
+
+
+def rouge(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, h) for h, r in zip(hyps, refs)]
+    return {k: round(100 * float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0, 2)
+            for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def signatures(task: str) -> dict[str, str]:
+    """The sacrebleu signature strings of the scores in the report (and the rouge-score settings)."""
+    from importlib.metadata import version
+
+    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
+    bleu.corpus_score(["a"], [["a"]])
+    chrf.corpus_score(["a"], [["a"]])
+    sig = {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}
+    if task == "summarization":
+        sig["rouge"] = f"rouge-score {version('rouge-score')}|F1 mean|use_stemmer:yes|rouge1,rouge2,rougeL"
+    return sig
+
+
+def resolve_task(cfg) -> str:
+    """``eval.task``, with ``auto`` read from the data source's name."""
+    if cfg.eval.task != "auto":
+        return cfg.eval.task
+    name = (cfg.data.hf_name or "").lower() if cfg.data.kind == "hf" else ""
+    return "summarization" if any(s in name for s in SUMMARIZATION_SETS) else "translation"
 
 
 def detok(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode([list(r) for r in rows], skip_special_tokens=True)]
 
 
-@torch.no_grad()
-def evaluate_plain(model, examples: Sequence[Example], tokenizer, max_len: int, batch_size: int = 128
-                   ) -> dict[str, float]:
-    """A plain seq2seq model alone (student alone, teacher alone): greedy ``generate`` on the bare source."""
-    hyps: list[str] = []
-    for i in range(0, len(examples), batch_size):
-        ids, mask = pad_batch([e.teacher_src for e in examples[i:i + batch_size]])
-        out = model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=max_len, do_sample=False,
-                             num_beams=1)
-        hyps += detok(tokenizer, out[:, 1:].tolist())
-    return quality(hyps, [e.reference for e in examples])
+# ------------------------------------------------------------------------------------------------------------------
+# methods: each decodes one batch of examples
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Outputs:
+    """Per-example results of one method."""
+
+    tokens: list[list[int]] = field(default_factory=list)  # X_out, EOS included when produced
+    teacher_mask: list[np.ndarray] = field(default_factory=list)  # bool per token: the teacher produced it
+    teacher_passes: list[int] = field(default_factory=list)  # teacher forward passes spent on the example
+
+    def extend(self, other: "Outputs") -> "Outputs":
+        self.tokens += other.tokens
+        self.teacher_mask += other.teacher_mask
+        self.teacher_passes += other.teacher_passes
+        return self
+
+    @staticmethod
+    def from_decoded(out: Decoded) -> "Outputs":
+        res = Outputs()
+        for i in range(len(out.lengths)):
+            n = int(out.lengths[i])
+            tm = out.teacher_mask[i, :n].copy()
+            res.tokens.append(out.tokens[i, :n].tolist())
+            res.teacher_mask.append(tm)
+            res.teacher_passes.append(int(tm.sum()))
+        return res
+
+    @staticmethod
+    def all_teacher(tokens: list[list[int]], passes: list[int] | None = None) -> "Outputs":
+        return Outputs(tokens, [np.ones(len(t), dtype=bool) for t in tokens],
+                       passes if passes is not None else [len(t) for t in tokens])
+
+
+Method = Callable[[Sequence[Example]], Outputs]
 
 
 @torch.no_grad()
-def evaluate_budget(student: Student, teacher, examples: Sequence[Example], budget: float, tokenizer,
-                    max_len: int, eos_id: int, batch_size: int = 128, hard_cap: bool = False
-                    ) -> tuple[dict, list[dict]]:
-    """The Training Wheels student deciding its own calls at budget ``b``. Returns the row and per-example
-    outputs (text and which tokens the teacher produced)."""
-    hyps, usage, calls, lengths, outputs = [], [], 0, 0, []
+def student_alone(model: "TrainedModel", examples: Sequence[Example]) -> Outputs:
+    """The phase-0 student, greedy ``generate`` on the bare source."""
+    base = model.base_student
+    ids, mask = pad_batch([e.teacher_src for e in examples], model.pad_id)
+    out = base.generate(input_ids=ids.to(model.device), attention_mask=mask.long().to(model.device),
+                        max_new_tokens=model.max_len, do_sample=False, num_beams=1)
+    # rows without EOS ran to max_new_tokens: only rows that ended early are padded, after their EOS
+    rows = [r[:r.index(model.eos_id) + 1] if model.eos_id in r else r for r in out[:, 1:].tolist()]
+    return Outputs(rows, [np.zeros(len(r), dtype=bool) for r in rows], [0] * len(rows))
+
+
+def teacher_alone(model: "TrainedModel", examples: Sequence[Example]) -> Outputs:
+    return Outputs.all_teacher(model.teacher.generate([e.teacher_src for e in examples], model.max_len,
+                                                      model.eos_id))
+
+
+def training_wheels(model: "TrainedModel", examples: Sequence[Example], budget: float,
+                    hard_cap: bool = False) -> Outputs:
+    return Outputs.from_decoded(model.decode(examples, budget, hard_cap=hard_cap))
+
+
+def random_baseline(model: "TrainedModel", budget: float, rate: float, seed: int) -> Method:
+    """A fresh seeded generator per method, so the quality pass is reproducible."""
+    rule = random_calls(rate, torch.Generator().manual_seed(seed))
+    return lambda examples: Outputs.from_decoded(model.decode(examples, budget, rule=rule))
+
+
+def confidence_baseline(model: "TrainedModel", budget: float, threshold: float) -> Method:
+    rule = confidence_fallback(threshold, model.student.tau_id)
+    return lambda examples: Outputs.from_decoded(model.decode(examples, budget, rule=rule))
+
+
+def speculative(model: "TrainedModel", examples: Sequence[Example]) -> Outputs:
+    """Lossless speculative decoding, one example at a time (assisted generation is batch-size-1 only)."""
+    tokens, passes = [], []
+    for e in examples:
+        toks, n = speculative_generate(model.teacher.model, model.base_student, e.teacher_src, model.max_len,
+                                       model.eos_id)
+        tokens.append(toks)
+        passes.append(n)
+    return Outputs.all_teacher(tokens, passes)
+
+
+def speculative_lenient(model: "TrainedModel", examples: Sequence[Example], lenience: float) -> Outputs:
+    """Draft-and-verify speculative decoding (lossless at ``lenience = 1``), one example at a time; a token the
+    target accepted without it being its own greedy choice counts as the draft's."""
+    out = Outputs()
+    for e in examples:
+        s = speculative_greedy(model.teacher.model, model.base_student, e.teacher_src, model.max_len, model.eos_id,
+                               model.start_id, model.cfg.eval.spec_draft_tokens, lenience)
+        out.tokens.append(s.tokens)
+        out.teacher_mask.append(np.array(s.from_teacher, dtype=bool))
+        out.teacher_passes.append(s.teacher_passes)
+    return out
+
+
+def run(method: Method, examples: Sequence[Example], batch_size: int) -> Outputs:
+    out = Outputs()
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        ids, mask = pad_batch([e.student_src[budget] for e in chunk])
-        cap = torch.full((len(chunk),), math.ceil(budget * max_len)) if hard_cap else None
-        out = decode(student, ids, mask, max_len=max_len, eos_id=eos_id, teacher=teacher,
-                     teacher_src=[e.teacher_src for e in chunk], allow_tau=budget > 0, call_cap=cap)
-        for k, e in enumerate(chunk):
-            n = int(out.lengths[k])
-            toks, tm = out.tokens[k, :n].tolist(), out.teacher_mask[k, :n]
-            text = detok(tokenizer, [toks])[0]
-            hyps.append(text)
-            usage.append(float(tm.sum()) / max(1, n))
-            calls, lengths = calls + int(tm.sum()), lengths + n
-            outputs.append({"source": e.text, "reference": e.reference, "output": text, "budget": budget,
-                            "teacher_tokens": [int(j) for j in np.flatnonzero(tm)]})
-    row = {"budget": budget, **quality(hyps, [e.reference for e in examples]),
-           "usage_mean": round(float(np.mean(usage)), 4), "usage_p95": round(float(np.percentile(usage, 95)), 4),
-           "calls_per_token": round(calls / max(1, lengths), 4)}
-    return row, outputs
+        out.extend(method(examples[i:i + batch_size]))
+    return out
 
 
-def sweep(student: Student, teacher, examples, budgets, tokenizer, max_len, eos_id, batch_size=128,
-          hard_cap=False) -> list[dict]:
-    student.eval()
-    return [evaluate_budget(student, teacher, examples, b, tokenizer, max_len, eos_id, batch_size, hard_cap)[0]
-            for b in budgets]
+# ------------------------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------------------------
+def _cold(model: "TrainedModel") -> None:
+    """Forget the teacher's cached encoder states: a timed input must not profit from an earlier repeat."""
+    cache = getattr(model.teacher, "_enc_cache", None)
+    if cache is not None:
+        cache.clear()
 
 
-def gap_closed(tw_rows: list[dict], student_bleu: float, teacher_bleu: float) -> dict[str, float]:
-    """``(BLEU_tw(b) − BLEU_student) / (BLEU_teacher − BLEU_student)`` for every budget (None when the teacher
-    is not better than the student: there is no gap to close)."""
-    gap = teacher_bleu - student_bleu
-    return {f"{r['budget']:g}": round((r["bleu"] - student_bleu) / gap, 4) if gap > 0 else None for r in tw_rows}
+def timings(jobs: Sequence[Callable[[], Method]], model: "TrainedModel", examples: Sequence[Example],
+            repeats: int, batch_size: int, sequential: Sequence[bool] | None = None
+            ) -> list[tuple[float | None, float | None]]:
+    """Latency (median ms per input at batch size 1) and throughput (sequences/s decoding ``batch_size`` inputs at
+    once, the examples repeated to fill the batch; median of ``repeats``) of every job.
+
+    Models are loaded before this is called and every method is warmed up by one untimed call. The measurement
+    runs in rounds — each round times every job once on every input — so that a burst of load from elsewhere on
+    the machine falls on all jobs alike instead of on one. A ``sequential`` job decodes a batch one input after
+    another (speculative decoding): its throughput is ``1 / mean latency``, the same quantity without decoding the
+    batch again.
+    """
+    if not examples:
+        return [(None, None)] * len(jobs)
+    sequential = list(sequential) if sequential is not None else [False] * len(jobs)
+    methods = [make() for make in jobs]
+    for method in methods:
+        method(examples[:1])  # warm-up: lazy initialisation, allocator
+    batch = [examples[i % len(examples)] for i in range(batch_size)]
+    lat: list[list[float]] = [[] for _ in jobs]
+    thr: list[list[float]] = [[] for _ in jobs]
+    for _ in range(repeats):
+        for k, method in enumerate(methods):
+            for e in examples:
+                lat[k].append(_timed(model, method, [e]))
+            if not sequential[k]:
+                thr[k].append(_timed(model, method, batch))
+    return [(round(1000 * statistics.median(a), 3),
+             round(1 / statistics.mean(a) if seq else batch_size / statistics.median(b), 2))
+            for a, b, seq in zip(lat, thr, sequential)]
+
+
+def _timed(model: "TrainedModel", method: Method, examples: Sequence[Example]) -> float:
+    _cold(model)
+    t0 = time.perf_counter()
+    method(examples)
+    return time.perf_counter() - t0
+
+
+def latency_ms(make: Callable[[], Method], model: "TrainedModel", examples: Sequence[Example],
+               repeats: int) -> float | None:
+    """Median wall time (ms) of decoding one input at batch size 1 (see :func:`timings`)."""
+    return timings([make], model, examples, repeats, 1)[0][0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the evaluation
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Evaluation:
+    """Holds what every row needs: :meth:`row` decodes the test set with one method and scores it; :meth:`time`
+    then measures latency and throughput of every row together (:func:`timings`)."""
+
+    model: "TrainedModel"
+    test: Sequence[Example]
+    task: str
+    records: list[dict] = field(default_factory=list)
+    bar: Any = None
+    jobs: list[tuple[dict, Callable[[], Method], bool]] = field(default_factory=list)
+
+    def row(self, method: str, make: Callable[[], Method], budget: float | None = None,
+            keep_outputs: bool = True, sequential: bool = False, **extra) -> tuple[dict, Outputs]:
+        """``sequential``: the method decodes one input at a time whatever the batch (see :func:`timings`)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(method + (f" b={budget:g}" if budget is not None else ""))
+        outs = run(make(), self.test, self.model.cfg.eval.batch_size)
+        row = {"method": method, **({"budget": budget} if budget is not None else {}),
+               **score(outs, self.test, self.model.tokenizer, self.task), **extra,
+               "latency_ms": None, "throughput_seq_s": None}
+        self.jobs.append((row, make, sequential))
+        if keep_outputs:
+            self.records += records(method, budget, self.test, outs, self.model.tokenizer)
+        if self.bar is not None:
+            self.bar.update()
+        return row, outs
+
+    def time(self) -> None:
+        """Fill in ``latency_ms`` and ``throughput_seq_s`` of every row."""
+        ecfg = self.model.cfg.eval
+        if self.bar is not None:
+            self.bar.set_postfix_str("latency and throughput")
+        measured = timings([make for _, make, _ in self.jobs], self.model, self.test[:ecfg.latency_examples],
+                           ecfg.latency_repeats, ecfg.throughput_batch_size, [seq for _, _, seq in self.jobs])
+        for (row, _, _), (lat, thr) in zip(self.jobs, measured):
+            row["latency_ms"], row["throughput_seq_s"] = lat, thr
+        if self.bar is not None:
+            self.bar.update()
+
+
+def score(outs: Outputs, examples: Sequence[Example], tokenizer, task: str = "translation") -> dict:
+    """Quality, usage (mean, p95) and teacher calls per token of one method's outputs."""
+    hyps = detok(tokenizer, outs.tokens)
+    usage = [float(m.sum()) / max(1, len(m)) for m in outs.teacher_mask] or [0.0]
+    n_tokens = sum(len(t) for t in outs.tokens)
+    return {**quality(hyps, [e.reference for e in examples], task),
+            "usage_mean": round(float(np.mean(usage)), 4), "usage_p95": round(float(np.percentile(usage, 95)), 4),
+            "calls_per_token": round(sum(outs.teacher_passes) / max(1, n_tokens), 4),
+            "length_mean": round(n_tokens / max(1, len(outs.tokens)), 2)}
+
+
+def records(method: str, budget: float | None, examples: Sequence[Example], outs: Outputs, tokenizer) -> list[dict]:
+    """``outputs.jsonl`` rows: ``tokens`` are the tokenizer's pieces, ``teacher_tokens`` indices into them."""
+    hyps = detok(tokenizer, outs.tokens)
+    return [{"method": method, "budget": budget, "index": i, "source": e.text, "reference": e.reference,
+             "output": h, "tokens": tokenizer.convert_ids_to_tokens(t),
+             "teacher_tokens": [int(j) for j in np.flatnonzero(m)]}
+            for i, (e, h, t, m) in enumerate(zip(examples, hyps, outs.tokens, outs.teacher_mask))]
+
+
+def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequence[Example] = (), *,
+             budgets: Sequence[float] | None = None, phase1_student: Student | None = None, split: str = "test",
+             progress: bool = True) -> tuple[dict, list[dict]]:
+    """Every row of the module docstring on ``test`` at ``budgets`` (default: the trained grid); the random-call
+    rate and the confidence threshold are calibrated on ``validation``. Returns the report (``report.json``) and the
+    ``outputs.jsonl`` records."""
+    cfg = model.cfg
+    budgets = [model.check_budget(b) for b in (cfg.budgets if budgets is None else budgets)]
+    task = resolve_task(cfg)
+    test = list(test)
+    n_rows = 2 + 2 * len(budgets) + (len(budgets) if phase1_student is not None else 0) \
+        + (2 * len(budgets) + 1 + len(cfg.eval.spec_lenience) if cfg.eval.baselines else 0)
+    with tqdm(total=n_rows + 1, desc="eval", unit="step", disable=not progress) as bar:
+        ev = _Evaluation(model, test, task, bar=bar)
+        student_row, _ = ev.row("student", lambda: partial(student_alone, model))
+        teacher_row, teacher_outs = ev.row("teacher", lambda: partial(teacher_alone, model))
+        tw = [ev.row("tw", lambda b=b: partial(training_wheels, model, budget=b), b)[0] for b in budgets]
+        capped = [ev.row("tw_hard_cap", lambda b=b: partial(training_wheels, model, budget=b, hard_cap=True), b)[0]
+                  for b in budgets]
+        report: dict[str, Any] = {"n_examples": len(test), "split": split, "task": task, "student_only": student_row,
+                                  "teacher_only": teacher_row, "tw": tw, "tw_hard_cap": capped}
+        if phase1_student is not None:
+            p1 = model.with_student(phase1_student)
+            report["phase1_only"] = [ev.row("phase1", lambda b=b: partial(training_wheels, p1, budget=b), b,
+                                            keep_outputs=False)[0] for b in budgets]
+        report["baselines"] = (baselines(ev, tw, validation, teacher_outs) if cfg.eval.baselines
+                               else {"random": [], "confidence": [], "speculative": None})
+        ev.time()
+    main = "rougeL" if task == "summarization" else "bleu"
+    report["gap_closed"] = gap_closed(tw, student_row[main], teacher_row[main], main)
+    report["signatures"] = signatures(task)
+    report["latency"] = {"batch_size": 1, "examples": min(len(test), cfg.eval.latency_examples),
+                         "repeats": cfg.eval.latency_repeats, "throughput_batch_size": cfg.eval.throughput_batch_size,
+                         "device": str(model.device), "torch_threads": torch.get_num_threads()}
+    return report, ev.records
+
+
+def baselines(ev: _Evaluation, tw: list[dict], validation: Sequence[Example], teacher_outs: Outputs) -> dict:
+    """Random calls and confidence fallback at each ``tw`` row's usage (their rate and threshold calibrated on
+    ``validation``); speculative decoding."""
+    model, cfg = ev.model, ev.model.cfg
+    rand, conf = [], []
+    for k, r in enumerate(tw):
+        b, target, seed = r["budget"], r["usage_mean"], cfg.seed + 7919 * (k + 1)
+        cal = calibrate(lambda rate, b=b, s=seed: random_baseline(model, b, rate, s), validation, target,
+                        cfg.eval.batch_size)
+        row, _ = ev.row("random", lambda b=b, rate=cal.threshold, s=seed: random_baseline(model, b, rate, s), b,
+                        rate=round(cal.threshold, 6), validation_usage=round(cal.usage, 4),
+                        calibration_steps=cal.evaluations, usage_target=target)
+        rand.append(row)
+        cal = calibrate(lambda th, b=b: confidence_baseline(model, b, th), validation, target, cfg.eval.batch_size)
+        row, _ = ev.row("confidence", lambda b=b, th=cal.threshold: confidence_baseline(model, b, th), b,
+                        threshold=round(cal.threshold, 6), validation_usage=round(cal.usage, 4),
+                        calibration_steps=cal.evaluations, usage_target=target)
+        conf.append(row)
+    spec = []
+    for lenience in [None, *cfg.eval.spec_lenience]:  # None: Hugging Face assisted generation
+        if lenience is None:
+            row, outs = ev.row("speculative", lambda: partial(speculative, model), sequential=True,
+                               draft="phase-0 student", implementation="hf_assisted", lossless=True)
+        else:
+            row, outs = ev.row("speculative_lenient", lambda l=lenience: partial(speculative_lenient, model,
+                                                                                 lenience=l),
+                               keep_outputs=False, sequential=True, draft="phase-0 student",
+                               implementation="draft_verify",
+                               lenience=lenience, draft_tokens=cfg.eval.spec_draft_tokens, lossless=lenience == 1.0)
+        row["matches_teacher"] = round(float(np.mean([a == b for a, b in zip(outs.tokens, teacher_outs.tokens)]))
+                                       if outs.tokens else 1.0, 4)
+        spec.append(row)
+    return {"random": rand, "confidence": conf, "speculative": spec}
+
+
+def calibrate(make: Callable[[float], Method], validation: Sequence[Example], target: float, batch_size: int,
+              tol: float = 0.01) -> Calibration:
+    """The knob ``x ∈ [0, 1]`` (a random-call rate, a confidence threshold) at which the method ``make(x)`` has
+    mean usage ``target ± tol`` on ``validation`` (bisection, :func:`tw_rl.baselines.calibrate_threshold`)."""
+    if target > 0 and not validation:
+        raise ValueError("calibrating a baseline to the Training Wheels usage needs validation examples "
+                         "(data.validation_split); or set eval.baselines=false")
+
+    def usage_at(x: float) -> float:
+        outs = run(make(x), validation, batch_size)
+        return float(np.mean([m.sum() / max(1, len(m)) for m in outs.teacher_mask]))
+
+    return calibrate_threshold(usage_at, target, tol)
+
+
+def calibrate_confidence(model: "TrainedModel", validation: Sequence[Example], budget: float, target: float,
+                         tol: float = 0.01) -> Calibration:
+    """The confidence threshold whose mean usage on ``validation`` is ``target ± tol``."""
+    return calibrate(lambda th: confidence_baseline(model, budget, th), validation, target,
+                     model.cfg.eval.batch_size, tol)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def gap_closed(tw_rows: list[dict], student_score: float, teacher_score: float, metric: str = "bleu"
+               ) -> dict[str, float | None]:
+    """``(Q_tw(b) − Q_student) / (Q_teacher − Q_student)`` for every budget, Q = ``metric`` (None when the teacher is
+    not better than the student: there is no gap to close)."""
+    gap = teacher_score - student_score
+    return {f"{r['budget']:g}": round((r[metric] - student_score) / gap, 4) if gap > 0 else None for r in tw_rows}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the report's schema and files
+# ------------------------------------------------------------------------------------------------------------------
+_METRICS = ("bleu", "chrf", "usage_mean", "usage_p95", "calls_per_token", "latency_ms", "throughput_seq_s")
+_ROW = {"type": "object", "required": ["method", *_METRICS],
+        "properties": {"method": {"type": "string"}, "bleu": {"type": "number", "minimum": 0},
+                       "chrf": {"type": "number", "minimum": 0},
+                       **{k: {"type": "number", "minimum": 0, "maximum": 100} for k in ("rouge1", "rouge2", "rougeL")},
+                       "usage_mean": {"type": "number", "minimum": 0, "maximum": 1},
+                       "usage_p95": {"type": "number", "minimum": 0, "maximum": 1},
+                       "calls_per_token": {"type": "number", "minimum": 0},
+                       "latency_ms": {"type": ["number", "null"], "minimum": 0},
+                       "throughput_seq_s": {"type": ["number", "null"], "minimum": 0},
+                       "budget": {"type": "number", "minimum": 0, "maximum": 1}}}
+_BUDGET_ROWS = {"type": "array", "items": {"allOf": [_ROW, {"required": ["budget"]}]}}
+REPORT_SCHEMA = {
+    "type": "object",
+    "required": ["n_examples", "split", "task", "student_only", "teacher_only", "tw", "tw_hard_cap", "baselines",
+                 "gap_closed", "signatures", "latency"],
+    "properties": {
+        "n_examples": {"type": "integer", "minimum": 0}, "split": {"type": "string"},
+        "task": {"enum": ["translation", "summarization"]},
+        "student_only": _ROW, "teacher_only": _ROW, "tw": _BUDGET_ROWS, "tw_hard_cap": _BUDGET_ROWS,
+        "phase1_only": _BUDGET_ROWS,
+        "baselines": {"type": "object", "required": ["random", "confidence", "speculative"], "properties": {
+            "random": {"type": "array", "items": {"allOf": [_ROW, {"required": [
+                "budget", "rate", "validation_usage", "usage_target"]}]}},
+            "confidence": {"type": "array", "items": {"allOf": [_ROW, {"required": [
+                "budget", "threshold", "validation_usage", "usage_target"]}]}},
+            "speculative": {"anyOf": [{"type": "null"}, _ROW, {"type": "array", "items": _ROW}]}}},
+        "gap_closed": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
+        "signatures": {"type": "object", "required": ["bleu", "chrf"],
+                       "additionalProperties": {"type": "string"}},
+        "latency": {"type": "object", "required": ["batch_size", "examples", "repeats", "throughput_batch_size",
+                                                   "device"]},
+    },
+}
+
+
+def validate_report(report: dict) -> None:
+    """Raise ``ValueError`` naming the first place where ``report`` does not follow :data:`REPORT_SCHEMA`."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(report, REPORT_SCHEMA)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise ValueError(f"report.json does not follow the schema at {where}: {e.message}") from None
+
+
+def write_outputs(out_dir: Path, rows: Sequence[dict]) -> Path:
+    path = Path(out_dir) / "outputs.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
 
 
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
+    """``report.json``, ``report.md`` and (when the report has the baselines' schema) ``quality_vs_cost.png``."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    lines = ["# tw-rl report", "", f"Held-out examples: {report.get('n_examples')}; wall time "
-             f"{report.get('wall_time_s', 0):.0f} s.", "",
-             f"Student alone: BLEU {report['student_only']['bleu']}, chrF {report['student_only']['chrf']}. "
-             f"Teacher alone: BLEU {report['teacher_only']['bleu']}, chrF {report['teacher_only']['chrf']}.", "",
-             "| budget | BLEU | chrF | usage mean | usage p95 | calls/token | gap closed | phase-1 BLEU | phase-1 usage |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    (run_dir / "report.md").write_text(markdown(report))
+    if "baselines" in report:
+        plot(report, run_dir / "quality_vs_cost.png")
+    return run_dir / "report.json", run_dir / "report.md"
+
+
+_NAMES = {"student": "student alone", "teacher": "teacher alone", "speculative": "speculative decoding",
+          "speculative_lenient": "speculative decoding",
+          "tw": "**Training Wheels**", "tw_hard_cap": "Training Wheels + hard cap", "random": "random calls",
+          "confidence": "confidence fallback", "phase1": "phase 1 only (no RL)"}
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def markdown(report: dict) -> str:
+    """One table: every method, and per budget Training Wheels and the baselines at the same usage."""
+    rouge_cols = report.get("task") == "summarization"
+    main = "rougeL" if rouge_cols else "bleu"
+    cols = ["method", "budget", "BLEU", "chrF"] + (["R-1", "R-2", "R-L"] if rouge_cols else []) + [
+        "usage mean", "usage p95", "calls/token", "latency ms (bs 1)", "seq/s (bs 32)", "notes"]
+    keys = ["bleu", "chrf"] + (["rouge1", "rouge2", "rougeL"] if rouge_cols else []) + [
+        "usage_mean", "usage_p95", "calls_per_token", "latency_ms", "throughput_seq_s"]
+    lines = ["# tw-rl report", "",
+             f"{report.get('n_examples')} examples of the `{report.get('split', 'test')}` split; greedy decoding. "
+             f"Usage = teacher tokens / output tokens; calls/token = teacher forward passes / output tokens.", ""]
+    if report.get("latency"):
+        lat = report["latency"]
+        cols[-2] = f"seq/s (bs {lat.get('throughput_batch_size', 32)})"
+        lines += [f"Latency: median of {lat.get('examples')} inputs × {lat.get('repeats')} repeats at batch size 1 "
+                  f"on {lat.get('device')}, models loaded beforehand.", ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * 2 + "---:|" * (len(cols) - 3) + "---|"]
+
+    def line(r: dict, note: str = "") -> None:
+        name = _NAMES.get(r.get("method", "tw"), r.get("method", ""))
+        lines.append("| " + " | ".join([name, _fmt(r.get("budget"))] + [_fmt(r.get(k)) for k in keys] + [note])
+                     + " |")
+
+    line(report["student_only"])
+    line(report["teacher_only"])
+    bl = report.get("baselines", {})
+    spec = bl.get("speculative")
+    for s in ([spec] if isinstance(spec, dict) else spec or []):
+        how = (f"draft-and-verify, lenience {s['lenience']:g}, {s.get('draft_tokens')} draft tokens"
+               if "lenience" in s else "Hugging Face assisted generation")
+        line(s, f"{how}; draft: {s.get('draft', '')}; same output as teacher: {s.get('matches_teacher', '–')}")
+    by_budget = {r["budget"]: r for r in bl.get("random", [])}, {r["budget"]: r for r in bl.get("confidence", [])}
+    capped = {r["budget"]: r for r in report.get("tw_hard_cap", [])}
     p1 = {r["budget"]: r for r in report.get("phase1_only", [])}
     for r in report["tw"]:
-        q = p1.get(r["budget"], {})
-        closed = report["gap_closed"].get(f"{r['budget']:g}", "")
-        lines.append(f"| {r['budget']:g} | {r['bleu']} | {r['chrf']} | {r['usage_mean']} | {r['usage_p95']} | "
-                     f"{r['calls_per_token']} | {closed} | "
-                     f"{q.get('bleu', '')} | {q.get('usage_mean', '')} |")
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-    return run_dir / "report.json", run_dir / "report.md"
+        b = r["budget"]
+        closed = report.get("gap_closed", {}).get(f"{b:g}")
+        line(r, f"gap closed {closed:g}" if closed is not None else "")
+        if b in capped:
+            line(capped[b])
+        if b in by_budget[0]:
+            rr = by_budget[0][b]
+            line(rr, f"rate {rr['rate']:.4g} (validation usage {rr['validation_usage']:g})")
+        if b in by_budget[1]:
+            c = by_budget[1][b]
+            line(c, f"threshold {c['threshold']:.4g} (validation usage {c['validation_usage']:g})")
+        if b in p1:
+            line(p1[b])
+    lines.append("")
+    sig = report.get("signatures", {})
+    if sig:
+        lines += ["Signatures: " + "; ".join(f"{k} `{v}`" for k, v in sig.items()), ""]
+    if rouge_cols:
+        lines += [f"Quality column of the plot: {main}.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Quality against teacher calls per token (left) and against latency at batch size 1 (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "rougeL" if report.get("task") == "summarization" else "bleu"
+    label = "ROUGE-L" if metric == "rougeL" else "BLEU"
+    bl = report.get("baselines", {})
+    spec = bl.get("speculative")
+    spec_rows = [spec] if isinstance(spec, dict) else list(spec or [])
+    curves = [("Training Wheels", report["tw"], dict(color="C0", marker="o", lw=2.2)),
+              ("Training Wheels + hard cap", report.get("tw_hard_cap", []), dict(color="C0", marker="o", ls="--",
+                                                                                 mfc="white", alpha=0.7)),
+              ("random calls (same usage)", bl.get("random", []), dict(color="C3", marker="x", ls=":")),
+              ("confidence fallback (same usage)", bl.get("confidence", []), dict(color="C2", marker="^", ls="-."))]
+    points = [("student alone", report["student_only"], dict(color="k", marker="s")),
+              ("teacher alone", report["teacher_only"], dict(color="k", marker="*", ms=14))]
+    points += [("speculative decoding (HF assisted, lossless)", s, dict(color="C1", marker="D", ms=9))
+               for s in spec_rows if "lenience" not in s]
+    lenient = [s for s in spec_rows if "lenience" in s]
+    curves.append(("speculative draft-and-verify (lenience)", lenient, dict(color="C1", marker="d", ls="--")))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, x, xlabel in ((axes[0], "calls_per_token", "teacher calls (forward passes) per output token"),
+                          (axes[1], "latency_ms", "latency per sequence, batch size 1 (ms)")):
+        for name, rows, style in curves:
+            rows = [r for r in rows if r.get(x) is not None]
+            if x == "latency_ms":  # latency need not be monotone in the budget: points (labelled) only
+                style = dict(style, ls="none")
+            if rows:
+                ax.plot([r[x] for r in rows], [r[metric] for r in rows], label=name, **style)
+        for key, rows, color in (("b", report["tw"], "C0"), ("l", lenient, "C1")):
+            for r in rows:
+                if r.get(x) is not None:
+                    v = r["budget" if key == "b" else "lenience"]
+                    ax.annotate(f"{key}={v:g}", (r[x], r[metric]), textcoords="offset points", xytext=(4, 5),
+                                fontsize=8, color=color)
+        for name, r, style in points:
+            if r.get(x) is not None:
+                ax.plot([r[x]], [r[metric]], ls="none", label=name, **style)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"{label} vs teacher cost")
+    axes[1].set_title(f"{label} vs latency")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
+    fig.suptitle(f"quality vs cost — {report.get('n_examples')} examples of the {report.get('split', 'test')} split")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

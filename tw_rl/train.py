@@ -24,7 +24,7 @@ from tw_rl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save
 from tw_rl.config import Config, save_config, to_yaml
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
-from tw_rl.evaluate import evaluate_plain, gap_closed, sweep, write_report
+from tw_rl.evaluate import evaluate, write_outputs, write_report
 from tw_rl.examples import make_examples, pad_batch
 from tw_rl.metrics import MetricsLogger, Timer
 from tw_rl.models.factory import load_seq2seq
@@ -247,17 +247,17 @@ def restore(path: Path, learner, multipliers: BudgetMultipliers, rng: np.random.
 
 # ------------------------------------------------------------------------------------------------------------------
 def evaluate_run(run: Run, student: Student, phase1_student: Student) -> dict:
-    """Greedy decoding of the held-out split at every budget; student alone and teacher alone."""
-    cfg, tok = run.cfg, run.tokenizer
-    base, _ = load_seq2seq(run.base_student_dir)
-    args = dict(tokenizer=tok, max_len=run.max_len, eos_id=run.eos_id, batch_size=cfg.eval.batch_size,
-                hard_cap=cfg.eval.hard_cap)
-    report = {"n_examples": len(run.test),
-              "student_only": evaluate_plain(base.eval(), run.test, tok, run.max_len, cfg.eval.batch_size),
-              "teacher_only": evaluate_plain(run.teacher.model, run.test, tok, run.max_len, cfg.eval.batch_size),
-              "tw": sweep(student, run.teacher, run.test, cfg.budgets, **args),
-              "phase1_only": sweep(phase1_student, run.teacher, run.test, cfg.budgets, **args)}
-    report["gap_closed"] = gap_closed(report["tw"], report["student_only"]["bleu"], report["teacher_only"]["bleu"])
+    """Training Wheels at every budget (with and without the hard cap), the phase-1 student, student alone,
+    teacher alone and the baselines of SPEC §7 on the held-out split; writes ``outputs.jsonl``."""
+    from tw_rl.api import TrainedModel
+
+    cfg = run.cfg
+    model = TrainedModel(cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir)
+    validation = (model.load_examples(cfg.data.validation_split, cfg.eval.max_examples) if cfg.eval.baselines
+                  else [])
+    report, outputs = evaluate(model, run.test, validation, phase1_student=phase1_student,
+                               split=cfg.data.test_split)
+    write_outputs(run.dir, outputs)
     return report
 
 

@@ -1,0 +1,367 @@
+"""Evaluation against the baselines, the report files, `tw-rl eval`/`tw-rl generate` and the Python API, on a tiny
+trained run (the driver end to end, as in test_train, with a teacher trained enough to write non-trivial outputs)."""
+
+import copy
+import json
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_train import TINY
+from tw_rl.config import load_config
+
+torch.set_num_threads(1)
+
+EVAL_TINY = TINY + [
+    "data.embedded.n_train=1000", "pretrain.teacher_epochs=4", "pretrain.student_epochs=2",  # outputs with content
+    "rl.iterations=1", "eval.latency_examples=2", "eval.latency_repeats=1", "eval.throughput_batch_size=4",
+    "eval.spec_lenience=[1.0,0.2]", "data.embedded.n_validation=48",  # calibration: usage moves in small steps
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tw_rl.api import load
+    from tw_rl.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    report = train(load_config(None, EVAL_TINY + [f"out_dir={out}"]))
+    model = load(out)
+    test = model.load_examples(model.cfg.data.test_split, model.cfg.eval.max_examples)
+    validation = model.load_examples(model.cfg.data.validation_split)
+    return {"dir": out, "report": report, "model": model, "test": test, "validation": validation}
+
+
+def fresh_student(model, seed=0):
+    """The run with a freshly initialised student: a tiny trained one may write one token again and again, so that
+    many steps share one state and one confidence (usage then jumps past a target at a single threshold)."""
+    from transformers import T5ForConditionalGeneration
+
+    from tw_rl.models.student import Student
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = T5ForConditionalGeneration(model.student.model.config).eval()
+    return model.with_student(Student(fresh, model.student.tau_id))
+
+
+def calling_student(model, examples, budget):
+    """The run's student made to call the teacher wherever it would write its most frequent token: its ``<τ>``
+    output row becomes 1.05 × that token's row (so ``<τ>`` wins exactly where the token would)."""
+    out = model.decode(examples, budget)
+    tokens = np.concatenate([out.tokens[i, :n] for i, n in enumerate(out.lengths)])
+    frequent = int(np.bincount(tokens).argmax())
+    student = copy.deepcopy(model.student)
+    with torch.no_grad():
+        w = student.model.get_output_embeddings().weight
+        w[student.tau_id] = 1.05 * w[frequent]
+    return model.with_student(student)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def test_report_schema_and_files(run):
+    from tw_rl.evaluate import REPORT_SCHEMA, validate_report
+
+    out, report, cfg = run["dir"], run["report"], run["model"].cfg
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report
+    validate_report(report)
+    assert [r["budget"] for r in report["tw"]] == [r["budget"] for r in report["tw_hard_cap"]] == cfg.budgets
+    assert report["teacher_only"]["usage_mean"] == report["teacher_only"]["calls_per_token"] == 1.0
+    assert report["student_only"]["calls_per_token"] == report["tw"][0]["usage_mean"] == 0.0
+    for row in report["baselines"]["random"] + report["baselines"]["confidence"]:
+        tw = next(r for r in report["tw"] if r["budget"] == row["budget"])
+        assert row["usage_target"] == tw["usage_mean"]
+    spec, lossless, lossy = report["baselines"]["speculative"]
+    assert spec["implementation"] == "hf_assisted" and [lossless["lenience"], lossy["lenience"]] == [1.0, 0.2]
+    for s in (spec, lossless):
+        assert s["matches_teacher"] == 1.0 and s["bleu"] == report["teacher_only"]["bleu"] and s["usage_mean"] == 1
+        assert 0 < s["calls_per_token"] <= 1.0
+    assert lossy["calls_per_token"] <= lossless["calls_per_token"] and lossy["usage_mean"] <= 1.0
+    assert all(r["latency_ms"] > 0 and r["throughput_seq_s"] > 0 for r in report["tw"] + [spec, lossy])
+    assert report["signatures"]["bleu"].startswith("nrefs:1|") and "version:" in report["signatures"]["chrf"]
+
+    md = (out / "report.md").read_text()
+    assert md.startswith("# tw-rl report") and report["signatures"]["bleu"] in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 5 + len(cfg.budgets) * 5  # header; student, teacher, 3 speculative; 5 per budget
+    png = (out / "quality_vs_cost.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+    lines = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    methods = {(r["method"], r["budget"]) for r in lines}
+    assert {("student", None), ("teacher", None), ("speculative", None)} | {
+        (m, b) for m in ("tw", "tw_hard_cap", "random", "confidence") for b in cfg.budgets} == methods
+    assert len(lines) == len(methods) * report["n_examples"]
+    for r in lines:
+        assert set(r) >= {"source", "reference", "output", "tokens", "teacher_tokens"}
+        assert all(0 <= j < len(r["tokens"]) for j in r["teacher_tokens"])
+        if r["method"] == "teacher":
+            assert r["teacher_tokens"] == list(range(len(r["tokens"])))
+
+    broken = json.loads(json.dumps(report))
+    del broken["baselines"]["confidence"][1]["threshold"]
+    with pytest.raises(ValueError, match="baselines/confidence/1"):
+        validate_report(broken)
+    broken = dict(report, tw=[dict(report["tw"][0], usage_mean=1.5)])
+    with pytest.raises(ValueError, match="tw/0/usage_mean"):
+        validate_report(broken)
+    assert "baselines" in REPORT_SCHEMA["required"]
+
+
+def test_speculative_decoding_reproduces_teacher_greedy(run):
+    from tw_rl.baselines import speculative_generate, speculative_greedy
+
+    model, test = run["model"], run["test"]
+    teacher = model.teacher
+    alone = teacher.generate([e.teacher_src for e in test], model.max_len, model.eos_id)
+    assert np.mean([len(t) for t in alone]) > 3  # the check is about real outputs, not an immediate EOS
+    for e, ref in zip(test, alone):
+        toks, n = speculative_generate(teacher.model, model.base_student, e.teacher_src, model.max_len, model.eos_id)
+        assert toks == ref and 1 <= n <= len(ref)
+    # the counter counts verification rounds, not tokens: a draft that agrees with the teacher (the teacher itself),
+    # drafting 10 tokens per round whatever its confidence, needs about one teacher pass per 11 tokens (not exactly:
+    # some of Hugging Face's rounds come out short, the draft-and-verify loop below is exact)
+    draft = copy.deepcopy(teacher.model)
+    draft.generation_config.num_assistant_tokens = 10
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    rounds, tokens = 0, 0
+    for e, ref in zip(test[:4], alone):
+        toks, n = speculative_generate(teacher.model, draft, e.teacher_src, model.max_len, model.eos_id)
+        assert toks == ref and math.ceil(len(ref) / 11) <= n
+        rounds, tokens = rounds + n, tokens + len(ref)
+    assert rounds <= tokens / 3, (rounds, tokens)
+
+    # the draft-and-verify loop: lossless at lenience 1 (with either draft), one pass per k + 1 tokens when the
+    # draft always agrees; a lenient target accepts more draft tokens: fewer passes, not all tokens its own
+    lossless_passes, lossy_passes = [], []
+    for e, ref in zip(test, alone):
+        s = speculative_greedy(teacher.model, model.base_student, e.teacher_src, model.max_len, model.eos_id,
+                               model.start_id, draft_tokens=4)
+        assert s.tokens == ref and all(s.from_teacher) and 1 <= s.teacher_passes <= len(ref)
+        lossless_passes.append(s.teacher_passes / len(ref))
+        s = speculative_greedy(teacher.model, draft, e.teacher_src, model.max_len, model.eos_id, model.start_id,
+                               draft_tokens=4)
+        assert s.tokens == ref and s.teacher_passes == math.ceil(len(ref) / 5)
+        lossy = speculative_greedy(teacher.model, model.base_student, e.teacher_src, model.max_len, model.eos_id,
+                                   model.start_id, draft_tokens=4, lenience=0.01)
+        assert len(lossy.from_teacher) == len(lossy.tokens) and lossy.teacher_passes <= len(lossy.tokens)
+        lossy_passes.append(lossy.teacher_passes / len(lossy.tokens))
+        if not all(lossy.from_teacher):  # the first draft token the teacher would not have chosen changes the output
+            assert lossy.tokens != ref
+    assert np.mean(lossy_passes) < np.mean(lossless_passes)
+
+
+def test_confidence_calibration_hits_target_usage_on_validation(run):
+    from tw_rl.evaluate import calibrate_confidence, confidence_baseline, run as run_method
+
+    model, validation = fresh_student(run["model"]), run["validation"]
+    for target in (0.1, 0.35):
+        cal = calibrate_confidence(model, validation, 0.2, target)
+        assert abs(cal.usage - target) <= 0.01, cal.trace
+        outs = run_method(confidence_baseline(model, 0.2, cal.threshold), validation, 16)
+        assert abs(np.mean([m.sum() / len(m) for m in outs.teacher_mask]) - cal.usage) < 1e-9  # what it reports
+
+
+def test_calibrate_threshold_bisection():
+    from tw_rl.baselines import calibrate_threshold
+
+    cal = calibrate_threshold(lambda th: math.floor(th * 200) / 200, 0.37, tol=0.01)
+    assert abs(cal.usage - 0.37) <= 0.01 and cal.evaluations <= 10
+    cal = calibrate_threshold(lambda th: 0.0 if th < 0.3 else 0.5, 0.2, max_iter=8)  # no threshold gives 0.2:
+    assert cal.usage == 0.0 and cal.evaluations == 8  # the closest one seen is returned after max_iter
+    assert calibrate_threshold(lambda th: 1 / 0, 0.0).threshold == 0.0  # usage 0: never call, nothing decoded
+    with pytest.raises(ValueError, match="target usage"):
+        calibrate_threshold(lambda th: th, 1.5)
+
+
+def test_random_calls_rate_and_seed(run):
+    from tw_rl.evaluate import random_baseline, run as run_method
+
+    model, validation = run["model"], run["validation"]
+    outs = run_method(random_baseline(model, 0.2, 0.3, seed=5), validation, 16)
+    calls = np.concatenate(outs.teacher_mask)
+    assert abs(calls.mean() - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(calls))
+    again = run_method(random_baseline(model, 0.2, 0.3, seed=5), validation, 16)
+    assert all(np.array_equal(a, b) for a, b in zip(outs.teacher_mask, again.teacher_mask))
+
+
+def test_generate_marks_teacher_tokens(run):
+    from tw_rl.api import BRACKETS
+    from tw_rl.decoding import decode
+    from tw_rl.examples import pad_batch
+
+    model = calling_student(fresh_student(run["model"]), run["validation"], 0.5)
+    texts = [e.text for e in run["test"][:6]]
+    gens = model.generate(texts, budget=0.5)
+    examples, _ = model.examples(texts, [0.5])
+    ids, mask = pad_batch([e.student_src[0.5] for e in examples], model.pad_id)
+    ref = decode(model.student, ids, mask, max_len=model.max_len, eos_id=model.eos_id, teacher=model.teacher,
+                 teacher_src=[e.teacher_src for e in examples], start_id=model.start_id, pad_id=model.pad_id)
+    n_teacher = 0
+    for k, g in enumerate(gens):
+        n = int(ref.lengths[k])
+        assert g.token_ids == ref.tokens[k, :n].tolist()
+        assert g.from_teacher == ref.teacher_mask[k, :n].tolist()
+        assert g.text == model.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+        assert "".join(g.pieces).strip() == g.text
+        text, inside = unmark(g.marked(), BRACKETS)  # every visible character marked iff its token is the teacher's
+        assert text == g.text
+        joined = "".join(g.pieces)
+        owner = [i for i, p in enumerate(g.pieces) for _ in p][len(joined) - len(joined.lstrip()):]
+        assert [f for f, c in zip(inside, text) if not c.isspace()] == \
+            [g.from_teacher[i] for i, c in zip(owner, text) if not c.isspace()]
+        n_teacher += g.teacher_calls
+    assert 0 < n_teacher < sum(len(g.token_ids) for g in gens)  # mixed provenance: the test can fail
+
+
+def unmark(marked: str, marks: tuple[str, str]) -> tuple[str, list[bool]]:
+    """The text without marks, and for each of its characters whether it was inside marks."""
+    text, inside, flag, i = [], [], False, 0
+    while i < len(marked):
+        for k, mark in enumerate(marks):
+            if marked.startswith(mark, i):
+                assert flag == bool(k), f"unbalanced marks in {marked!r}"
+                flag, i = not flag, i + len(mark)
+                break
+        else:
+            text.append(marked[i])
+            inside.append(flag)
+            i += 1
+    assert not flag
+    return "".join(text), inside
+
+
+def test_cli_generate_prints_marked_output(run, capsys, monkeypatch):
+    import io
+
+    from tw_rl.cli import main
+
+    model, texts = run["model"], [e.text for e in run["test"][:3]]
+    expected = [g.marked() for g in model.generate(texts, budget=0.2)]
+    assert main(["generate", "--run", str(run["dir"]), "--budget", "0.2", "--mark", "brackets", *texts]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts) + "\n"))
+    assert main(["generate", "--run", str(run["dir"]), "--budget", "0.2", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["marked"] for r in rows] == expected and all(len(r["tokens"]) == len(r["from_teacher"]) for r in rows)
+
+
+def test_bad_inputs_give_clear_errors(run, capsys, monkeypatch):
+    from tw_rl.api import InputError
+    from tw_rl.cli import main
+
+    model = run["model"]
+    ok = run["test"][0].text
+    for budget, words in ((1.5, "outside [0, 1]"), (-0.1, "outside [0, 1]"), (float("nan"), "outside [0, 1]"),
+                          (0.3, "was not trained"), ("a lot", "not a number")):
+        with pytest.raises(InputError, match=re.escape(words)) as e:
+            model.generate([ok], budget=budget)
+        assert "[0.0, 0.2, 0.5]" in str(e.value)
+    long_text = " ".join([ok] * 20)
+    decoded = []
+    monkeypatch.setattr(model, "decode", lambda *a, **k: decoded.append(1))
+    with pytest.raises(InputError) as e:  # every bad input named, nothing decoded
+        model.generate([ok, "", "   ", long_text, 3], budget=0.2)
+    msg = str(e.value)
+    assert not decoded
+    assert "4 bad input(s) of 5" in msg and "input 1: the text is empty" in msg and "input 2" in msg
+    assert "input 3:" in msg and f"max_src_tokens={model.max_src_tokens}" in msg and "truncate=True" in msg
+    assert "input 4: expected a string" in msg
+    monkeypatch.undo()
+    [g] = model.generate([long_text], budget=0.2, truncate=True)
+    assert g.truncated and long_text.startswith(g.source) and len(g.source) < len(long_text)
+    examples, _ = model.examples([g.source], [0.2])
+    assert len(examples[0].student_src[0.2]) <= model.max_src_tokens
+    assert not model.generate([ok], budget=0.2, truncate=True)[0].truncated
+
+    assert main(["generate", "--run", str(run["dir"]), "--budget", "2", ok]) == 2
+    assert "outside [0, 1]" in capsys.readouterr().err
+    assert main(["generate", "--run", str(run["dir"]), ""]) == 2
+    assert "input 0: the text is empty" in capsys.readouterr().err
+    assert main(["eval"]) == 2 and "--run DIR is required" in capsys.readouterr().err
+    assert main(["eval", "--run", str(run["dir"] / "nope")]) == 2
+    assert "not a tw-rl run directory" in capsys.readouterr().err
+
+
+def test_latency_excludes_model_loading(run, monkeypatch):
+    """Slow model loading (a sleep injected into every loader) shows in load time, never in latency."""
+    import tw_rl.api as api
+    import tw_rl.models.factory as factory
+    from tw_rl.evaluate import evaluate, latency_ms
+    from tw_rl.models.student import Student
+
+    sleep = 0.5
+    slow_seq2seq, slow_student = factory.load_seq2seq, Student.load.__func__
+
+    def load_seq2seq(*a, **k):
+        time.sleep(sleep)
+        return slow_seq2seq(*a, **k)
+
+    def student_load(cls, *a, **k):
+        time.sleep(sleep)
+        return slow_student(cls, *a, **k)
+
+    monkeypatch.setattr(factory, "load_seq2seq", load_seq2seq)
+    monkeypatch.setattr(Student, "load", classmethod(student_load))
+    t0 = time.perf_counter()
+    model = api.load(run["dir"], overrides=["eval.baselines=false", "eval.latency_examples=1"])
+    assert time.perf_counter() - t0 >= 2 * sleep  # student and teacher; the phase-0 student loads on first use
+    report, _ = evaluate(model, run["test"][:4], progress=False)
+    rows = [report["student_only"], report["teacher_only"], *report["tw"], *report["tw_hard_cap"]]
+    assert all(0 < r["latency_ms"] < 1000 * sleep for r in rows), [r["latency_ms"] for r in rows]
+
+    # and the measurement itself: a method that takes 20 ms per call is measured at ~20 ms
+    ms = latency_ms(lambda: lambda ex: time.sleep(0.02), run["model"], run["test"][:3], repeats=2)
+    assert 19 <= ms < 60
+
+
+def test_cli_eval_on_other_data(run, tmp_path):
+    """`tw-rl eval` on data the run never saw (split files), a subset of budgets, written to --out."""
+    from tw_rl.cli import main
+    from tw_rl.evaluate import validate_report
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, examples in (("test", run["test"][:5]), ("validation", run["validation"][:6])):
+        (data / f"{split}.de").write_text("".join(e.text + "\n" for e in examples))
+        (data / f"{split}.en").write_text("".join(e.reference + "\n" for e in examples))
+    out = tmp_path / "out"
+    assert main(["eval", "--run", str(run["dir"]), "--data", str(data), "--budgets", "0", "0.2", "--out", str(out),
+                 "eval.latency_examples=1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert report["n_examples"] == 5 and [r["budget"] for r in report["tw"]] == [0.0, 0.2]
+    assert [r["budget"] for r in report["phase1_only"]] == [0.0, 0.2]  # as in the driver's report
+    assert (out / "quality_vs_cost.png").is_file()
+    sources = {json.loads(line)["source"] for line in (out / "outputs.jsonl").read_text().splitlines()}
+    assert sources == {e.text for e in run["test"][:5]}
+
+
+def test_rouge_for_summarization():
+    from tw_rl.evaluate import quality, resolve_task
+
+    q = quality(["the cat sat on the mat"], ["the cat sat on a mat"], task="summarization")
+    assert set(q) == {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} and 0 < q["rouge2"] < q["rouge1"] < 100
+    assert resolve_task(load_config(None, ["data.kind=hf", "data.hf_name=EdinburghNLP/xsum"])) == "summarization"
+    assert resolve_task(load_config(None, ["data.kind=hf", "data.hf_name=wmt19"])) == "translation"
+    assert resolve_task(load_config(None, ["eval.task=summarization"])) == "summarization"
+
+
+def test_import_stays_light():
+    import subprocess
+    import sys
+
+    import tw_rl
+    import tw_rl.api
+
+    code = "import sys, tw_rl; print(sorted(m for m in ('torch', 'transformers', 'tw_rl.api') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+    assert tw_rl.load is tw_rl.api.load and "load" in dir(tw_rl)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tw_rl.nope

@@ -1,0 +1,297 @@
+"""Using a trained run from Python: ``tw_rl.load(run_dir).generate(texts, budget=0.2)``.
+
+>>> model = tw_rl.load("runs/demo")
+>>> [g] = model.generate(["Ein Satz."], budget=0.2)
+>>> g.text, g.marked(), g.from_teacher          # marked(): teacher tokens in ⟦…⟧
+
+Inputs are checked before anything is decoded, so a bad input never stops a batch half-way: every problem of
+every input is reported in one :class:`InputError` (a ``ValueError``).
+
+- **Budget**: a number in ``[0, 1]`` from the run's trained grid (``model.budgets``). **[choice]** Other budgets
+  are refused rather than written into the prompt: the student was trained to obey only the grid's prompts.
+- **Empty input** (empty or only whitespace) is an error.
+- **Length**: the student's input (budget prompt + text, with EOS) must fit ``data.max_src_tokens``, the limit the
+  run was trained with. Longer inputs are an error unless ``truncate=True``, which keeps the longest prefix of
+  the text's tokens that fits (``Generation.truncated`` says which inputs were cut, ``Generation.source`` what
+  the models read). Outputs are at most ``data.max_tgt_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from envs.token_mdp import Example
+from tw_rl.config import Config, budget_prompt, load_config
+from tw_rl.data import Pair
+from tw_rl.decoding import Decoded, TauRule, decode
+from tw_rl.examples import make_examples, pad_batch
+from tw_rl.models.student import Student
+from tw_rl.teacher import Teacher
+
+BRACKETS = ("⟦", "⟧")  # marks teacher tokens in plain text
+ANSI_UNDERLINE = ("\x1b[4m", "\x1b[24m")  # marks teacher tokens on a terminal
+
+
+class InputError(ValueError):
+    """Bad inputs to :meth:`TrainedModel.generate`; the message lists every bad input by index."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One output with per-token provenance.
+
+    ``token_ids`` is ``X_out`` (EOS included when produced); ``pieces[i]`` is the text token ``i`` adds to
+    ``text`` ("" for special tokens); ``from_teacher[i]`` is true when the teacher produced token ``i``
+    (a ``<τ>`` call).
+    """
+
+    text: str
+    token_ids: list[int]
+    pieces: list[str]
+    from_teacher: list[bool]
+    budget: float
+    source: str
+    truncated: bool = False
+
+    @property
+    def teacher_calls(self) -> int:
+        return int(sum(self.from_teacher))
+
+    @property
+    def usage(self) -> float:
+        """Teacher calls / output tokens (SPEC §5)."""
+        return self.teacher_calls / max(1, len(self.token_ids))
+
+    def marked(self, marks: tuple[str, str] = BRACKETS) -> str:
+        """``text`` with the teacher's tokens wrapped in ``marks``; spaces stay outside, and teacher tokens that
+        touch (pieces of one word) share one pair of marks: ``fator ⟦nin⟧ pes⟦zi⟧``, ``⟦panlur⟧ses``."""
+        out = []
+        for piece, teacher in zip(self.pieces, self.from_teacher):
+            m = re.fullmatch(r"(\s*)(.*?)(\s*)", piece, flags=re.S)
+            out.append(f"{m[1]}{marks[0]}{m[2]}{marks[1]}{m[3]}" if teacher and m[2] else piece)
+        return "".join(out).strip().replace(marks[1] + marks[0], "")
+
+
+class TrainedModel:
+    """A trained student, its teacher and (loaded on first use) the phase-0 student, with the run's config.
+
+    Built by :func:`load` from a run directory, or by the driver from the models it holds in memory.
+    """
+
+    def __init__(self, cfg: Config, tokenizer, student: Student, teacher: Teacher,
+                 base_student_dir: str | Path | None = None, base_student: torch.nn.Module | None = None,
+                 device: str | torch.device = "cpu"):
+        self.cfg, self.tokenizer, self.teacher = cfg, tokenizer, teacher
+        self.device = torch.device(device)
+        self.student = student.to(self.device).eval()
+        self._base, self._base_dir = base_student, base_student_dir
+
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def budgets(self) -> list[float]:
+        return list(self.cfg.budgets)
+
+    @property
+    def max_len(self) -> int:
+        return self.cfg.data.max_tgt_tokens
+
+    @property
+    def max_src_tokens(self) -> int:
+        return self.cfg.data.max_src_tokens
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def start_id(self) -> int:
+        return self.teacher.start_id
+
+    @property
+    def base_student(self) -> torch.nn.Module:
+        """The phase-0 student (student alone; speculative decoding's draft), loaded on first use."""
+        if self._base is None:
+            if self._base_dir is None:
+                raise ValueError("this TrainedModel has no phase-0 student (base_student_dir was not given)")
+            from tw_rl.models.factory import load_seq2seq
+
+            self._base = load_seq2seq(str(self._base_dir), trust_remote_code=self.cfg.student.trust_remote_code)[0]
+        return self._base.to(self.device).eval()
+
+    def with_student(self, student: Student) -> "TrainedModel":
+        """The same teacher and run with another student (e.g. the phase-1 one)."""
+        other = copy.copy(self)
+        other.student = student.to(self.device).eval()
+        return other
+
+    # ----------------------------------------------------------------------------------------------------------
+    def check_budget(self, budget: float) -> float:
+        """The grid's value for ``budget``; :class:`InputError` naming the grid otherwise."""
+        try:
+            b = float(budget)
+        except (TypeError, ValueError):
+            raise InputError(f"budget={budget!r} is not a number; available budgets: {self.budgets}") from None
+        if not (0.0 <= b <= 1.0):  # also NaN
+            raise InputError(f"budget={budget!r} is outside [0, 1]; available budgets: {self.budgets}")
+        for g in self.budgets:
+            if abs(g - b) < 1e-9:
+                return g
+        raise InputError(f"budget={budget!r} was not trained; available budgets: {self.budgets} (the student "
+                         f"obeys only the budgets of its training grid)")
+
+    def examples(self, texts: Sequence[str], budgets: Sequence[float] | None = None, truncate: bool = False,
+                 references: Sequence[str] | None = None) -> tuple[list[Example], list[bool]]:
+        """Check and tokenize ``texts`` for every budget (default: the grid). Returns the examples and which inputs
+        were truncated. Raises :class:`InputError` listing every bad input; nothing is decoded here."""
+        budgets = list(self.budgets if budgets is None else budgets)
+        problems, sources, cut = [], [], []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                problems.append(f"input {i}: expected a string, got {type(text).__name__}")
+            elif not text.strip():
+                problems.append(f"input {i}: the text is empty")
+            else:
+                fitted, problem = self._fit(text, budgets, truncate)
+                if problem:
+                    problems.append(f"input {i}: {problem}")
+                else:
+                    sources.append(fitted)
+                    cut.append(fitted != text)
+        if problems:
+            raise InputError(f"{len(problems)} bad input(s) of {len(texts)}, nothing was generated:\n  "
+                             + "\n  ".join(problems))
+        refs = list(references) if references is not None else [""] * len(sources)
+        pairs = [Pair(s, r) for s, r in zip(sources, refs)]
+        return make_examples(pairs, self.tokenizer, budgets, self.cfg.budget_prompt), cut
+
+    def _fit(self, text: str, budgets: Sequence[float], truncate: bool) -> tuple[str, str]:
+        """``(text, "")`` if its longest budget-prompted form fits; ``(its longest fitting prefix, "")`` when
+        ``truncate``; ``("", what is wrong)`` otherwise."""
+        limit = self.max_src_tokens
+
+        def length(t: str) -> int:
+            return max(len(self.tokenizer(budget_prompt(self.cfg.budget_prompt, b) + t)["input_ids"])
+                       for b in budgets)
+
+        n = length(text)
+        if n <= limit:
+            return text, ""
+        if not truncate:
+            return "", (f"{n} tokens with the budget prompt, over the model's limit data.max_src_tokens={limit}; "
+                        f"shorten it or pass truncate=True (tw-rl generate --truncate) to keep the first tokens")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        k = len(ids) - (n - limit)
+        while k > 0:
+            cut = self.tokenizer.decode(ids[:k], skip_special_tokens=True).strip()
+            if cut and length(cut) <= limit:
+                return cut, ""
+            k -= 1
+        return "", f"the budget prompt alone fills the model's limit data.max_src_tokens={limit}"
+
+    def load_examples(self, split: str, limit: int | None = None) -> list[Example]:
+        """A split of the configured data source (``cfg.data``), length-checked as in training."""
+        from tw_rl.data import load_split
+        from tw_rl.data.validate import check_token_lengths
+
+        pairs = load_split(self.cfg.data, split)[:limit]
+        prompt_len = max(len(self.tokenizer(budget_prompt(self.cfg.budget_prompt, b), add_special_tokens=False)
+                             ["input_ids"]) for b in self.budgets)
+        pairs = check_token_lengths(pairs, self.tokenizer, self.max_src_tokens - prompt_len, self.max_len,
+                                    self.cfg.data.on_error)
+        return make_examples(pairs, self.tokenizer, self.budgets, self.cfg.budget_prompt)
+
+    # ----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, examples: Sequence[Example], budget: float, hard_cap: bool = False,
+               rule: TauRule | None = None) -> Decoded:
+        """Greedy decoding of one batch by the student at ``budget``. With ``rule`` the student's own ``<τ>`` is
+        masked and only the rule calls the teacher (baselines); ``budget = 0`` never calls otherwise. The hard
+        cap forbids ``<τ>`` once a row's calls reach ``ceil(b · max_len)`` (SPEC §5)."""
+        ids, mask = pad_batch([e.student_src[budget] for e in examples], self.pad_id)
+        cap = (torch.full((len(examples),), math.ceil(budget * self.max_len), device=self.device)
+               if hard_cap else None)
+        return decode(self.student, ids.to(self.device), mask.to(self.device), max_len=self.max_len,
+                      eos_id=self.eos_id, teacher=self.teacher, teacher_src=[e.teacher_src for e in examples],
+                      start_id=self.start_id, pad_id=self.pad_id, allow_tau=budget > 0 and rule is None,
+                      call_cap=cap, tau_rule=rule)
+
+    def generate(self, texts: Sequence[str] | str, budget: float = 0.2, hard_cap: bool | None = None,
+                 truncate: bool = False, batch_size: int | None = None) -> list[Generation]:
+        """Translate (or summarise) ``texts`` with the student calling the teacher within ``budget``.
+
+        ``hard_cap=None`` takes the run's ``eval.hard_cap``. A single string is one input. Raises
+        :class:`InputError` (every bad input listed) before decoding anything.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        b = self.check_budget(budget)
+        examples, cut = self.examples(texts, [b], truncate=truncate)
+        hard_cap = self.cfg.eval.hard_cap if hard_cap is None else hard_cap
+        bs = batch_size or self.cfg.eval.batch_size
+        out: list[Generation] = []
+        for i in range(0, len(examples), bs):
+            chunk = examples[i:i + bs]
+            dec = self.decode(chunk, b, hard_cap=hard_cap)
+            for k, e in enumerate(chunk):
+                n = int(dec.lengths[k])
+                out.append(self.generation(dec.tokens[k, :n].tolist(), dec.teacher_mask[k, :n], b, e.text,
+                                           cut[i + k]))
+        return out
+
+    def generation(self, token_ids: Sequence[int], teacher_mask: Sequence[bool], budget: float, source: str,
+                   truncated: bool = False) -> Generation:
+        ids = [int(t) for t in token_ids]
+        return Generation(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids,
+                          pieces=token_pieces(self.tokenizer, ids), from_teacher=[bool(m) for m in teacher_mask],
+                          budget=budget, source=source, truncated=truncated)
+
+
+def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text each token adds when ``ids`` is decoded left to right (special tokens add "")."""
+    pieces, prev = [], ""
+    for i in range(len(ids)):
+        cur = tokenizer.decode(list(ids[:i + 1]), skip_special_tokens=True)
+        if cur.startswith(prev):
+            pieces.append(cur[len(prev):])
+        else:  # a decoder that rewrites earlier text (rare): fall back to the token alone
+            pieces.append(tokenizer.decode([ids[i]], skip_special_tokens=True))
+        prev = cur
+    return pieces
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def student_dir(run_dir: Path) -> Path:
+    """``models/final`` (after phase 2), else ``models/phase1``."""
+    for name in ("final", "phase1"):
+        if (run_dir / "models" / name / "tw_student.json").is_file():
+            return run_dir / "models" / name
+    raise FileNotFoundError(f"{run_dir} has no trained student (models/final or models/phase1 with "
+                            f"tw_student.json): train it first (tw-rl train / tw-rl demo)")
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()) -> TrainedModel:
+    """Load a run written by ``tw-rl train``/``tw-rl demo``: its config (``config.yaml``, with ``overrides`` such
+    as ``eval.batch_size=64``), trained student, teacher and tokenizer. Models are put on ``device``."""
+    from tw_rl.models.factory import load_seq2seq
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a tw-rl run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml", list(overrides))
+    teacher_dir = cfg.teacher.name_or_path or run / "models" / "teacher"
+    base_dir = cfg.student.name_or_path or run / "models" / "student"
+    student, _ = Student.load(student_dir(run), trust_remote_code=cfg.student.trust_remote_code)
+    model, tok = load_seq2seq(str(teacher_dir), trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher = Teacher(model, vocab_size=len(tok), pad_id=tok.pad_token_id,
+                      start_id=model.config.decoder_start_token_id, device=device)
+    return TrainedModel(cfg, tok, student, teacher, base_student_dir=base_dir, device=device)
