@@ -40,11 +40,18 @@ def param(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = 
 class EmbeddedTaskConfig:
     """The offline, seeded translation-like task (``tw_rl/data/embedded.py``)."""
 
-    n_common: int = param(300, "number of common source words (one target token each)", ge=10)
-    n_rare: int = param(3000, "number of rare source words (Zipf-distributed; spelled as several target pieces)",
-                        ge=10)
-    rare_prob: float = param(0.3, "probability that a content slot is filled by a rare word", ge=0.0, le=1.0)
-    zipf_a: float = param(1.1, "Zipf exponent of the rare-word frequencies", gt=0.0)
+    n_common: int = param(300, "common words (determiners and prepositions included); short, one token each",
+                          ge=10)
+    n_rare: int = param(2000, "rare content words (nouns, adjectives, verbs); spelled as several target pieces",
+                        ge=0)
+    zipf_a: float = param(1.0, "Zipf exponent of word frequencies inside each word class (common words ranked "
+                               "first); a smaller exponent gives more rare words", ge=0.0)
+    rare_syllables: int = param(3, "syllables of a rare word (source and target)", ge=2)
+    n_determiners: int = param(6, "determiners (part of n_common)", ge=1)
+    n_prepositions: int = param(12, "prepositions (part of n_common)", ge=1)
+    p_adjective: float = param(0.5, "probability that a noun phrase has an adjective", ge=0.0, le=1.0)
+    p_object: float = param(0.7, "probability that a sentence has an object noun phrase", ge=0.0, le=1.0)
+    p_pp: float = param(0.5, "probability that a sentence ends with a prepositional phrase", ge=0.0, le=1.0)
     n_train: int = param(20000, "training pairs", ge=1)
     n_validation: int = param(500, "validation pairs", ge=1)
     n_test: int = param(500, "test pairs", ge=1)
@@ -67,8 +74,8 @@ class DataConfig:
     hf_name: Optional[str] = param(None, "Hugging Face dataset name (kind=hf), e.g. wmt19 or xsum")
     hf_config: Optional[str] = param(None, "Hugging Face dataset config, e.g. de-en")
     max_examples: Optional[int] = param(None, "keep the first N pairs of every split (None: all)", ge=1)
-    max_src_tokens: int = param(64, "longest source in tokens; longer examples are errors (or skipped)", ge=4)
-    max_tgt_tokens: int = param(48, "longest target in tokens, and the episode length limit", ge=2)
+    max_src_tokens: int = param(40, "longest source in tokens; longer examples are errors (or skipped)", ge=4)
+    max_tgt_tokens: int = param(32, "longest target in tokens, and the episode length limit", ge=2)
     on_error: str = param("raise", "bad examples: raise an error naming file and line, or skip and count them",
                           choices=["raise", "skip"])
     embedded: EmbeddedTaskConfig = param(factory=EmbeddedTaskConfig, help="the embedded task")
@@ -104,8 +111,8 @@ class TeacherConfig:
 
     name_or_path: Optional[str] = param(None, "hub name or local directory; None: train one in phase 0")
     trust_remote_code: bool = param(False, "allow custom model code from the hub (off unless you trust it)")
-    arch: ArchConfig = param(factory=lambda: ArchConfig(d_model=256, d_ff=1024, d_kv=32, num_heads=8,
-                                                        num_layers=3, num_decoder_layers=3),
+    arch: ArchConfig = param(factory=lambda: ArchConfig(d_model=128, d_ff=512, d_kv=32, num_heads=4,
+                                                        num_layers=2, num_decoder_layers=2),
                              help="size when trained from scratch")
     num_replicas: int = param(1, "teacher server replicas (Ray actors)", ge=1)
     num_cpus: float = param(1.0, "CPUs per teacher replica", ge=0.0)
@@ -121,7 +128,7 @@ class StudentConfig:
     name_or_path: Optional[str] = param(None, "hub name or local directory; None: train one in phase 0")
     trust_remote_code: bool = param(False, "allow custom model code from the hub (off unless you trust it)")
     arch: ArchConfig = param(factory=lambda: ArchConfig(d_model=32, d_ff=64, d_kv=16, num_heads=2,
-                                                        num_layers=1, num_decoder_layers=1),
+                                                        num_layers=2, num_decoder_layers=2),
                              help="size when trained from scratch")
     use_delta: bool = param(True, "add the learnable offset δ to teacher-provided tokens in the decoder input")
 
@@ -134,12 +141,20 @@ class PretrainConfig:
     """Phase 0: supervised training of teacher and student from scratch (SPEC §6)."""
 
     enabled: bool = param(True, "run phase 0 when a model is not given")
-    teacher_epochs: float = param(4.0, "passes over the training split for the teacher", gt=0.0)
+    teacher_epochs: float = param(3.0, "passes over the training split for the teacher", gt=0.0)
     student_epochs: float = param(4.0, "passes over the training split for the student", gt=0.0)
-    batch_size: int = param(64, "pairs per step", ge=1)
-    lr: float = param(2e-2, "peak learning rate (AdamW with per-tensor scaled steps)", gt=0.0)
+    batch_size: int = param(32, "pairs per step", ge=1)
+    lr: float = param(3e-2, "peak learning rate (AdamW with per-tensor scaled steps, 'AdamWScale')", gt=0.0)
     warmup_steps: int = param(100, "linear warm-up steps", ge=0)
+    final_lr_fraction: float = param(0.05, "cosine decay after warm-up ends at this fraction of the peak lr",
+                                     ge=0.0, le=1.0)
+    weight_decay: float = param(0.0, "decoupled weight decay", ge=0.0)
+    grad_clip: float = param(1.0, "gradient norm clip (0: off)", ge=0.0)
     time_limit_s: Optional[float] = param(None, "stop a model's training after this many seconds", gt=0.0)
+    num_threads: Optional[int] = param(1, "torch threads while phase 0 trains and evaluates (None: the run's "
+                                          "num_threads). 1: on a 2-core machine shared with other work, 2 threads "
+                                          "slowed training 2-50x; alone on the machine 2 threads are ~1.6x faster",
+                                       ge=1)
 
 
 @dataclass
@@ -147,6 +162,8 @@ class Phase1Config:
     """Phase 1: behaviour cloning on KL-oracle traces (SPEC §6)."""
 
     enabled: bool = param(True, "run phase 1")
+    num_examples: Optional[int] = param(4000, "training inputs used by phases 1 and 2 (None: the whole split)",
+                                        ge=1)
     epochs: float = param(2.0, "passes over the training split (one random budget per example and pass)", gt=0.0)
     batch_size: int = param(64, "examples per step", ge=1)
     lr: float = param(3e-3, "learning rate", gt=0.0)
@@ -191,7 +208,23 @@ class EvalConfig:
 
     max_examples: Optional[int] = param(None, "evaluate the first N held-out pairs (None: all)", ge=1)
     batch_size: int = param(128, "sequences decoded together", ge=1)
-    hard_cap: bool = param(False, "forbid <τ> once calls reach ceil(b·max_len) (SPEC §5)")
+    hard_cap: bool = param(False, "tw-rl generate's default: forbid <τ> once calls reach ceil(b·max_len) (SPEC §5); "
+                                  "evaluation reports both, with and without the cap")
+    baselines: bool = param(True, "also evaluate random calls, confidence fallback (calibrated on the validation "
+                                  "split) and speculative decoding (SPEC §7)")
+    latency_examples: int = param(8, "inputs timed one at a time (batch size 1) for every row; 0: no latency or "
+                                     "throughput", ge=0)
+    latency_repeats: int = param(3, "timed repeats of each input (latency is the median) and of the throughput batch",
+                                 ge=1)
+    throughput_batch_size: int = param(32, "batch size of the throughput measurement (sequences/s)", ge=1)
+    spec_lenience: list[float] = param(factory=lambda: [1.0, 0.5, 0.2, 0.1],
+                                       help="lenience of the draft-and-verify speculative decoding curve (1: lossless; "
+                                            "smaller: lossy, as in DistillSpec); []: Hugging Face assisted generation "
+                                            "only", gt=0.0, le=1.0)
+    spec_draft_tokens: int = param(5, "tokens the draft proposes per round in draft-and-verify decoding", ge=1)
+    task: str = param("auto", "metrics: translation (BLEU, chrF) or summarization (also ROUGE-1/2/L); auto: "
+                              "summarization when data.hf_name names a summarization set (xsum, cnn_dailymail, "
+                              "samsum, ...)", choices=["auto", "translation", "summarization"])
 
 
 @dataclass

@@ -1,0 +1,471 @@
+"""Phase 0: supervised training of teacher and student from scratch (SPEC §6), cached in the run directory.
+
+``pretrain(cfg, run_dir)``
+
+1. loads the training and held-out splits (``tw_rl.data.load_split``);
+2. trains the shared tokenizer on the training split (or loads ``tokenizer.path``, or a given model's tokenizer)
+   and saves it under ``run_dir/tokenizer``;
+3. trains the teacher and the student (those without ``name_or_path``) by cross-entropy on the plain sources —
+   no budget prompt, no ``<τ>``; later phases add those;
+4. saves each under ``run_dir/models/{teacher,student}`` (Hugging Face format, safetensors) with a ``done.json``
+   marker holding the training statistics and a fingerprint of the settings that produced it, so a second call
+   with the same settings reuses the models;
+5. evaluates both on the held-out split (greedy decoding, sacrebleu corpus BLEU) and, on the embedded task,
+   where the errors sit (teacher-forced token accuracy on rare-word pieces vs the other tokens);
+6. writes the summary to ``run_dir/pretrain.json`` and returns it.
+
+Training is tuned for a few CPU cores: pairs are pre-tokenized once, batches are bucketed by length, the output
+projection and the cross-entropy are computed only at non-padding target positions, and the optimizer is AdamW
+with per-tensor scaled steps ("AdamWScale" of nanoT5), which learns far faster than plain AdamW from T5's
+initialisation. Phase 0 runs with ``pretrain.num_threads`` torch threads (see its help) and restores
+``num_threads`` afterwards. ``tokens_per_s`` in the summary counts non-padding source and target tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from tw_rl.config import Config, ConfigError, budget_prompt
+from tw_rl.data import DataError, Pair, load_split
+from tw_rl.models.factory import build_t5, check_shared_vocab, count_parameters, load_seq2seq, load_tokenizer, \
+    save_seq2seq
+from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer
+
+ROLES = ("teacher", "student")
+_SEED_OFFSET = {"teacher": 1, "student": 2}  # teacher and student get different initialisations and data orders
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizer
+# ----------------------------------------------------------------------------------------------------------------
+class AdamWScale(torch.optim.Optimizer):
+    """AdamW whose step for each tensor is scaled by that tensor's RMS (at least 1e-3), as in Adafactor.
+
+    From nanoT5 (Nawrot 2023). Weight decay is decoupled and not scaled.
+    """
+
+    def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1.0 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                t = state["step"]
+                step = group["lr"] * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+                step *= max(1e-3, float(p.pow(2).mean().sqrt()))
+                p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step)
+                if group["weight_decay"] > 0.0:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        return None
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``final_frac · peak`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Encoded:
+    """Tokenized pairs (each list ends with eos)."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+    origins: list[str]
+
+
+def encode_pairs(pairs: list[Pair], tok: PreTrainedTokenizerBase, max_src: int, max_tgt: int,
+                 on_error: str = "raise") -> Encoded:
+    """Tokenize ``pairs`` (eos included); a pair longer than ``max_src``/``max_tgt`` tokens raises a
+    :class:`DataError` naming its origin (``on_error="raise"``) or is left out (``"skip"``)."""
+    src = tok([p.source for p in pairs], add_special_tokens=True)["input_ids"]
+    tgt = tok([p.target for p in pairs], add_special_tokens=True)["input_ids"]
+    out = Encoded([], [], [])
+    for p, s, t in zip(pairs, src, tgt):
+        if len(s) > max_src or len(t) > max_tgt:
+            if on_error == "raise":
+                raise DataError(f"{p.origin or 'pair'}: source has {len(s)} tokens (max {max_src}, the budget "
+                                f"prompt's room taken off data.max_src_tokens), target has {len(t)} (max {max_tgt}); "
+                                f"raise data.max_src_tokens / data.max_tgt_tokens or set data.on_error=skip")
+            continue
+        out.src.append(s)
+        out.tgt.append(t)
+        out.origins.append(p.origin)
+    return out
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    n = max(len(r) for r in rows)
+    return torch.tensor([r + [pad_id] * (n - len(r)) for r in rows], dtype=torch.long)
+
+
+def length_bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, bucket: int = 50
+                            ) -> list[list[int]]:
+    """One epoch of index batches: shuffle, sort windows of ``bucket`` batches by length, shuffle the batches."""
+    idx = list(range(len(enc.src)))
+    rng.shuffle(idx)
+    batches: list[list[int]] = []
+    window = batch_size * bucket
+    for w in range(0, len(idx), window):
+        chunk = sorted(idx[w:w + window], key=lambda i: (len(enc.tgt[i]), len(enc.src[i])))
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(enc: Encoded, batch: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """``(input_ids, attention_mask, decoder_input_ids, labels, label_mask)``; decoder input = labels shifted right
+    behind the decoder start (= pad) token."""
+    src = _pad([enc.src[i] for i in batch], pad_id)
+    labels = _pad([enc.tgt[i] for i in batch], pad_id)
+    label_mask = torch.zeros_like(labels, dtype=torch.bool)
+    for row, i in enumerate(batch):
+        label_mask[row, :len(enc.tgt[i])] = True
+    dec_in = torch.full_like(labels, pad_id)
+    dec_in[:, 1:] = labels[:, :-1]
+    return src, src != pad_id, dec_in, labels, label_mask
+
+
+def masked_logits(model, input_ids, attention_mask, decoder_input_ids, label_mask) -> torch.Tensor:
+    """``[N, V]`` logits at the ``N`` True positions of ``label_mask`` only (the output projection is the costliest
+    part of a small model; padding positions are skipped). Same numbers as ``model(...).logits[label_mask]``."""
+    enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    dec = model.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
+                        encoder_attention_mask=attention_mask, use_cache=False).last_hidden_state
+    h = dec[label_mask]
+    if getattr(model.config, "scale_decoder_outputs", True):
+        h = h * (model.config.d_model ** -0.5)
+    return model.lm_head(h)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------------
+def train_seq2seq(model, enc: Encoded, epochs: float, cfg: Config, seed: int, desc: str) -> dict[str, Any]:
+    """Cross-entropy training of ``model`` on ``enc`` for ``epochs`` passes (or until ``pretrain.time_limit_s``)."""
+    p = cfg.pretrain
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    steps_per_epoch = math.ceil(len(enc.src) / p.batch_size)
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    opt = AdamWScale(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    model.train()
+    pad = model.config.pad_token_id
+    n_tokens = n_tgt_tokens = 0
+    ema_loss: Optional[float] = None
+    batches: list[list[int]] = []
+    t0 = time.perf_counter()
+    step = 0
+    stopped_by_time = False
+    with tqdm(total=total, desc=f"phase 0: {desc}", unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
+        while step < total:
+            if not batches:
+                batches = length_bucketed_batches(enc, p.batch_size, rng)
+            src, src_mask, dec_in, labels, label_mask = collate(enc, batches.pop(), pad)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, p.lr, p.warmup_steps, p.final_lr_fraction)
+            logits = masked_logits(model, src, src_mask, dec_in, label_mask)
+            loss = F.cross_entropy(logits, labels[label_mask])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            opt.step()
+            step += 1
+            n_tgt_tokens += int(label_mask.sum())
+            n_tokens += int(src_mask.sum()) + int(label_mask.sum())
+            lv = loss.item()
+            ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
+            bar.update(1)
+            if step % 20 == 0 or step == total:
+                el = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{ema_loss:.3f}", tok_s=f"{n_tokens / el:.0f}")
+            if p.time_limit_s is not None and time.perf_counter() - t0 > p.time_limit_s:
+                stopped_by_time = True
+                break
+    elapsed = time.perf_counter() - t0
+    model.eval()
+    return {"steps": step, "planned_steps": total, "epochs": step / steps_per_epoch, "train_time_s": elapsed,
+            "tokens_per_s": n_tokens / elapsed, "target_tokens_per_s": n_tgt_tokens / elapsed,
+            "final_loss": ema_loss, "stopped_by_time_limit": stopped_by_time}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_translate(model, tok: PreTrainedTokenizerBase, sources: list[str], max_new_tokens: int,
+                     batch_size: int) -> list[str]:
+    """Greedy decoding with the KV cache, batched by source length; outputs in input order."""
+    model.eval()
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    out: list[str] = [""] * len(sources)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        batch = tok([sources[i] for i in idx], return_tensors="pt", padding=True)
+        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        for i, text in zip(idx, tok.batch_decode(gen, skip_special_tokens=True)):
+            out[i] = text.strip()
+    return out
+
+
+@torch.no_grad()
+def token_accuracy_by_class(model, tok: PreTrainedTokenizerBase, pairs: list[Pair], rare_targets: set[str],
+                            batch_size: int) -> dict[str, float]:
+    """Teacher-forced argmax accuracy on target tokens, split into rare-word pieces and all other tokens (eos too).
+
+    Also the share of rare target words whose every piece is right, and the share of target tokens that are
+    rare-word pieces.
+    """
+    model.eval()
+    pad = tok.pad_token_id
+    hits = {"rare": 0, "other": 0}
+    counts = {"rare": 0, "other": 0}
+    words_ok = words = 0
+    for b in range(0, len(pairs), batch_size):
+        chunk = pairs[b:b + batch_size]
+        src_enc = tok([p.source for p in chunk])
+        tgt_enc = tok([p.target for p in chunk])
+        labels_rows, rare_rows, word_rows = [], [], []
+        for row, p in enumerate(chunk):
+            ids = tgt_enc["input_ids"][row]
+            wids = tgt_enc.word_ids(row)
+            words_of = p.target.split()
+            rare_rows.append([w is not None and words_of[w] in rare_targets for w in wids])
+            word_rows.append(wids)
+            labels_rows.append(ids)
+        src = _pad(src_enc["input_ids"], pad)
+        labels = _pad(labels_rows, pad)
+        label_mask = torch.zeros_like(labels, dtype=torch.bool)
+        for row, ids in enumerate(labels_rows):
+            label_mask[row, :len(ids)] = True
+        dec_in = torch.full_like(labels, pad)
+        dec_in[:, 1:] = labels[:, :-1]
+        logits = model(input_ids=src, attention_mask=src != pad, decoder_input_ids=dec_in, use_cache=False).logits
+        correct = (logits.argmax(-1) == labels).tolist()
+        for row, ids in enumerate(labels_rows):
+            word_ok: dict[int, bool] = {}
+            for t in range(len(ids)):
+                cls = "rare" if rare_rows[row][t] else "other"
+                counts[cls] += 1
+                hits[cls] += correct[row][t]
+                if cls == "rare":
+                    w = word_rows[row][t]
+                    word_ok[w] = word_ok.get(w, True) and bool(correct[row][t])
+            words += len(word_ok)
+            words_ok += sum(word_ok.values())
+    total = counts["rare"] + counts["other"]
+    return {"rare_piece_accuracy": hits["rare"] / max(1, counts["rare"]),
+            "other_token_accuracy": hits["other"] / max(1, counts["other"]),
+            "rare_word_accuracy": words_ok / max(1, words),
+            "rare_piece_share": counts["rare"] / max(1, total)}
+
+
+def evaluate_pair_bleu(model, tok, pairs: list[Pair], cfg: Config) -> dict[str, Any]:
+    """Greedy outputs scored against the references: sacrebleu corpus BLEU and chrF, exact matches, 3 samples."""
+    t0 = time.perf_counter()
+    hyps = greedy_translate(model, tok, [p.source for p in pairs], cfg.data.max_tgt_tokens, cfg.eval.batch_size)
+    elapsed = time.perf_counter() - t0
+    refs = [p.target for p in pairs]
+    return {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score, "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+            "exact_match": sum(h == r for h, r in zip(hyps, refs)) / max(1, len(refs)), "eval_time_s": elapsed,
+            "examples": len(pairs), "sample": [{"source": p.source, "reference": p.target, "output": h}
+                                               for p, h in zip(pairs[:3], hyps[:3])]}
+
+
+def evaluate_model(model, tok: PreTrainedTokenizerBase, test: list[Pair], cfg: Config) -> dict[str, Any]:
+    """``{"eval": BLEU etc.}`` and, on the embedded task, ``{"error_locations": ...}`` (teacher-forced accuracy on
+    rare-word pieces vs the other tokens)."""
+    out: dict[str, Any] = {"eval": evaluate_pair_bleu(model, tok, test, cfg)}
+    rare = _rare_targets(cfg)
+    if rare is not None:
+        out["error_locations"] = token_accuracy_by_class(model, tok, test, rare, cfg.eval.batch_size)
+    return out
+
+
+def _rare_targets(cfg: Config) -> Optional[set[str]]:
+    if cfg.data.kind != "embedded":
+        return None
+    from tw_rl.data.embedded import EmbeddedTask
+
+    return {w.target for ws in EmbeddedTask(cfg.data.embedded).lexicon.values() for w in ws if w.rare}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# caching
+# ----------------------------------------------------------------------------------------------------------------
+def _fingerprint(*parts: Any) -> str:
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _train_data_settings(cfg: Config) -> dict:
+    """The data settings that decide which training pairs there are (not the token limits)."""
+    d = dataclasses.asdict(cfg.data)
+    for k in ("test_split", "validation_split", "max_src_tokens", "max_tgt_tokens", "on_error"):
+        d.pop(k)
+    return d
+
+
+def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTrainedTokenizerBase, str]:
+    """The shared tokenizer: ``tokenizer.path``, else a given model's tokenizer, else one trained on ``train``.
+    Saved under ``run_dir/tokenizer`` and reused when its fingerprint matches."""
+    given = cfg.tokenizer.path or cfg.teacher.name_or_path or cfg.student.name_or_path
+    fp = _fingerprint("tokenizer", cfg.tokenizer, given, _train_data_settings(cfg), cfg.budget_prompt)
+    tdir = run_dir / "tokenizer"
+    marker = _read_json(tdir / "done.json")
+    if marker is not None and marker.get("fingerprint") == fp:
+        return load_tokenizer(str(tdir)), fp
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+    elif cfg.teacher.name_or_path:
+        tok = load_tokenizer(cfg.teacher.name_or_path, trust_remote_code=cfg.teacher.trust_remote_code)
+    elif cfg.student.name_or_path:
+        tok = load_tokenizer(cfg.student.name_or_path, trust_remote_code=cfg.student.trust_remote_code)
+    else:
+        texts = [p.source for p in train] + [p.target for p in train]
+        tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, extra_texts=budget_prompt_texts(cfg.budget_prompt))
+    if tdir.exists():
+        shutil.rmtree(tdir)
+    tok.save_pretrained(str(tdir))
+    _write_json(tdir / "done.json", {"fingerprint": fp, "vocab_size": len(tok)})
+    return load_tokenizer(str(tdir)), fp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# phase 0
+# ----------------------------------------------------------------------------------------------------------------
+def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenizerBase, tok_fp: str,
+                  longest_prompt: int, training_data: Callable[[], Encoded]) -> tuple[Any, dict[str, Any], str]:
+    """``(model, stats, model_id)`` of ``role``: the given model, the cached one, or one trained now and saved."""
+    mcfg = getattr(cfg, role)
+    if mcfg.name_or_path:
+        model, mtok = load_seq2seq(mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code)
+        check_shared_vocab(tok, mtok)
+        return model, {"source": mcfg.name_or_path, "trained": False, "params": count_parameters(model)}, \
+            mcfg.name_or_path
+    mdir = run_dir / "models" / role
+    epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
+    seed = cfg.seed * 1000 + _SEED_OFFSET[role]
+    fp = _fingerprint(role, tok_fp, mcfg.arch, cfg.pretrain, epochs, seed, cfg.data.max_src_tokens,
+                      cfg.data.max_tgt_tokens, cfg.data.on_error, longest_prompt)
+    marker = _read_json(mdir / "done.json")
+    if marker is not None and marker.get("fingerprint") == fp:
+        model, _ = load_seq2seq(str(mdir))
+        return model, dict(marker["stats"], cached=True, dir=str(mdir)), fp
+    if not cfg.pretrain.enabled:
+        raise ConfigError(f"{role}.name_or_path is not set and pretrain.enabled=false: give a model "
+                          f"({role}.name_or_path=DIR) or enable phase 0")
+    model = build_t5(mcfg.arch, tok, seed)
+    stats = train_seq2seq(model, training_data(), epochs, cfg, seed, role)
+    stats.update(trained=True, params=count_parameters(model), arch=dataclasses.asdict(mcfg.arch))
+    if mdir.exists():
+        shutil.rmtree(mdir)
+    save_seq2seq(model, tok, mdir)
+    _write_json(mdir / "done.json", {"fingerprint": fp, "stats": stats})  # written last: the model is complete
+    return model, dict(stats, cached=False, dir=str(mdir)), fp
+
+
+def pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Phase 0 (see the module docstring). Returns the summary also written to ``run_dir/pretrain.json``."""
+    torch.set_num_threads(cfg.pretrain.num_threads or cfg.num_threads)
+    try:
+        return _pretrain(cfg, Path(run_dir))
+    finally:
+        torch.set_num_threads(cfg.num_threads)  # what the rest of the run uses
+
+
+def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    train = load_split(cfg.data, cfg.data.train_split)
+    test = load_split(cfg.data, cfg.data.test_split)
+    if cfg.eval.max_examples is not None:
+        test = test[:cfg.eval.max_examples]
+    tok, tok_fp = _tokenizer(cfg, train, run_dir)
+    longest_prompt = max(len(tok(budget_prompt(cfg.budget_prompt, b), add_special_tokens=False)["input_ids"])
+                         for b in cfg.budgets)
+
+    summary: dict[str, Any] = {"tokenizer_dir": str(run_dir / "tokenizer"), "vocab_size": len(tok),
+                               "longest_budget_prompt_tokens": longest_prompt, "train_pairs": len(train),
+                               "test_split": cfg.data.test_split, "test_pairs": len(test)}
+    encoded: list[Encoded] = []  # tokenized once, and only when a model is trained
+
+    def training_data() -> Encoded:
+        if not encoded:
+            # later phases prepend the budget prompt to the student's source: leave room for it
+            encoded.append(encode_pairs(train, tok, cfg.data.max_src_tokens - longest_prompt,
+                                        cfg.data.max_tgt_tokens, cfg.data.on_error))
+        return encoded[0]
+
+    models, model_ids = {}, []
+    for role in ROLES:
+        models[role], summary[role], model_id = _phase0_model(cfg, role, run_dir, tok, tok_fp, longest_prompt,
+                                                              training_data)
+        model_ids.append(model_id)
+
+    eval_fp = _fingerprint("eval", model_ids, _train_data_settings(cfg), cfg.data.test_split, cfg.eval.max_examples,
+                           cfg.data.max_tgt_tokens)
+    old = _read_json(run_dir / "pretrain.json")
+    if old is not None and old.get("eval_fingerprint") == eval_fp:
+        for role in ROLES:
+            summary[role].update({k: old[role][k] for k in ("eval", "error_locations") if k in old[role]})
+    else:
+        for role in ROLES:
+            summary[role].update(evaluate_model(models[role], tok, test, cfg))
+    summary["eval_fingerprint"] = eval_fp
+    summary["param_ratio"] = summary["teacher"]["params"] / summary["student"]["params"]
+    summary["bleu_gap"] = summary["teacher"]["eval"]["bleu"] - summary["student"]["eval"]["bleu"]
+    summary["train_time_s_total"] = sum(summary[r].get("train_time_s", 0.0) for r in ROLES
+                                        if summary[r].get("trained"))
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    _write_json(run_dir / "pretrain.json", summary)
+    return summary
