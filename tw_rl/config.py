@@ -237,7 +237,9 @@ class Config:
     budgets: list[float] = param(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                                  help="teacher budgets trained and evaluated", ge=0.0, le=1.0)
     budget_prompt: str = param("teacher budget {pct}%: ", "prefix of the student's input; {pct} = 100·b")
-    num_threads: int = param(2, "torch threads in the driver process", ge=1)
+    num_threads: int = param(1, "torch threads in the driver process (phases 1, 2 and evaluation). 1 by default: "
+                                "during phase 2 the Ray teacher and rollout actors share the cores, and an "
+                                "oversubscribed torch thread pool runs small models many times slower", ge=1)
     checkpoint_every: int = param(10, "phase-2 iterations between checkpoints", ge=1)
     tensorboard: bool = param(True, "write TensorBoard event files next to metrics.jsonl")
     data: DataConfig = param(factory=DataConfig, help="data")
