@@ -164,7 +164,7 @@ class Phase1Config:
     enabled: bool = param(True, "run phase 1")
     num_examples: Optional[int] = param(4000, "training inputs used by phases 1 and 2 (None: the whole split)",
                                         ge=1)
-    epochs: float = param(2.0, "passes over the training split (one random budget per example and pass)", gt=0.0)
+    epochs: float = param(8.0, "passes over the training inputs (one random budget per example and pass)", gt=0.0)
     batch_size: int = param(64, "examples per step", ge=1)
     lr: float = param(3e-3, "learning rate", gt=0.0)
     distill_weight: float = param(1.0, "weight of token-level distillation on unmarked positions", ge=0.0)
@@ -186,10 +186,10 @@ class RLConfig:
     """Phase 2: PCL with budget multipliers (SPEC §4, §5)."""
 
     enabled: bool = param(True, "run phase 2")
-    iterations: int = param(30, "sample → score → buffer → update → sync iterations", ge=0)
+    iterations: int = param(12, "sample → score → buffer → update → sync iterations", ge=0)
     updates_per_iteration: int = param(4, "learner steps per iteration", ge=1)
     batch_size: int = param(64, "episodes per learner step", ge=1)
-    lr: float = param(1e-3, "learning rate", gt=0.0)
+    lr: float = param(3e-5, "learning rate (higher rates undo phase 1: see docs/results.md)", gt=0.0)
     alpha: float = param(1.0, "entropy temperature α", gt=0.0)
     gamma: float = param(1.0, "discount γ", gt=0.0, le=1.0)
     window: int = param(8, "multi-step window d (0: to the end of the sequence)", ge=0)
@@ -197,7 +197,7 @@ class RLConfig:
     target_update_rate: float = param(0.05, "Polyak rate of the target copy", gt=0.0, le=1.0)
     replay_capacity: int = param(4096, "on-policy episodes kept (demonstrations are never evicted)", ge=1)
     on_policy_fraction: float = param(0.5, "fraction of each batch drawn from on-policy episodes", ge=0.0, le=1.0)
-    lambda_lr: float = param(2.0, "dual ascent step η_λ", ge=0.0)
+    lambda_lr: float = param(0.5, "dual ascent step η_λ", ge=0.0)
     lambda_init: float = param(0.0, "initial multipliers", ge=0.0)
     grad_clip: float = param(1.0, "gradient norm clip", gt=0.0)
 

@@ -104,7 +104,7 @@ def bc_loss(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, tea
     logp = torch.log_softmax(logits.float(), dim=-1)
     n = mask.sum().clamp(min=1)
     ce = -(logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1) * mask).sum() / n
-    loss, stats = ce, {"loss/bc_ce": float(ce)}
+    loss, stats = ce, {"loss/bc_ce": float(ce.detach())}
     if teacher_logp is not None and distill_weight > 0:
         V = teacher_logp.shape[-1]
         unmarked = mask & ~teacher_mask
