@@ -6,12 +6,18 @@
    Runs alternate between the two; the median of ``--repeats`` runs is reported.
 2. Seconds per ``Teacher.next_tokens`` call for batch sizes 1, 8, 64: cold (encoder states computed) and warm
    (encoder states from the teacher's cache, as for every ``<τ>`` after the first of a source).
+3. Latency of Training Wheels at batch size 1: ms per sequence of ``decode`` with ``<τ>`` forced at every 5th
+   step (usage 0.2), the teacher answering incrementally (per-sequence KV cache, the default) or batched over the
+   full prefix (``incremental_max_rows=0``, the path before the KV cache), against teacher-alone
+   ``Teacher.generate`` and the student alone (``<τ>`` masked); all produce exactly ``new_tokens`` tokens.
+   Caches are cleared before every sequence. For the default teacher and a larger one (d 256, 3+3 layers).
+4. The crossover of the two ``next_tokens`` paths: ms per call for ``b`` rows that each add 5 tokens between calls.
 
 Models are T5s built from the ``ArchConfig`` defaults (student, teacher and the plain ``ArchConfig()``) with a
 vocabulary of 1000 (+ ``<τ>`` for the student), randomly initialised: speed does not depend on training.
 The last line printed is JSON with ``ratio_vs_generate`` (default student: decode tokens/s ÷ generate tokens/s).
 
-    .venv/bin/python bench/rollout.py [--threads 1] [--batch 64] [--new-tokens 48] [--repeats 5]
+    .venv/bin/python bench/rollout.py [--threads 1] [--batch 64] [--new-tokens 48] [--repeats 5] [--only teacher]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from tw_rl.models.student import Student  # noqa: E402
 from tw_rl.teacher import Teacher  # noqa: E402
 
 VOCAB, PAD, EOS = 1000, 0, 1
+LARGE_TEACHER = ArchConfig(d_model=256, d_ff=1024, d_kv=32, num_heads=8, num_layers=3, num_decoder_layers=3)
 
 
 def build(arch: ArchConfig, vocab: int, seed: int = 0) -> T5ForConditionalGeneration:
@@ -106,7 +113,8 @@ def bench_decode(arch: ArchConfig, batch: int, new_tokens: int, src_len: int, re
 @torch.no_grad()
 def bench_teacher(arch: ArchConfig, src_len: int, prefix_len: int, repeats: int,
                   batch_sizes=(1, 8, 64)) -> dict:
-    teacher = Teacher(build(arch, VOCAB, seed=1), vocab_size=VOCAB)
+    # the batched path (what large requests get); repeating a call would be free on the incremental one
+    teacher = Teacher(build(arch, VOCAB, seed=1), vocab_size=VOCAB, incremental_max_rows=0)
     g = torch.Generator().manual_seed(1)
     out = {"params": sum(p.numel() for p in teacher.model.parameters()), "d_model": arch.d_model,
            "prefix_len": prefix_len, "src_len": src_len}
@@ -117,7 +125,7 @@ def bench_teacher(arch: ArchConfig, src_len: int, prefix_len: int, repeats: int,
         teacher.next_tokens(src, prefixes)  # warm-up
         cold, warm = [], []
         for _ in range(repeats):
-            teacher._enc_cache.clear()  # cold: the encoder runs for every source of the call
+            teacher.clear_cache()  # cold: the encoder runs for every source of the call
             cold.append(timed(lambda: teacher.next_tokens(src, prefixes))[0])
             warm.append(timed(lambda: teacher.next_tokens(src, prefixes))[0])  # encoder states cached
         c, w = statistics.median(cold), statistics.median(warm)
@@ -136,6 +144,82 @@ def bench_teacher(arch: ArchConfig, src_len: int, prefix_len: int, repeats: int,
     return out
 
 
+@torch.no_grad()
+def bench_latency(teacher_arch: ArchConfig, student_arch: ArchConfig, new_tokens: int, src_len: int, repeats: int,
+                  n_sources: int = 8, every: int = 5) -> dict:
+    """ms per sequence at batch size 1: TW at usage 1/every (incremental and batched teacher) vs teacher alone."""
+    model = build(teacher_arch, VOCAB, seed=1)
+    model.generation_config.min_new_tokens = new_tokens  # teacher alone: exactly new_tokens tokens, as decode
+    teachers = {"incremental": Teacher(model, vocab_size=VOCAB), "batched": Teacher(model, vocab_size=VOCAB,
+                                                                                    incremental_max_rows=0)}
+    student = Student(build(student_arch, VOCAB + 1), tau_id=VOCAB).eval()
+    ids, mask = sources(n_sources, src_len, seed=5)
+    rule = lambda t, logits, calls: torch.full((logits.shape[0],), t % every == every // 2)  # noqa: E731
+
+    def tw(teacher, i):
+        return decode(student, ids[i:i + 1], mask[i:i + 1], max_len=new_tokens, eos_id=-1, teacher=teacher,
+                      teacher_src=[ids[i][mask[i]].tolist()], allow_tau=False, tau_rule=rule)
+
+    def alone(i):
+        return teachers["incremental"].generate([ids[i][mask[i]].tolist()], new_tokens, eos_id=-1)
+
+    def student_alone(i):  # the floor: the student's own 48 decoder steps, no teacher
+        return decode(student, ids[i:i + 1], mask[i:i + 1], max_len=new_tokens, eos_id=-1, allow_tau=False)
+
+    jobs = {f"tw_{name}": (lambda i, t=t: tw(t, i)) for name, t in teachers.items()}
+    jobs["teacher_alone"], jobs["student_alone"] = alone, student_alone
+    for job in jobs.values():
+        job(0)  # warm-up
+    ref = tw(teachers["batched"], 0).tokens
+    assert (tw(teachers["incremental"], 0).tokens == ref).all(), "incremental and batched teachers disagree"
+    assert ref.shape == (1, new_tokens) and len(alone(0)[0]) == new_tokens
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    for _ in range(repeats):  # rounds: a burst of load elsewhere falls on all jobs alike
+        for name, job in jobs.items():
+            for i in range(n_sources):
+                for t in teachers.values():
+                    t.clear_cache()
+                times[name].append(timed(lambda: job(i))[0])
+    out = {k: round(1e3 * statistics.median(v), 2) for k, v in times.items()}
+    calls = sum(1 for t in range(new_tokens) if t % every == every // 2)
+    out.update(calls_per_sequence=calls, new_tokens=new_tokens,
+               incremental_over_alone=round(out["tw_incremental"] / out["teacher_alone"], 3),
+               batched_over_alone=round(out["tw_batched"] / out["teacher_alone"], 3))
+    return out
+
+
+@torch.no_grad()
+def bench_crossover(arch: ArchConfig, src_len: int, max_prefix: int, repeats: int, every: int = 5,
+                    rows=(1, 2, 4, 8, 12, 16, 24, 32)) -> dict:
+    """ms per ``next_tokens`` call of ``b`` rows, incremental vs batched: every row has added ``every`` tokens
+    since its previous call (calls at prefix lengths every-1, 2·every-1, … < max_prefix), caches cleared first."""
+    model = build(arch, VOCAB, seed=1)
+    inc = Teacher(model, vocab_size=VOCAB, incremental_max_rows=10 ** 9)
+    bat = Teacher(model, vocab_size=VOCAB, incremental_max_rows=0)
+    g = torch.Generator().manual_seed(2)
+    out = {}
+    for b in rows:
+        ids, mask = sources(b, src_len, seed=100 + b)
+        src = [row[m].tolist() for row, m in zip(ids, mask)]
+        seqs = torch.randint(2, VOCAB, (b, max_prefix), generator=g).tolist()
+        lens = list(range(every - 1, max_prefix, every))
+
+        def series(teacher):
+            teacher.clear_cache()
+            return [teacher.next_tokens(src, [q[:n] for q in seqs]) for n in lens]
+
+        a, c = series(inc), series(bat)  # warm-up, and the same greedy tokens
+        assert [x[0] for x in a] == [x[0] for x in c]
+        ti, tb = [], []
+        for _ in range(repeats):
+            ti.append(timed(lambda: series(inc))[0] / len(lens))
+            tb.append(timed(lambda: series(bat))[0] / len(lens))
+        i, bt = 1e3 * statistics.median(ti), 1e3 * statistics.median(tb)
+        out[b] = {"incremental_ms": round(i, 2), "batched_ms": round(bt, 2),
+                  "incremental_over_batched": round(i / bt, 2)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a rollout worker runs 1 by default)")
@@ -144,8 +228,21 @@ def main() -> None:
     ap.add_argument("--src-len", type=int, default=32, help="longest source")
     ap.add_argument("--prefix-len", type=int, default=24, help="teacher calls: prefix X_out[<t] length")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=["teacher"], help="teacher: only parts 3 and 4 (latency, crossover)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # the default teacher, and a larger one (the default until the teacher was shrunk): the teacher's share of the
+    # cost, and so the gain of its KV cache, grows with its size
+    teachers = {"teacher_default": TeacherConfig().arch, "teacher_d256_3x3": LARGE_TEACHER}
+    latency = {}
+    for name, arch in teachers.items():
+        latency[name] = bench_latency(arch, StudentConfig().arch, args.new_tokens, args.src_len, args.repeats)
+        print(f"latency at batch size 1, usage 0.2 [{name}]: {json.dumps(latency[name])}", flush=True)
+    for name, arch in teachers.items():
+        crossover = bench_crossover(arch, args.src_len, args.new_tokens, args.repeats)
+        print(f"next_tokens incremental vs batched [{name}]: {json.dumps(crossover)}", flush=True)
+    if args.only == "teacher":
+        return
 
     models = {"student_default": StudentConfig().arch, "arch_default": ArchConfig()}
     decoding = {}
@@ -160,6 +257,8 @@ def main() -> None:
                "generate_tokens_per_s": decoding["student_default"]["generate_tokens_per_s"],
                "teacher_warm_ms": {b: teacher[f"batch_{b}"]["warm_ms"] for b in (1, 8, 64)},
                "teacher_cold_ms": {b: teacher[f"batch_{b}"]["cold_ms"] for b in (1, 8, 64)},
+               "tw_latency_ms": {k: latency["teacher_default"][k]
+                                 for k in ("tw_incremental", "tw_batched", "teacher_alone", "student_alone")},
                "batch": args.batch, "new_tokens": args.new_tokens, "threads": args.threads,
                "torch": torch.__version__}
     print(json.dumps(summary))

@@ -220,10 +220,10 @@ def run(method: Method, examples: Sequence[Example], batch_size: int) -> Outputs
 # timing
 # ------------------------------------------------------------------------------------------------------------------
 def _cold(model: "TrainedModel") -> None:
-    """Forget the teacher's cached encoder states: a timed input must not profit from an earlier repeat."""
-    cache = getattr(model.teacher, "_enc_cache", None)
-    if cache is not None:
-        cache.clear()
+    """Forget the teacher's cached encoder and decoder states: a timed input must not profit from an earlier repeat."""
+    clear = getattr(model.teacher, "clear_cache", None)
+    if clear is not None:
+        clear()
 
 
 def timings(jobs: Sequence[Callable[[], Method]], model: "TrainedModel", examples: Sequence[Example],

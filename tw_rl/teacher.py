@@ -1,40 +1,109 @@
 """The teacher: answers ``<τ>`` calls (greedy next token) and scores outputs (log-probs per token).
 
 :class:`Teacher` is a plain class that implements :class:`envs.token_mdp.TeacherClient` on a Hugging Face
-seq2seq model. It batches the rows of one request and caches encoder states per source, so a ``<τ>`` call costs
-one decoder pass over the (short) prefix, not a full encoder–decoder pass. Dynamic batching of concurrent
-requests from many rollout workers lives in :mod:`tw_rl.distributed` (the Ray actor wraps this class).
+seq2seq model. It caches encoder states per source and, for small requests, a decoder KV cache per decoded
+sequence, so a ``<τ>`` call feeds the decoder only the tokens produced since that sequence's previous call. Large
+requests are batched over their full prefixes. Dynamic batching of concurrent requests from many rollout workers
+lives in :mod:`tw_rl.distributed` (the Ray actor wraps this class).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from tw_rl.examples import pad_batch
 
 
+@dataclass(eq=False)
+class _DecoderState:
+    """One decoded sequence's teacher state: its decoder KV cache after feeding ``fed`` (start token included) and
+    the log-probs over ``V`` at the last fed position (``log π_T(· | x, fed[1:])``)."""
+
+    hidden: torch.Tensor  # [1, S, d] encoder states of the source
+    mask: torch.Tensor  # [1, S] encoder attention mask (all ones)
+    cache: EncoderDecoderCache
+    fed: tuple[int, ...] = ()
+    logprobs: torch.Tensor | None = None  # [|V|]
+
+
 class Teacher:
-    """``vocab_size`` is ``|V|`` (the student's vocabulary without ``<τ>``); greedy tokens are drawn from it."""
+    """``vocab_size`` is ``|V|`` (the student's vocabulary without ``<τ>``); greedy tokens are drawn from it.
+
+    Two ways to answer :meth:`next_tokens`, chosen per request by its number of rows:
+
+    - *incremental* (at most ``incremental_max_rows`` rows): every row is served by a decoder KV cache kept for its
+      sequence (:class:`_DecoderState`, up to ``states_per_source`` per source — episodes decoded at the same time
+      on the same source — and ``decoder_cache_size`` in all, least recently used evicted first). A state whose
+      fed tokens are a prefix of ``[start] + prefix`` is extended by one decoder forward over the new tokens only;
+      asking again for the same prefix costs nothing. Otherwise (a new episode, an evicted state) the row's
+      sequence is fed from the start into a fresh state. A sequence that calls ``k`` times costs ``len(prefix) + 1``
+      decoder positions in all instead of about ``k · t / 2``: what a ``<τ>`` costs at batch size 1 no longer
+      grows with the step. Rows are fed one after another (their caches have different lengths), so each row pays
+      one model call.
+    - *batched* (more rows): one forward over all rows' full prefixes, padded, without a KV cache; the fixed cost
+      of a model call is shared by the rows. Ray's teacher server (:mod:`tw_rl.distributed`) merges the requests
+      of many workers into such batches. It neither reads nor updates the decoder states.
+
+    The default ``incremental_max_rows = 1`` is the measured crossover (one CPU thread, ``docs/benchmarks.md``,
+    "Teacher call cost"): on CPU a decoder forward of these small teachers costs a fixed ~2 ms (d 128) to ~5 ms
+    (d 256, 3+3 layers) of Python and kernel-launch overhead whatever it feeds, so with every row adding 5 tokens
+    between calls and prefixes up to 48 tokens the incremental path wins at 1 row (0.7–0.8× the batched cost),
+    ties or loses at 2 and costs 1.6–2.2× at 8. Single-row requests are what latency (batch size 1) sees; raise it
+    for long outputs or teachers whose per-position cost dominates a forward (a GPU, a large model). Both paths
+    give the same tokens; log-probs agree to float rounding (``tests/test_teacher.py``: 1e-5). A sequence whose
+    calls go through both paths stays correct: its state simply feeds what it missed at its next incremental call.
+
+    ``stats`` counts ``incremental_rows`` / ``batched_rows``, the decoder positions fed on each path
+    (``incremental_positions``; ``batched_positions`` counts the padded ``B × (L + 1)``), decoder-state hits and
+    misses (``state_hits``: extended a kept state; ``state_misses``: fed from the start) and evictions.
+    :meth:`clear_cache` forgets encoder states and decoder states (timed cold runs).
+    """
 
     def __init__(self, model: PreTrainedModel, vocab_size: int, pad_id: int = 0, start_id: int = 0,
-                 encoder_cache_size: int = 8192, device: str | torch.device = "cpu"):
+                 encoder_cache_size: int = 8192, device: str | torch.device = "cpu", *,
+                 incremental_max_rows: int = 1, decoder_cache_size: int = 256, states_per_source: int = 4):
+        if decoder_cache_size < 1 or states_per_source < 1 or incremental_max_rows < 0:
+            raise ValueError("decoder_cache_size and states_per_source must be >= 1, incremental_max_rows >= 0")
         self.model = model.to(device).eval()
         self.vocab_size, self.pad_id, self.start_id, self.device = vocab_size, pad_id, start_id, torch.device(device)
         self._enc_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._enc_cache_size = encoder_cache_size
-        self.stats = {"calls": 0, "rows": 0, "seconds": 0.0, "encoder_hits": 0, "encoder_misses": 0}
+        self.incremental_max_rows = incremental_max_rows
+        self._dec_cache_size, self._states_per_source = decoder_cache_size, states_per_source
+        # source -> its decoder states, least recently used first (in both levels)
+        self._states: OrderedDict[tuple[int, ...], list[_DecoderState]] = OrderedDict()
+        self._n_states = 0
+        self.stats = {"calls": 0, "rows": 0, "seconds": 0.0, "encoder_hits": 0, "encoder_misses": 0,
+                      "incremental_rows": 0, "batched_rows": 0, "incremental_positions": 0, "batched_positions": 0,
+                      "state_hits": 0, "state_misses": 0, "state_evictions": 0}
+
+    def clear_cache(self) -> None:
+        """Forget all cached encoder states and decoder states (the next call for any source starts cold)."""
+        self._enc_cache.clear()
+        self._states.clear()
+        self._n_states = 0
+
+    @property
+    def num_decoder_states(self) -> int:
+        return self._n_states
+
+    def __getstate__(self) -> dict:  # pickled (Ray) without its caches
+        state = self.__dict__.copy()
+        state["_enc_cache"], state["_states"], state["_n_states"] = OrderedDict(), OrderedDict(), 0
+        return state
 
     # ----------------------------------------------------------------------------------------------------------
-    def _encode(self, src: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder states ``[B, S, d]`` and mask ``[B, S]``, computing only sources not in the LRU cache."""
-        keys = [tuple(int(x) for x in s) for s in src]
+    def _encoder_states(self, keys: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Encoder states ``[S_i, d]`` per source, computing only sources not in the LRU cache."""
         missing = list(dict.fromkeys(k for k in keys if k not in self._enc_cache))
         self.stats["encoder_hits"] += len(keys) - len(missing)
         self.stats["encoder_misses"] += len(missing)
@@ -48,6 +117,11 @@ class Teacher:
         states = [self._enc_cache[k] for k in keys]
         while len(self._enc_cache) > self._enc_cache_size:
             self._enc_cache.popitem(last=False)
+        return states
+
+    def _encode(self, src: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states ``[B, S, d]`` and mask ``[B, S]`` (padded)."""
+        states = self._encoder_states([_key(s) for s in src])
         S = max(s.shape[0] for s in states)
         out = states[0].new_zeros(len(states), S, states[0].shape[1])
         mask = torch.zeros(len(states), S, dtype=torch.bool, device=self.device)
@@ -55,22 +129,91 @@ class Teacher:
             out[i, :s.shape[0]], mask[i, :s.shape[0]] = s, True
         return out, mask
 
-    def _logprobs(self, src: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Teacher-forced ``log π_T(· | x, prefix[<t])`` for t = 0..len(prefix): ``[B, L+1, |V|]``."""
+    def _logits(self, src: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Teacher-forced logits over the model's output layer for t = 0..len(prefix): ``[B, L+1, V_out]``."""
         hidden, mask = self._encode(src)
         dec, _ = _pad([[self.start_id] + list(p) for p in prefixes], self.pad_id, self.device)
-        logits = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask.long(),
-                            decoder_input_ids=dec, use_cache=False).logits
+        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask.long(),
+                          decoder_input_ids=dec, use_cache=False).logits
+
+    def _logprobs(self, src: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Teacher-forced ``log π_T(· | x, prefix[<t])`` for t = 0..len(prefix): ``[B, L+1, |V|]``."""
         # normalise over the model's full output layer (hub models may pad it), then keep V
-        return torch.log_softmax(logits.float(), dim=-1)[..., :self.vocab_size]
+        return torch.log_softmax(self._logits(src, prefixes).float(), dim=-1)[..., :self.vocab_size]
+
+    def _last_logprobs_batched(self, src: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]
+                               ) -> torch.Tensor:
+        """``log π_T(· | x, prefix)`` ``[B, |V|]``: one padded forward over the full prefixes, no KV cache."""
+        logits = self._logits(src, prefixes)
+        self.stats["batched_rows"] += len(prefixes)
+        self.stats["batched_positions"] += logits.shape[0] * logits.shape[1]
+        last = logits[torch.arange(len(prefixes)), torch.tensor([len(p) for p in prefixes])]
+        return torch.log_softmax(last.float(), dim=-1)[:, :self.vocab_size]
+
+    def _last_logprobs_incremental(self, src: Sequence[int], prefix: Sequence[int]) -> torch.Tensor:
+        """``log π_T(· | x, prefix)`` ``[|V|]`` from the sequence's decoder state, feeding only new tokens."""
+        key = _key(src)
+        seq = (self.start_id,) + _key(prefix)
+        group = self._states.get(key)
+        if group is None:
+            group = self._states[key] = []
+        self._states.move_to_end(key)
+        state = None
+        for s in group:  # the longest kept sequence that seq extends
+            n = len(s.fed)
+            if n <= len(seq) and seq[:n] == s.fed and (state is None or n > len(state.fed)):
+                state = s
+        if state is None:
+            self.stats["state_misses"] += 1
+            if len(group) >= self._states_per_source:
+                group.pop(0)
+                self._n_states -= 1
+                self.stats["state_evictions"] += 1
+            hidden = self._encoder_states([key])[0][None]
+            state = _DecoderState(hidden, torch.ones(hidden.shape[:2], dtype=torch.long, device=self.device),
+                                  EncoderDecoderCache(DynamicCache(), DynamicCache()))
+            self._n_states += 1
+        else:
+            self.stats["state_hits"] += 1
+            group.remove(state)
+        group.append(state)
+        new = seq[len(state.fed):]
+        if new:
+            try:
+                logits = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.hidden),
+                                    attention_mask=state.mask, cache=state.cache, use_cache=True,
+                                    decoder_input_ids=torch.tensor([new], device=self.device)).logits
+            except BaseException:  # the cache may hold part of the new tokens: forget the state
+                group.remove(state)
+                self._n_states -= 1
+                raise
+            state.logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)[:self.vocab_size]
+            state.fed = seq
+            self.stats["incremental_positions"] += len(new)
+        self.stats["incremental_rows"] += 1
+        lp = state.logprobs
+        self._evict()
+        return lp
+
+    def _evict(self) -> None:
+        while self._n_states > self._dec_cache_size:
+            key, group = next(iter(self._states.items()))
+            if group:
+                group.pop(0)
+                self._n_states -= 1
+                self.stats["state_evictions"] += 1
+            if not group:
+                del self._states[key]
 
     @torch.no_grad()
     def next_tokens(self, src: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]
                     ) -> tuple[list[int], list[float]]:
         """Greedy ``w = argmax π_T(· | x, prefix)`` and its log-prob, one per row (SPEC §2)."""
         t0 = time.perf_counter()
-        lp = self._logprobs(src, prefixes)
-        last = lp[torch.arange(len(prefixes)), torch.tensor([len(p) for p in prefixes])]
+        if len(prefixes) <= self.incremental_max_rows:
+            last = torch.stack([self._last_logprobs_incremental(s, p) for s, p in zip(src, prefixes)])
+        else:
+            last = self._last_logprobs_batched(src, prefixes)
         val, idx = last.max(dim=-1)
         self._account(len(prefixes), t0)
         return idx.tolist(), val.tolist()
@@ -108,6 +251,10 @@ class Teacher:
         self.stats["calls"] += 1
         self.stats["rows"] += rows
         self.stats["seconds"] += time.perf_counter() - t0
+
+
+def _key(seq: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(x) for x in seq)
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
