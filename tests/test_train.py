@@ -37,6 +37,16 @@ def tiny_run(tmp_path_factory):
     return cfg, out, report
 
 
+def phase01_copy(out, dest):
+    """A new run directory holding the finished run's phase-0 and phase-1 products (cached), not its phase 2."""
+    import shutil
+
+    shutil.copytree(out / "models", dest / "models", ignore=shutil.ignore_patterns("final"))
+    shutil.copytree(out / "tokenizer", dest / "tokenizer")
+    shutil.copy(out / "pretrain.json", dest / "pretrain.json")
+    return dest
+
+
 def test_report_schema_and_files(tiny_run):
     cfg, out, report = tiny_run
     on_disk = json.loads((out / "report.json").read_text())
@@ -81,14 +91,7 @@ def test_resume_continues_with_identical_learner_state(tiny_run, tmp_path):
     from tw_rl.train import train
 
     cfg, out, _ = tiny_run
-    short = tmp_path / "short"
-    # reuse phase 0/1 products of the finished run so the comparison is about phase 2 only
-    import shutil
-
-    shutil.copytree(out / "models", short / "models")
-    shutil.copytree(out / "tokenizer", short / "tokenizer")
-    shutil.copy(out / "pretrain.json", short / "pretrain.json")
-    shutil.rmtree(short / "models" / "final")
+    short = phase01_copy(out, tmp_path / "short")  # the comparison is about phase 2 only
     train(load_config(None, TINY + [f"out_dir={short}", "rl.iterations=2"]))
     assert_same_state(out / "checkpoints" / "step_000002", latest_checkpoint(short), 2)
     train(load_config(None, TINY + [f"out_dir={short}"]), resume=True)
@@ -134,17 +137,11 @@ def test_restore_gives_back_the_saved_state(tiny_run):
 
 def test_phase2_on_ray_rollout_workers(tiny_run, tmp_path):
     """The demo's path: 2 Ray rollout actors sharing a teacher actor (this module's one ray.init)."""
-    import shutil
-
     from tw_rl.distributed import shutdown_ray
     from tw_rl.train import train
 
     _, out, _ = tiny_run
-    run = tmp_path / "ray"
-    shutil.copytree(out / "models", run / "models")
-    shutil.copytree(out / "tokenizer", run / "tokenizer")
-    shutil.copy(out / "pretrain.json", run / "pretrain.json")
-    shutil.rmtree(run / "models" / "final")
+    run = phase01_copy(out, tmp_path / "ray")
     try:
         report = train(load_config(None, TINY + [f"out_dir={run}", "rollout.num_workers=2", "rl.iterations=2",
                                                  "rollout.envs_per_worker=4"]))
