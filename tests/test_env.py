@@ -164,3 +164,23 @@ def test_registered_env_passes_gymnasium_checker():
     tau = env.action_space.n - 1
     obs, r, term, trunc, info = env.step(tau)
     assert info["teacher_calls"] == 1 and obs["teacher_mask"][0] == 1 and isinstance(info["text"], str)
+
+
+def test_per_row_temperature_zero_rows_are_greedy(toy):
+    """A temperature of 0 in a per-row tensor decodes that row greedily while the others sample."""
+    idx = list(range(len(toy["examples"])))
+    ids, mask = _student_inputs(toy, 0.5, idx)
+    tsrc = [toy["examples"][i].teacher_src for i in idx]
+    args = dict(max_len=MAX_LEN, eos_id=toy["eos"], teacher=toy["teacher"], teacher_src=tsrc)
+    greedy = decode(toy["student"], ids, mask, **args)
+    temps = torch.tensor([0.0, 1.0] * (len(idx) // 2))
+    mixed = decode(toy["student"], ids, mask, temperature=temps, generator=torch.Generator().manual_seed(1), **args)
+    sampled_rows_differ = False
+    for k in idx:
+        a = mixed.tokens[k, :mixed.lengths[k]].tolist()
+        b = greedy.tokens[k, :greedy.lengths[k]].tolist()
+        if temps[k] == 0:
+            assert a == b and mixed.actions[k, :mixed.lengths[k]].tolist() == greedy.actions[k, :greedy.lengths[k]].tolist()
+        else:
+            sampled_rows_differ |= a != b
+    assert sampled_rows_differ

@@ -179,6 +179,9 @@ class RolloutConfig:
     num_cpus: float = param(0.5, "CPUs per rollout worker", ge=0.0)
     num_gpus: float = param(0.0, "GPUs per rollout worker", ge=0.0)
     temperature: float = param(1.0, "sampling temperature for exploration", gt=0.0)
+    greedy_fraction: float = param(0.25, "fraction of each worker's episodes decoded greedily, as the student is "
+                                         "deployed; their usage drives the multipliers when rl.dual_usage=greedy",
+                                   ge=0.0, le=1.0)
 
 
 @dataclass
@@ -199,6 +202,9 @@ class RLConfig:
     on_policy_fraction: float = param(0.5, "fraction of each batch drawn from on-policy episodes", ge=0.0, le=1.0)
     lambda_lr: float = param(0.5, "dual ascent step η_λ", ge=0.0)
     lambda_init: float = param(0.0, "initial multipliers", ge=0.0)
+    dual_usage: str = param("greedy", "whose usage drives the dual ascent: the greedy episodes (the deployed "
+                                      "policy; falls back to all when there are none) or all on-policy episodes",
+                            choices=["greedy", "all"])
     grad_clip: float = param(1.0, "gradient norm clip", gt=0.0)
 
 

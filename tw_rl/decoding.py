@@ -42,12 +42,13 @@ class Decoded:
 @torch.no_grad()
 def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, max_len: int, eos_id: int,
            teacher: TeacherClient | None = None, teacher_src: Sequence[Sequence[int]] | None = None,
-           start_id: int = 0, pad_id: int = 0, temperature: float = 0.0, allow_tau: bool = True,
+           start_id: int = 0, pad_id: int = 0, temperature: float | torch.Tensor = 0.0, allow_tau: bool = True,
            call_cap: torch.Tensor | None = None, tau_rule: TauRule | None = None,
            generator: torch.Generator | None = None) -> Decoded:
     """Decode ``B`` rows at once.
 
-    ``temperature == 0`` is greedy; otherwise actions are sampled from ``softmax(logits / temperature)``.
+    ``temperature == 0`` is greedy; otherwise actions are sampled from ``softmax(logits / temperature)``; a
+    tensor ``[B]`` gives each row its own temperature (0: that row is greedy).
     ``allow_tau=False`` masks ``<τ>`` (the student alone). ``call_cap [B]``: ``<τ>`` is forbidden once a row's
     calls reach it (the inference-time hard cap of SPEC §5). ``tau_rule`` forces ``<τ>`` on chosen rows
     (baselines: random positions, confidence fallback); forced rows always call, whatever the student prefers.
@@ -71,7 +72,12 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
             logits[:, tau] = float("-inf")
         if call_cap is not None:
             logits[calls >= call_cap, tau] = float("-inf")
-        if temperature > 0:
+        if isinstance(temperature, torch.Tensor):  # per row: Gumbel noise only on rows with temperature > 0
+            sampled = temperature > 0
+            logp = torch.log_softmax(logits / torch.where(sampled, temperature, 1.0)[:, None], dim=-1)
+            u = torch.rand(logp.shape, generator=generator, device=logp.device)
+            a = (logp - torch.log(-torch.log(u)) * sampled[:, None]).argmax(dim=-1)
+        elif temperature > 0:
             logp = torch.log_softmax(logits / temperature, dim=-1)
             # Gumbel-max: argmax(log p + G), G ~ Gumbel(0, 1), is an exact sample of p and ~3x cheaper than
             # torch.multinomial on CPU (bench/rollout.py; docs/benchmarks.md)

@@ -377,6 +377,7 @@ class RolloutGroup:
         self._owned_teacher: RemoteTeacher | None = None
         n = max(1, cfg.num_workers)
         common = dict(max_len=max_len, eos_id=eos_id, temperature=cfg.temperature, batch_size=cfg.envs_per_worker,
+                      greedy_fraction=cfg.greedy_fraction,
                       seed=seed, pad_id=pad_id, start_id=start_id)
         if self.local:  # each worker owns a replica, as under Ray (never the caller's module itself)
             self.workers = [RolloutWorker(copy.deepcopy(student) if isinstance(student, Student) else student,

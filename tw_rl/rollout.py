@@ -90,7 +90,7 @@ class RolloutWorker:
     def __init__(self, student: StudentSource, teacher: TeacherClient, examples: Sequence[Example],
                  budgets: Sequence[float], max_len: int, eos_id: int, temperature: float, batch_size: int,
                  seed: int, worker_index: int = 0, num_threads: int | None = None, pad_id: int = 0,
-                 start_id: int = 0, device: str = "cpu"):
+                 start_id: int = 0, device: str = "cpu", greedy_fraction: float = 0.0):
         if num_threads is not None:  # under Ray, OMP_NUM_THREADS may say 1 whatever the actor's CPUs
             torch.set_num_threads(max(1, int(num_threads)))
         if not examples:
@@ -111,6 +111,7 @@ class RolloutWorker:
         self.teacher = teacher
         self.examples = list(examples)
         self.max_len, self.eos_id, self.temperature, self.batch_size = max_len, eos_id, temperature, batch_size
+        self.greedy_fraction = float(greedy_fraction)
         self.seed, self.worker_index, self.pad_id, self.start_id = seed, worker_index, pad_id, start_id
         self.version = 0
         self.instance = uuid.uuid4().hex[:12]
@@ -147,8 +148,9 @@ class RolloutWorker:
     def sample(self, n: int | None = None, seed: int | None = None) -> RolloutResult:
         """Decode ``n`` (default ``batch_size``) episodes of uniformly drawn examples and budgets, together.
 
-        Actions are sampled at ``temperature`` over ``V ∪ {<τ>}``; rewards come from one batched
-        ``teacher.score`` over all outputs.
+        Actions are sampled at ``temperature`` over ``V ∪ {<τ>}``, except for the first
+        ``round(greedy_fraction · n)`` rows, which decode greedily (``source="greedy"``: the usage of the policy as
+        it is deployed); rewards come from one batched ``teacher.score`` over all outputs.
         """
         t0 = time.perf_counter()
         n = self.batch_size if n is None else int(n)
@@ -161,9 +163,14 @@ class RolloutWorker:
         src_ids, src_mask = _pad(src, self.pad_id, self.device)
 
         teacher = _CountingTeacher(self.teacher)
+        n_greedy = int(round(self.greedy_fraction * n))
+        temperature: float | torch.Tensor = self.temperature
+        if n_greedy:  # the first rows act as the deployed (greedy) policy acts
+            temperature = torch.full((n,), float(self.temperature), device=self.device)
+            temperature[:n_greedy] = 0.0
         out = decode(self.student, src_ids, src_mask, max_len=self.max_len, eos_id=self.eos_id, teacher=teacher,
                      teacher_src=teacher_src, start_id=self.start_id, pad_id=self.pad_id,
-                     temperature=self.temperature, generator=gen if self.temperature > 0 else None)
+                     temperature=temperature, generator=gen if self.temperature > 0 else None)
         t1 = time.perf_counter()
         outputs = [out.tokens[k, :out.lengths[k]].tolist() for k in range(n)]
         rewards = self.teacher.score(teacher_src, outputs)
@@ -176,7 +183,8 @@ class RolloutWorker:
                 src_ids=np.asarray(src[k], dtype=np.int64), actions=out.actions[k, :L].copy(),
                 tokens=out.tokens[k, :L].copy(), teacher_logprobs=np.asarray(rewards[k], dtype=np.float32),
                 behavior_logprobs=out.behavior_logprobs[k, :L].copy(), budget=budgets[k],
-                terminated=bool(out.terminated[k]), policy_version=self.version, source="onpolicy"))
+                terminated=bool(out.terminated[k]), policy_version=self.version,
+                source="greedy" if k < n_greedy else "onpolicy"))
         tokens = int(out.lengths.sum())
         seconds = time.perf_counter() - t0
         stats = RolloutStats(worker_index=self.worker_index, instance=self.instance, policy_version=self.version,

@@ -195,7 +195,7 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
             with Timer(times, "rollout"):  # sample: on-policy episodes, <τ> answered, rewards scored
                 episodes, rstats = group.sample(learner.student.state_dict(), version=it, seed=it)
             buffer.add(episodes)  # buffer
-            multipliers.update(usage_by_budget(episodes))  # dual ascent on measured usage (SPEC §5)
+            multipliers.update(usage_by_budget(dual_episodes(episodes, cfg.rl.dual_usage)))  # dual ascent (SPEC §5)
             with Timer(times, "update"):  # update: PCL steps on the mixed buffer
                 for _ in range(cfg.rl.updates_per_iteration):
                     batch = EpisodeBatch.collate(buffer.sample(cfg.rl.batch_size, rng), run.pad_id)
@@ -217,6 +217,13 @@ def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.
     budgets = rng.choice(run.cfg.budgets, size=len(refs))
     return ([oracle_episode(ex, r, float(b), tau_id) for ex, r, b in zip(run.train, refs, budgets)]
             + [demo_episode(ex, r, float(b)) for ex, r, b in zip(run.train, refs, budgets) if b == 0.0])
+
+
+def dual_episodes(episodes: list[Episode], which: str) -> list[Episode]:
+    """The on-policy episodes whose usage the multipliers follow: the greedy ones (how the student is deployed and
+    evaluated: sampling at temperature 1 calls at a different rate) or all of them."""
+    greedy = [e for e in episodes if e.source == "greedy"]
+    return greedy if which == "greedy" and greedy else episodes
 
 
 def usage_by_budget(episodes: list[Episode]) -> dict[float, float]:
