@@ -35,11 +35,6 @@ def soft_values(q: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * torch.logsumexp(q / alpha, dim=-1)
 
 
-def log_policy(q: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``log π(·|s) = (Q(s,·) − V(s))/α`` (SPEC §4). ``q [..., A]`` → ``[..., A]``."""
-    return torch.log_softmax(q / alpha, dim=-1)
-
-
 def lagrangian_rewards(batch: EpisodeBatch, lambdas: torch.Tensor) -> torch.Tensor:
     """Per-step reward with the budget Lagrangian, ``r_t = log π_T(y_t|·) − λ_b (c_t − b)`` (SPEC §3, §5).
 
