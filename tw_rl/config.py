@@ -196,7 +196,9 @@ class RLConfig:
     alpha: float = param(1.0, "entropy temperature α", gt=0.0)
     gamma: float = param(1.0, "discount γ", gt=0.0, le=1.0)
     window: int = param(8, "multi-step window d (0: to the end of the sequence)", ge=0)
-    multi_step_weight: float = param(0.5, "mix: (1-w)·single-step + w·multi-step consistency", ge=0.0, le=1.0)
+    multi_step_weight: float = param(0.0, "mix: (1-w)·single-step + w·multi-step consistency (0 by default: the "
+                                           "multi-step term pushed greedy usage past the budgets, docs/design.md)",
+                                     ge=0.0, le=1.0)
     target_update_rate: float = param(0.05, "Polyak rate of the target copy", gt=0.0, le=1.0)
     replay_capacity: int = param(4096, "on-policy episodes kept (demonstrations are never evicted)", ge=1)
     on_policy_fraction: float = param(0.5, "fraction of each batch drawn from on-policy episodes", ge=0.0, le=1.0)
