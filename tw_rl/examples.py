@@ -21,12 +21,13 @@ def make_examples(pairs: Sequence[Pair], tokenizer, budgets: Sequence[float], pr
                     text=p.source, reference=p.target) for i, p in enumerate(pairs)]
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad: ids ``[B, L]`` and a bool mask ``[B, L]``."""
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad: ids ``[B, L]`` and a bool mask ``[B, L]``, on ``device``."""
     L = max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.bool)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, :len(s)] = True
-    return ids, mask
+    return ids.to(device), mask.to(device)

@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tw_rl.config import Config, ConfigError, budget_prompt
 from tw_rl.data import DataError, Pair, load_split
+from tw_rl.examples import pad_batch
 from tw_rl.models.factory import build_t5, check_shared_vocab, count_parameters, load_seq2seq, load_tokenizer, \
     save_seq2seq
 from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer
@@ -127,11 +128,6 @@ def encode_pairs(pairs: list[Pair], tok: PreTrainedTokenizerBase, max_src: int, 
     return out
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    n = max(len(r) for r in rows)
-    return torch.tensor([r + [pad_id] * (n - len(r)) for r in rows], dtype=torch.long)
-
-
 def length_bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, bucket: int = 50
                             ) -> list[list[int]]:
     """One epoch of index batches: shuffle, sort windows of ``bucket`` batches by length, shuffle the batches."""
@@ -149,8 +145,8 @@ def length_bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, b
 def collate(enc: Encoded, batch: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
     """``(input_ids, attention_mask, decoder_input_ids, labels, label_mask)``; decoder input = labels shifted right
     behind the decoder start (= pad) token."""
-    src = _pad([enc.src[i] for i in batch], pad_id)
-    labels = _pad([enc.tgt[i] for i in batch], pad_id)
+    src = pad_batch([enc.src[i] for i in batch], pad_id)[0]
+    labels = pad_batch([enc.tgt[i] for i in batch], pad_id)[0]
     label_mask = torch.zeros_like(labels, dtype=torch.bool)
     for row, i in enumerate(batch):
         label_mask[row, :len(enc.tgt[i])] = True
@@ -268,8 +264,8 @@ def token_accuracy_by_class(model, tok: PreTrainedTokenizerBase, pairs: list[Pai
             rare_rows.append([w is not None and words_of[w] in rare_targets for w in wids])
             word_rows.append(wids)
             labels_rows.append(ids)
-        src = _pad(src_enc["input_ids"], pad)
-        labels = _pad(labels_rows, pad)
+        src = pad_batch(src_enc["input_ids"], pad)[0]
+        labels = pad_batch(labels_rows, pad)[0]
         label_mask = torch.zeros_like(labels, dtype=torch.bool)
         for row, ids in enumerate(labels_rows):
             label_mask[row, :len(ids)] = True

@@ -23,6 +23,7 @@ import torch
 from envs.token_mdp import Example, TeacherClient
 from tw_rl.batch import Episode
 from tw_rl.decoding import decode
+from tw_rl.examples import pad_batch
 from tw_rl.models.student import Student
 
 StudentSource = Student | Callable[[], Student]
@@ -160,7 +161,7 @@ class RolloutWorker:
         examples = [self.examples[i] for i in idx]
         src = [ex.student_src[b] for ex, b in zip(examples, budgets)]
         teacher_src = [ex.teacher_src for ex in examples]
-        src_ids, src_mask = _pad(src, self.pad_id, self.device)
+        src_ids, src_mask = pad_batch(src, self.pad_id, self.device)
 
         teacher = _CountingTeacher(self.teacher)
         n_greedy = int(round(self.greedy_fraction * n))
@@ -192,13 +193,3 @@ class RolloutWorker:
                              teacher_requests=teacher.requests, decode_seconds=t1 - t0, score_seconds=t2 - t1,
                              seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9))
         return RolloutResult(episodes, stats)
-
-
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad the student inputs: ids ``[B, S]`` and mask ``[B, S]``."""
-    S = max(1, max(len(s) for s in seqs))
-    ids = np.full((len(seqs), S), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), S), dtype=bool)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = s, True
-    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)

@@ -108,7 +108,7 @@ class Teacher:
         self.stats["encoder_hits"] += len(keys) - len(missing)
         self.stats["encoder_misses"] += len(missing)
         if missing:
-            ids, mask = _pad(missing, self.pad_id, self.device)
+            ids, mask = pad_batch(missing, self.pad_id, self.device)
             hidden = self.model.get_encoder()(input_ids=ids, attention_mask=mask.long()).last_hidden_state
             for i, k in enumerate(missing):
                 self._enc_cache[k] = hidden[i, :len(k)]
@@ -132,7 +132,7 @@ class Teacher:
     def _logits(self, src: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Teacher-forced logits over the model's output layer for t = 0..len(prefix): ``[B, L+1, V_out]``."""
         hidden, mask = self._encode(src)
-        dec, _ = _pad([[self.start_id] + list(p) for p in prefixes], self.pad_id, self.device)
+        dec, _ = pad_batch([[self.start_id] + list(p) for p in prefixes], self.pad_id, self.device)
         return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask.long(),
                           decoder_input_ids=dec, use_cache=False).logits
 
@@ -239,7 +239,7 @@ class Teacher:
     @torch.no_grad()
     def generate(self, src: Sequence[Sequence[int]], max_len: int, eos_id: int) -> list[list[int]]:
         """Teacher-alone greedy decoding (KV-cached, through ``generate``), EOS included when produced."""
-        ids, mask = _pad(src, self.pad_id, self.device)
+        ids, mask = pad_batch(src, self.pad_id, self.device)
         out = self.model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=max_len,
                                   do_sample=False, num_beams=1)
         res = []
@@ -255,8 +255,3 @@ class Teacher:
 
 def _key(seq: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(x) for x in seq)
-
-
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = pad_batch(seqs, pad_id)
-    return ids.to(device), mask.to(device)
