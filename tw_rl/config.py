@@ -208,6 +208,41 @@ class RLConfig:
                                       "policy; falls back to all when there are none) or all on-policy episodes",
                             choices=["greedy", "all"])
     grad_clip: float = param(1.0, "gradient norm clip", gt=0.0)
+    demonstrations: bool = param(True, "seed the replay buffer with demonstrations (teacher outputs, oracle traces); "
+                                       "false: on-policy only (ablation)")
+
+
+@dataclass
+class GKDConfig:
+    """The ``gkd`` learner (tw_rl/algos/gkd.py): generalized JSD to the teacher plus the <τ> decision."""
+
+    beta: float = param(0.5, "JSD interpolation: 0 forward KL(T||S), 1 reverse KL(S||T), 0.5 symmetric JSD",
+                        ge=0.0, le=1.0)
+    tau_weight: float = param(1.0, "weight of the <τ> decision term (cross-entropy towards sigmoid(A/α))", ge=0.0)
+
+
+@dataclass
+class PPOConfig:
+    """The ``ppo`` learner (tw_rl/algos/ppo.py): token-level clipped surrogate, batch baseline."""
+
+    clip: float = param(0.2, "clip range ε of the ratio", gt=0.0)
+    epochs: int = param(1, "gradient steps on each sampled batch", ge=1)
+
+
+@dataclass
+class RLlibConfig:
+    """The ``rllib_ppo`` algorithm (tw_rl/algos/rllib_ppo.py): RLlib's PPO on TokenMDPEnv; rl.iterations,
+    rl.lr, rl.gamma and the budget multipliers (rl.lambda_lr) are shared with the other learners."""
+
+    num_env_runners: int = param(0, "RLlib env runners (0: sample in the driver process)", ge=0)
+    episodes_per_iteration: int = param(16, "episodes sampled per RLlib iteration (train batch ≈ this × length)",
+                                        ge=1)
+    minibatch_size: int = param(128, "PPO minibatch size in env steps", ge=1)
+    num_epochs: int = param(1, "PPO epochs over each train batch", ge=1)
+    clip: float = param(0.2, "PPO clip parameter", gt=0.0)
+    entropy_coeff: float = param(0.0, "PPO entropy bonus", ge=0.0)
+
+
 
 
 @dataclass
@@ -258,6 +293,9 @@ class Config:
     phase1: Phase1Config = param(factory=Phase1Config, help="phase 1")
     rollout: RolloutConfig = param(factory=RolloutConfig, help="rollout workers")
     rl: RLConfig = param(factory=RLConfig, help="phase 2")
+    gkd: GKDConfig = param(factory=GKDConfig, help="the gkd learner")
+    ppo: PPOConfig = param(factory=PPOConfig, help="the ppo learner")
+    rllib: RLlibConfig = param(factory=RLlibConfig, help="the rllib_ppo algorithm")
     eval: EvalConfig = param(factory=EvalConfig, help="evaluation")
 
 

@@ -135,10 +135,15 @@ def new_student(run: Run) -> Student:
 def phase1(run: Run, log: MetricsLogger) -> Student:
     """Behaviour cloning on KL-oracle traces (SPEC §6); the result is saved to ``models/phase1``."""
     cfg, out = run.cfg.phase1, run.dir / "models" / "phase1"
-    if (out / "done.json").is_file():
-        return Student.load(out)[0]
+    done = out / "done.json"
+    if done.is_file() and json.loads(done.read_text()).get("enabled", True) == cfg.enabled:
+        cached = Student.load(out)[0]
+        if cached.use_delta == run.cfg.student.use_delta:  # else: an ablation of δ redoes phase 1
+            return cached
     student = new_student(run)
-    if not cfg.enabled:
+    if not cfg.enabled:  # ablation: later phases start from the phase-0 student with <τ> added, saved as phase 1
+        student.save(out, run.tokenizer)
+        done.write_text(json.dumps({"steps": 0, "enabled": False}))
         return student
     refs = references(run)
     rng = np.random.default_rng(run.cfg.seed)
@@ -175,12 +180,16 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
     cfg = run.cfg
     if not cfg.rl.enabled:
         return student
+    algo = get_algorithm(cfg.algo)
+    if hasattr(algo, "run_phase2"):  # an algorithm with its own sampling loop (RLlib): same inputs and output
+        return algo.run_phase2(run, student, log, resume)
     rng = np.random.default_rng(cfg.seed + 1)
-    learner = get_algorithm(cfg.algo).make_learner(cfg, student, run.start_id, run.pad_id)
+    learner = algo.make_learner(cfg, student, run.start_id, run.pad_id, teacher=run.teacher,
+                                teacher_src=teacher_sources(run.train))
     multipliers = BudgetMultipliers(cfg.budgets, cfg.rl.lambda_lr, cfg.rl.lambda_init)
     buffer = ReplayBuffer(cfg.rl.replay_capacity, cfg.rl.on_policy_fraction)
-    refs = references(run)
-    buffer.add_demos(demonstrations(run, refs, student.tau_id, rng))
+    if cfg.rl.demonstrations:  # false: on-policy only (ablation)
+        buffer.add_demos(demonstrations(run, references(run), student.tau_id, rng))
     start = 0
     if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
         start, buffer = restore(ckpt, learner, multipliers, rng)
@@ -190,7 +199,7 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
     group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
                                      eos_id=run.eos_id)
     try:
-        for it in tqdm(range(start, cfg.rl.iterations), desc="phase 2 (PCL)", unit="iter"):
+        for it in tqdm(range(start, cfg.rl.iterations), desc=f"phase 2 ({cfg.algo})", unit="iter"):
             times: dict[str, float] = {}
             with Timer(times, "rollout"):  # sample: on-policy episodes, <τ> answered, rewards scored
                 episodes, rstats = group.sample(learner.student.state_dict(), version=it, seed=it)
@@ -201,7 +210,9 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
                     batch = EpisodeBatch.collate(buffer.sample(cfg.rl.batch_size, rng), run.pad_id)
                     stats = learner.update(batch, multipliers.for_episodes(batch.budgets))
             log.log(it, {**stats, **rstats.as_metrics(), **multipliers.as_metrics(), **times,
-                         **{f"rollout/usage_{b:g}": u for b, u in usage_by_budget(episodes).items()}},
+                         **{f"rollout/usage_{b:g}": u for b, u in usage_by_budget(episodes).items()},
+                         "replay/demos": buffer.num_demos,
+                         "replay/batch_onpolicy": float((batch.policy_version >= 0).float().mean())},
                     phase="phase2")
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.rl.iterations:
                 checkpoint(run, it + 1, learner, multipliers, buffer, rng)
@@ -217,6 +228,12 @@ def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.
     budgets = rng.choice(run.cfg.budgets, size=len(refs))
     return ([oracle_episode(ex, r, float(b), tau_id) for ex, r, b in zip(run.train, refs, budgets)]
             + [demo_episode(ex, r, float(b)) for ex, r, b in zip(run.train, refs, budgets) if b == 0.0])
+
+
+def teacher_sources(examples: list[Example]) -> dict[tuple[int, ...], list[int]]:
+    """The student's input ids (budget prompt + x, every budget) → the teacher's ids of x: what a learner that
+    queries the teacher at update time (``gkd``) needs to turn an episode back into the teacher's input."""
+    return {tuple(ids): ex.teacher_src for ex in examples for ids in ex.student_src.values()}
 
 
 def dual_episodes(episodes: list[Episode], which: str) -> list[Episode]:

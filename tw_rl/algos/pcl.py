@@ -258,7 +258,7 @@ class PCLLearner:
         self.step = int(state["learner.step"])
 
 
-def make_learner(cfg: RLConfig | Config, student: nn.Module, start_id: int, pad_id: int) -> PCLLearner:
+def make_learner(cfg: RLConfig | Config, student: nn.Module, start_id: int, pad_id: int, **_) -> PCLLearner:
     """The registry entry point (``tw_rl.algos.ALGORITHMS["pcl"]``); accepts the run config or its ``rl`` part."""
     rl = cfg.rl if isinstance(cfg, Config) else cfg
     return PCLLearner(rl, student, start_id, pad_id)

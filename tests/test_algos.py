@@ -1,0 +1,126 @@
+"""The pluggable learners' pure losses against closed forms and hand computations, and the registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tw_rl.algos import ALGORITHMS, get_algorithm
+from tw_rl.algos.gkd import call_advantage, generalized_jsd, gkd_loss
+from tw_rl.algos.ppo import baseline_advantages, ppo_clip_loss, returns_to_go
+from tw_rl.config import ConfigError, load_config
+
+
+def _logp(*rows):
+    return torch.log(torch.tensor(rows, dtype=torch.float64))
+
+
+def test_registry_rejects_unknown_names_with_the_known_ones():
+    with pytest.raises(KeyError, match=r"unknown algorithm 'nope'.*'gkd'.*'pcl'.*'ppo'.*'rllib_ppo'"):
+        get_algorithm("nope")
+    with pytest.raises(ConfigError, match=r"algo='nope' is unknown; allowed values: \[.*'gkd'"):
+        load_config(None, ["algo=nope"])
+    for name in ALGORITHMS:  # every registered module imports and has an entry point
+        mod = get_algorithm(name)
+        assert hasattr(mod, "make_learner") or hasattr(mod, "run_phase2"), name
+
+
+# ---- GKD ---------------------------------------------------------------------------------------------------------
+P_T, P_S = _logp([0.7, 0.2, 0.1], [0.1, 0.3, 0.6]), _logp([0.2, 0.5, 0.3], [0.25, 0.25, 0.5])
+
+
+def kl(p, q):  # brute force, probabilities
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def test_jsd_endpoints_are_the_two_kl_directions():
+    t, s = P_T.exp().tolist(), P_S.exp().tolist()
+    fwd = generalized_jsd(P_S, P_T, beta=0.0)
+    rev = generalized_jsd(P_S, P_T, beta=1.0)
+    for i in range(2):
+        assert float(fwd[i]) == pytest.approx(kl(t[i], s[i]), rel=1e-9)
+        assert float(rev[i]) == pytest.approx(kl(s[i], t[i]), rel=1e-9)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.1, 0.9])
+def test_jsd_matches_brute_force_mixture(beta):
+    t, s = P_T.exp().tolist(), P_S.exp().tolist()
+    got = generalized_jsd(P_S, P_T, beta=beta)
+    for i in range(2):
+        m = [beta * a + (1 - beta) * b for a, b in zip(t[i], s[i])]
+        assert float(got[i]) == pytest.approx(beta * kl(t[i], m) + (1 - beta) * kl(s[i], m), rel=1e-9)
+    if beta == 0.5:  # symmetric, bounded by log 2, zero iff equal
+        torch.testing.assert_close(got, generalized_jsd(P_T, P_S, beta=0.5))
+        assert float(got.max()) < math.log(2)
+        assert float(generalized_jsd(P_T, P_T, beta=0.5).abs().max()) < 1e-12
+
+
+def test_jsd_handles_zero_probabilities():
+    s = torch.log(torch.tensor([[1.0, 0.0]]))
+    t = torch.log(torch.tensor([[0.5, 0.5]]))
+    assert float(generalized_jsd(s, t, 1.0)) == pytest.approx(math.log(2))
+    assert torch.isfinite(generalized_jsd(s, t, 0.5)).all()
+
+
+def test_call_advantage_and_its_optimum_by_hand():
+    # teacher greedy log-prob log 0.7; the student's own token is worth Σ S log T
+    s, t = P_S[:1, None], P_T[:1, None]  # [B=1, T=1, V]
+    lam = torch.tensor([0.3], dtype=torch.float64)
+    expected = math.log(0.7) - (0.2 * math.log(0.7) + 0.5 * math.log(0.2) + 0.3 * math.log(0.1)) - 0.3
+    assert float(call_advantage(s, t, lam)) == pytest.approx(expected)
+    # the decision term alone is minimised (gradient 0) where p_τ = σ(A/α)
+    alpha = 0.5
+    logits_v = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    p_star = 1 / (1 + math.exp(-expected / alpha))
+    tau_logit = math.log(p_star / (1 - p_star))  # logsumexp(logits_v) = 0
+    logits = torch.cat([logits_v, torch.tensor([tau_logit])]).float()[None, None].requires_grad_(True)
+    loss, stats = gkd_loss(logits, t.float(), torch.ones(1, 1, dtype=torch.bool), lam.float(), beta=0.5,
+                           alpha=alpha, tau_weight=1.0)
+    loss.backward()
+    assert stats["gkd/call_prob"] == pytest.approx(p_star, abs=1e-5)
+    assert float(logits.grad[0, 0, -1]) == pytest.approx(0.0, abs=1e-5)  # the JSD term has no <τ> gradient
+
+
+def test_gkd_loss_ignores_padding_and_is_zero_when_student_equals_teacher():
+    torch.manual_seed(0)
+    t_logp = torch.log_softmax(torch.randn(2, 3, 5), -1)
+    logits = torch.cat([t_logp, torch.full((2, 3, 1), -1e4)], -1)  # S = T, never calls
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    big = torch.tensor([1e4, 1e4])  # λ so high that calling is never worth it: target p_τ ≈ 0
+    loss, stats = gkd_loss(logits, t_logp, mask, big, beta=0.5, alpha=1.0, tau_weight=1.0)
+    assert float(loss) == pytest.approx(0.0, abs=1e-4)
+    junk = logits.clone()
+    junk[~mask] = torch.randn_like(junk[~mask]) * 10
+    loss2, _ = gkd_loss(junk, t_logp, mask, big, beta=0.5, alpha=1.0, tau_weight=1.0)
+    assert float(loss2) == pytest.approx(float(loss), abs=1e-6)
+
+
+# ---- PPO ---------------------------------------------------------------------------------------------------------
+def test_ppo_clipped_loss_by_hand():
+    # ratios 1.5, 0.5, 1.1, 2.0 with advantages +1, +1, -2, -1; ε = 0.2; the 4th step is padding
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 2.0]])
+    adv = torch.tensor([[1.0, 1.0, -2.0, -1.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    behavior = torch.log(torch.tensor([[0.2, 0.4, 0.5, 0.1]]))
+    logp = (behavior + torch.log(ratio)).requires_grad_(True)
+    loss, stats = ppo_clip_loss(logp, behavior, adv, mask, clip=0.2)
+    # min(1.5·1, 1.2·1) = 1.2;  min(0.5·1, 0.8·1) = 0.5;  min(1.1·−2, 1.1·−2) = −2.2
+    assert float(loss.detach()) == pytest.approx(-(1.2 + 0.5 - 2.2) / 3, abs=1e-6)
+    assert stats["ppo/clip_fraction"] == pytest.approx(2 / 3)
+    loss.backward()
+    # gradient flows only where the unclipped term is the minimum: d(−ρA/3)/dlogp = −ρA/3
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5 / 3, 2.2 / 3, 0.0]]))
+
+
+def test_returns_to_go_and_baseline_by_hand():
+    r = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    g = returns_to_go(r, mask, gamma=0.5)
+    torch.testing.assert_close(g, torch.tensor([[1 + 1 + 0.75, 2 + 1.5, 3.0], [4 + 2.5, 5.0, 0.0]]))
+    adv = baseline_advantages(g, mask, whiten=False)
+    torch.testing.assert_close(adv, torch.tensor([[2.75 - 4.625, 3.5 - 4.25, 0.0], [6.5 - 4.625, 0.75, 0.0]]))
+    w = baseline_advantages(g, mask)
+    assert float(w[mask].mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(w[mask].std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
