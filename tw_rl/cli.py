@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    from tw_rl.sweep import add_parser as add_sweep_parser  # tw-rl sweep
+
+    add_sweep_parser(sub)
     p = sub.add_parser("eval", help=_HELP["eval"], description=_HELP["eval"])
     p.add_argument("--run", type=Path, help="the run directory (written by tw-rl train or tw-rl demo)")
     p.add_argument("--budgets", type=float, nargs="+", help="evaluate these budgets of the trained grid "
@@ -137,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tw_rl.config import ConfigError, load_config
 
+    if args.command == "sweep":
+        from tw_rl.sweep import run_cli
+
+        try:
+            return run_cli(args)
+        except ConfigError as e:
+            print(f"tw-rl sweep: config error: {e}", file=sys.stderr)
+            return 2
     if args.command in ("eval", "generate"):
         if args.run is None:
             print(f"tw-rl {args.command}: --run DIR is required (a run directory written by tw-rl train or "
