@@ -455,3 +455,63 @@ def test_make_learner_from_registry() -> None:
     learner = module.make_learner(Config(), GRUStudent(VOCAB), START, PAD)
     assert isinstance(learner, PCLLearner) and learner.cfg == RLConfig()
     assert isinstance(make_learner(rl_config(), GRUStudent(VOCAB), START, PAD), PCLLearner)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# value="zero": V ≡ 0, the policy is still softmax(Q/α)
+# --------------------------------------------------------------------------------------------------------------
+def test_zero_value_consistency_vanishes_at_the_teacher_for_any_logit_level() -> None:
+    """α = 1, no calls: at π = π_T every residual of every window is 0 — whatever per-state constant the logits
+    carry (the level that the soft form would read as V) — and clearly positive at another policy."""
+    rng = np.random.default_rng(4)
+    A, H = 3, 3
+    off = depth_offsets(A, H)
+    log_pt = random_teacher(A, H, rng)
+    levels = rng.normal(scale=5.0, size=(log_pt.shape[0], 1))  # arbitrary per-state offsets of the logits
+    episodes = []
+    for length, terminated in ((3, True), (2, False), (1, False), (3, True)):
+        path = sample_path(log_pt, 1.0, length, A, off, rng, on_policy=True)
+        episodes.append(mdp_episode(path, log_pt, A, off, terminated))
+    batch = EpisodeBatch.collate(episodes, pad_id=0)
+    dec_tokens, dec_tmask = decoder_inputs(batch, start_id=A, pad_id=0)
+    r = lagrangian_rewards(batch, torch.zeros(len(batch)))
+    args = (batch.actions, r, batch.mask, batch.lengths, batch.terminated, 1.0, 1.0)
+
+    q = PrefixTable(torch.tensor(log_pt + levels, dtype=torch.float32), A, H)(batch.src_ids, batch.src_mask,
+                                                                                dec_tokens, dec_tmask)
+    for window in (1, 2, 0):
+        c = pcl_consistency(q, q, *args, window=window, value="zero")
+        assert c[batch.mask].abs().max().item() < 1e-5, window
+        soft = pcl_consistency(q, q, *args, window=window, value="soft")  # the soft form sees the levels
+        assert soft[batch.mask].abs().max().item() > 0.5, window
+    other = PrefixTable(torch.tensor(log_pt + rng.normal(scale=2.0, size=log_pt.shape), dtype=torch.float32),
+                        A, H)(batch.src_ids, batch.src_mask, dec_tokens, dec_tmask)
+    loss, _ = pcl_loss(other, other, *args, window=1, multi_step_weight=0.0, value="zero")
+    assert loss.item() > 1e-2
+
+
+def test_zero_value_single_step_gradient_is_the_reverse_kl_gradient() -> None:
+    """One state, α = 1, r(a) = log π_T(a): the on-policy expectation of the single-step gradient,
+    Σ_a π(a) ∇ ½ C(a)², equals ∇ KL(π ‖ π_T) exactly (computed in closed form over all actions)."""
+    torch.manual_seed(0)
+    A = 5
+    log_pt = torch.log_softmax(torch.randn(A, dtype=torch.float64), 0)
+    logits = torch.randn(A, dtype=torch.float64, requires_grad=True)
+    q = logits[None, None, :].expand(A, 2, A)  # one episode per action, a single step each
+    actions = torch.arange(A)[:, None]
+    args = (actions, log_pt[:, None], torch.ones(A, 1, dtype=torch.bool), torch.ones(A, dtype=torch.long),
+            torch.ones(A, dtype=torch.bool), 1.0, 1.0)
+    c = pcl_consistency(q, q.detach(), *args, window=1, value="zero")[:, 0]  # C(a) for every action a
+    pi = torch.softmax(logits, 0).detach()
+    (grad,) = torch.autograd.grad((pi * 0.5 * c.pow(2)).sum(), logits)
+    log_pi = torch.log_softmax(logits, 0)
+    (kl_grad,) = torch.autograd.grad((log_pi.exp() * (log_pi - log_pt)).sum(), logits)
+    torch.testing.assert_close(grad, kl_grad)
+    assert kl_grad.abs().max() > 1e-2
+
+
+def test_unknown_value_parameterisation_is_refused() -> None:
+    q = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="known"):
+        pcl_consistency(q, q, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool),
+                        torch.ones(1, dtype=torch.long), torch.ones(1, dtype=torch.bool), 1.0, 1.0, 1, value="hard")

@@ -11,7 +11,14 @@ demonstration alike — to satisfy the soft path consistency::
     C_t = −V(s_t) + γ^d V_target(s_{t+d}) + Σ_{i<d} γ^i (r_{t+i} − α log π(a_{t+i}|s_{t+i})),   loss ½ C_t²
 
 The single-step form (``d = 1``) reduces to soft Q-learning, ``C_t = r_t + γ V_target(s_{t+1}) − Q(s_t, a_t)``;
-the multi-step form uses a window ``d`` (or runs to the end of the episode). Everything here is a pure function
+the multi-step form uses a window ``d`` (or runs to the end of the episode).
+
+``value="zero"`` (the default, ``rl.value``) keeps the policy ``π = softmax(Q/α)`` but pins ``V ≡ 0``, the exact
+optimal soft value of SPEC §3 at ``α = 1`` when no calls are made. Then ``C_t = Σ_{i<d} γ^i (r_{t+i} − α log π)``
+and the free per-state level of the logits (their logsumexp, left arbitrary by cross-entropy training in phases 0
+and 1) no longer enters the loss; on-policy, the single-step gradient is exactly ``∇ KL(π ‖ π_T)`` (tested). Once
+calls are priced by the Lagrangian the true ``V*`` is no longer 0, and ``V ≡ 0`` acts as a fixed baseline; the
+choice is measured in docs/design.md. Everything here is a pure function
 over tensors, vectorised over time; :class:`PCLLearner` adds the network, the Polyak target copy and the optimiser.
 """
 
@@ -25,6 +32,9 @@ from torch import nn
 
 from tw_rl.batch import EpisodeBatch, decoder_inputs
 from tw_rl.config import Config, RLConfig
+
+
+VALUES = ("soft", "zero")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -62,7 +72,7 @@ def _window_matrix(T: int, window: int, gamma: float, device: torch.device) -> t
 
 def pcl_consistency(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor,
                     rewards: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor,
-                    alpha: float, gamma: float, window: int) -> torch.Tensor:
+                    alpha: float, gamma: float, window: int, value: str = "soft") -> torch.Tensor:
     """Window-``d`` path-consistency residuals of every step of every episode (SPEC §4).
 
     ``C_t = −V(s_t) + γ^d' V_target(s_{t+d'}) + Σ_{i<d'} γ^i (r_{t+i} − α log π(a_{t+i}|s_{t+i}))`` with
@@ -80,21 +90,29 @@ def pcl_consistency(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: 
     Returns:
         ``[B, T]`` residuals, 0 on padding. Values at padding positions never depend on padded inputs.
     """
-    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha)
+    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value)
     return _residuals(v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma, window)
 
 
 def _values(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor,
-            alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            alpha: float, value: str = "soft") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``V [B, T+1]`` (online), ``V_target [B, T+1]`` and ``α log π(a_t|s_t) [B, T]`` — computed once and shared
-    by the single- and multi-step residuals (the logsumexp over the vocabulary is the costly part)."""
+    by the single- and multi-step residuals (the logsumexp over the vocabulary is the costly part).
+
+    ``value="soft"``: ``V = α logsumexp(Q/α)`` (SPEC §4's unified parameterisation); ``value="zero"``: the policy is
+    still ``softmax(Q/α)`` but ``V ≡ 0`` (see :func:`pcl_consistency`)."""
+    if value not in VALUES:
+        raise ValueError(f"unknown value parameterisation {value!r}; known: {VALUES}")
     T = actions.shape[1]
     q = q.float()
     v = soft_values(q, alpha)  # [B, T+1]
     v_target = v if q_target is None else soft_values(q_target.float(), alpha)
     safe_actions = torch.where(mask, actions, torch.zeros_like(actions))  # pad ids may be out of range
     q_a = q[:, :T].gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    return v, v_target, q_a - v[:, :T]
+    alpha_log_pi = q_a - v[:, :T]
+    if value == "zero":  # V ≡ 0: the exact optimal soft value of SPEC §3 without calls (α = 1)
+        return torch.zeros_like(v), torch.zeros_like(v_target), alpha_log_pi
+    return v, v_target, alpha_log_pi
 
 
 def _residuals(v: torch.Tensor, v_target: torch.Tensor, alpha_log_pi: torch.Tensor, rewards: torch.Tensor,
@@ -126,13 +144,13 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor, rewards: torch.Tensor,
              mask: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor, alpha: float, gamma: float,
-             window: int, multi_step_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+             window: int, multi_step_weight: float, value: str = "soft") -> tuple[torch.Tensor, dict[str, float]]:
     """``(1 − w)·single + w·multi``, each the mean over real steps of ``½ C_t²`` (SPEC §4).
 
     Arguments as in :func:`pcl_consistency`; ``w = multi_step_weight``. Returns the scalar loss and float stats
     (``loss/*``, ``rollout/entropy`` — the mean policy entropy over the batch's states — and ``value/*``).
     """
-    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha)
+    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value)
     args = (v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma)
     c_single = _residuals(*args, window=1)
     single = _masked_mean(0.5 * c_single.pow(2), mask)
@@ -199,7 +217,7 @@ class PCLLearner:
             q_target = self.q_values(self.target, batch)
         rewards = lagrangian_rewards(batch, lambdas)
         loss, stats = pcl_loss(q, q_target, batch.actions, rewards, batch.mask, batch.lengths, batch.terminated,
-                               cfg.alpha, cfg.gamma, cfg.window, cfg.multi_step_weight)
+                               cfg.alpha, cfg.gamma, cfg.window, cfg.multi_step_weight, cfg.value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
