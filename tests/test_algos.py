@@ -107,7 +107,7 @@ def test_ppo_clipped_loss_by_hand():
     logp = (behavior + torch.log(ratio)).requires_grad_(True)
     loss, stats = ppo_clip_loss(logp, behavior, adv, mask, clip=0.2)
     # min(1.5·1, 1.2·1) = 1.2;  min(0.5·1, 0.8·1) = 0.5;  min(1.1·−2, 1.1·−2) = −2.2
-    assert float(loss.detach()) == pytest.approx(-(1.2 + 0.5 - 2.2) / 3, abs=1e-6)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 2.2) / 3, abs=1e-6)
     assert stats["ppo/clip_fraction"] == pytest.approx(2 / 3)
     loss.backward()
     # gradient flows only where the unclipped term is the minimum: d(−ρA/3)/dlogp = −ρA/3

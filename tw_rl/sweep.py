@@ -134,13 +134,16 @@ def sweep(config: str | Path | None, overrides: Sequence[str], out: str | Path, 
         bundles += ([{"CPU": first.teacher.num_cpus, "GPU": first.teacher.num_gpus}] * first.teacher.num_replicas
                     + [{"CPU": first.rollout.num_cpus, "GPU": first.rollout.num_gpus}] * first.rollout.num_workers)
     bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
-    trials = [{"config": config, "overrides": fixed + c, "out_dir": str(out / "trials" / trial_name(c)),
+    trials = [{"name": trial_name(c), "config": config, "overrides": fixed + c,
+               "out_dir": str(out / "trials" / trial_name(c)),
                "base": str(base) if base else None, "share": level} for c in combos]
     init_ray()
     tuner = tune.Tuner(
         tune.with_resources(_trial, tune.PlacementGroupFactory(bundles)),
         param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent,
+                                    trial_name_creator=lambda t: t.config["trial"]["name"],
+                                    trial_dirname_creator=lambda t: f"{t.trial_id}_{t.config['trial']['name']}"[:120]),
         run_config=tune.RunConfig(name="sweep", storage_path=str(out / "tune"), verbose=1,
                                   failure_config=tune.FailureConfig(fail_fast=False)),
     )

@@ -101,7 +101,7 @@ def gkd_loss(logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tenso
     loss = distill + tau_weight * decision
     with torch.no_grad():
         stats = {
-            "loss/gkd": float(loss), "loss/jsd": float(distill), "loss/call_bce": float(decision),
+            "loss/gkd": loss.item(), "loss/jsd": distill.item(), "loss/call_bce": decision.item(),
             "gkd/call_prob": float(masked_mean(torch.sigmoid(call_logit), mask)),
             "gkd/call_target": float(masked_mean(target, mask)),
             "gkd/advantage": float(masked_mean(advantage, mask)),

@@ -63,7 +63,7 @@ def ppo_clip_loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: t
     loss = -masked_mean(surrogate, mask)
     with torch.no_grad():
         clipped = ((ratio - 1.0).abs() > clip) & mask
-        stats = {"loss/ppo": float(loss), "ppo/ratio": float(masked_mean(ratio, mask)),
+        stats = {"loss/ppo": loss.item(), "ppo/ratio": float(masked_mean(ratio, mask)),
                  "ppo/clip_fraction": float(clipped.sum() / mask.sum().clamp(min=1)),
                  "ppo/approx_kl": float(masked_mean(behavior_logp - logp, mask))}
     return loss, stats

@@ -32,7 +32,7 @@ class ReinforceLearner:
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.rl.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return {"loss/reinforce": float(loss), **rollout_stats(batch)}
+        return {"loss/reinforce": loss.item(), **rollout_stats(batch)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return learner_state({"student": self.student}, self.optimizer, self.step)
