@@ -124,3 +124,41 @@ def test_returns_to_go_and_baseline_by_hand():
     w = baseline_advantages(g, mask)
     assert float(w[mask].mean()) == pytest.approx(0.0, abs=1e-6)
     assert float(w[mask].std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+
+
+# ---- the RLlib adapter -------------------------------------------------------------------------------------------
+def test_student_rl_module_reads_the_env_observation_as_the_student_would(toy):
+    """The RLModule's logits for an observation of TokenMDPEnv equal the student's own training forward at that
+    state (prefix with teacher tokens marked); values have one entry per observation."""
+    import numpy as np
+    from ray.rllib.core.columns import Columns
+
+    from envs.token_mdp import TokenMDPEnv
+    from tw_rl.algos.rllib_ppo import _module_class
+
+    student, V = toy["student"], toy["V"]
+    env = TokenMDPEnv(toy["examples"], toy["teacher"], n_actions=V + 1, eos_id=toy["eos"], budgets=[0.0, 0.2, 0.5],
+                      max_len=6, max_src_len=8)
+    module = _module_class()(observation_space=env.observation_space, action_space=env.action_space,
+                             model_config={"arch": {"d_model": 16, "d_ff": 32, "d_kv": 8, "num_heads": 2,
+                                                    "num_layers": 1, "num_decoder_layers": 1}})
+    module.student = student  # the toy student (its <τ> is likely, so teacher tokens appear)
+    obs, _ = env.reset(seed=0, options={"example": 1, "budget": 0.2})
+    observations = [obs]
+    for a in [V, 5, V, 7]:
+        obs, *_ = env.step(a)
+        observations.append(obs)
+    batch = {Columns.OBS: {k: torch.as_tensor(np.stack([np.asarray(o[k]) for o in observations]))
+                           for k in observations[0]}}
+    with torch.no_grad():
+        logits = module._forward(batch)[Columns.ACTION_DIST_INPUTS]
+        values = module.compute_values(batch)
+        src = torch.as_tensor(toy["examples"][1].student_src[0.2])[None]
+        tokens = torch.as_tensor(env.core.tokens[0, :4])[None]
+        tmask = torch.as_tensor(env.core.teacher_mask[0, :4])[None]
+        dec = torch.cat([torch.zeros(1, 1, dtype=torch.long), tokens], 1)
+        dec_mask = torch.cat([torch.zeros(1, 1, dtype=torch.bool), tmask], 1)
+        ref = student(src, torch.ones_like(src, dtype=torch.bool), dec, dec_mask)[0]  # [5, A]
+    assert bool(tmask.any())  # a teacher token is in the prefix: δ matters
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert values.shape == (5,)
