@@ -213,6 +213,10 @@ class RLConfig:
 
 
 @dataclass
+    value: str = param("zero", "the value in the consistency: zero (V ≡ 0, the exact soft optimum of SPEC §3 at "
+                               "α = 1 without calls; measured to keep phase 2 from unlearning phase 1) or soft "
+                               "(V = α·logsumexp(Q/α), SPEC §4's unified form); docs/design.md",
+                       choices=["zero", "soft"])
 class GKDConfig:
     """The ``gkd`` learner (tw_rl/algos/gkd.py): generalized JSD to the teacher plus the <τ> decision."""
 
