@@ -166,7 +166,9 @@ def build_table(combos: list[list[str]], dirs: list[Path], budgets: list[float],
         rep = json.loads(path.read_text())
         reference = reference or rep
         rows.append({"run": ", ".join(combo) or "default", "dir": str(d),
-                     "budgets": {f"{r['budget']:g}": {"bleu": r["bleu"], "usage": r["usage_mean"]} for r in rep["tw"]}})
+                     "budgets": {f"{r['budget']:g}": {"bleu": r["bleu"], "usage": r["usage_mean"]} for r in rep["tw"]},
+                     "phase1_only": {f"{r['budget']:g}": {"bleu": r["bleu"], "usage": r["usage_mean"]}
+                                     for r in rep.get("phase1_only", [])}})
     refs = {}
     if reference:
         refs = {"student_only_bleu": reference["student_only"]["bleu"],
@@ -189,6 +191,8 @@ def table_markdown(table: dict) -> str:
         lines.append(f"| phase 1 only (before phase 2) | {cells(ref['phase1_only'])} |")
     for r in table["rows"]:
         lines.append(f"| {r['run']} | " + (cells(r["budgets"]) if "budgets" in r else r["error"]) + " |")
+        if r.get("phase1_only") and r["phase1_only"] != ref.get("phase1_only"):  # this trial redid phase 1
+            lines.append(f"| ↳ its own phase 1 only | {cells(r['phase1_only'])} |")
     if ref:
         lines.append(f"\nStudent alone {ref['student_only_bleu']:.1f} BLEU, teacher alone {ref['teacher_only_bleu']:.1f} "
                      f"BLEU. Fixed overrides: `{' '.join(table['fixed']) or '(none)'}`.")
