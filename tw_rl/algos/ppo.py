@@ -37,7 +37,7 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> to
     T = rewards.shape[1]
     idx = torch.arange(T, device=rewards.device)
     offset = idx[None, :] - idx[:, None]  # k − t
-    w = torch.where(offset >= 0, gamma ** offset.clamp(min=0).to(torch.float32), torch.zeros(()))
+    w = torch.where(offset >= 0, gamma ** offset.clamp(min=0).to(torch.float32), torch.zeros((), device=rewards.device))
     r = torch.where(mask, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
     return torch.where(mask, r @ w.T, torch.zeros_like(r))
 
