@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+            p.add_argument("--dry-run", action="store_true", help="check the config, resolve every component "
+                           "(algorithm, data source, models) and list what would be downloaded and the resources "
+                           "asked of Ray; downloads nothing and starts nothing")
+    from tw_rl.launch import add_parsers as add_launch_parsers  # tw-rl head, tw-rl submit
+
+    add_launch_parsers(sub)
     from tw_rl.sweep import add_parser as add_sweep_parser  # tw-rl sweep
 
     add_sweep_parser(sub)
@@ -140,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tw_rl.config import ConfigError, load_config
 
+    if args.command in ("head", "submit"):
+        from tw_rl.launch import run_head, run_submit
+
+        try:
+            return run_head(args) if args.command == "head" else run_submit(args)
+        except (ConfigError, ValueError, RuntimeError) as e:
+            print(f"tw-rl {args.command}: {e}", file=sys.stderr)
+            return 2
     if args.command == "sweep":
         from tw_rl.sweep import run_cli
 
@@ -170,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tw-rl: config error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "dry_run", False):
+        from tw_rl.dryrun import plan, print_plan
+
+        try:
+            print_plan(plan(cfg))
+        except ConfigError as e:
+            print(f"tw-rl: config error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "pretrain":
         from tw_rl.pretrain import pretrain
         from tw_rl.config import save_config

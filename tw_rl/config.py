@@ -185,6 +185,17 @@ class RolloutConfig:
 
 
 @dataclass
+class LearnerConfig:
+    """Resources of the learner, which runs in the driver process (the Ray job's entrypoint)."""
+
+    num_cpus: float = param(0.0, "CPUs reserved for the driver/learner when submitted as a Ray job "
+                                 "(ray job submit --entrypoint-num-cpus; 0: none reserved, Ray's default)", ge=0.0)
+    num_gpus: float = param(0.0, "GPUs reserved for the driver/learner when submitted as a Ray job "
+                                 "(--entrypoint-num-gpus): places the driver on a GPU node. The learner itself "
+                                 "still trains on the student's device (CPU today; docs/design.md)", ge=0.0)
+
+
+@dataclass
 class RLConfig:
     """Phase 2: PCL with budget multipliers (SPEC §4, §5)."""
 
@@ -296,6 +307,7 @@ class Config:
     pretrain: PretrainConfig = param(factory=PretrainConfig, help="phase 0")
     phase1: Phase1Config = param(factory=Phase1Config, help="phase 1")
     rollout: RolloutConfig = param(factory=RolloutConfig, help="rollout workers")
+    learner: LearnerConfig = param(factory=LearnerConfig, help="learner resources")
     rl: RLConfig = param(factory=RLConfig, help="phase 2")
     gkd: GKDConfig = param(factory=GKDConfig, help="the gkd learner")
     ppo: PPOConfig = param(factory=PPOConfig, help="the ppo learner")

@@ -1,0 +1,94 @@
+"""``tw-rl train --dry-run``: the paper's configurations validate offline, fast, without downloading or starting Ray."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tw_rl.config import ConfigError, load_config
+from tw_rl.dryrun import plan
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "launch" / "configs"
+
+
+def _offline_env(tmp_path):
+    hf_home = tmp_path / "hf"  # empty: nothing cached, and nothing may be written here
+    hf_home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    return env, hf_home
+
+
+@pytest.mark.parametrize("name,dataset,task", [("wmt19_flan_t5", "wmt/wmt19", "translation"),
+                                               ("xsum_flan_t5", "EdinburghNLP/xsum", "summarization")])
+def test_paper_config_dry_run(tmp_path, name, dataset, task):
+    env, hf_home = _offline_env(tmp_path)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "tw_rl.cli", "train", "--config", str(CONFIGS / f"{name}.yaml"),
+                        "--dry-run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert seconds < 30, f"dry run took {seconds:.1f} s"
+    p = json.loads(r.stdout.strip().splitlines()[-1])
+    assert p["algorithm"] == {"name": "pcl", "module": "tw_rl.algos.pcl"}
+    assert {(d["kind"], d["id"]) for d in p["downloads"]} == {
+        ("model", "google/flan-t5-xl"), ("model", "google/flan-t5-small"), ("dataset", dataset)}
+    assert not any(d["cached"] for d in p["downloads"])
+    assert p["data"]["loader"] == "tw_rl.data.hf" and p["phases"]["phase0"].startswith("skipped")
+    assert p["phases"]["eval"].startswith(task) and ("ROUGE" in p["phases"]["eval"]) == (task == "summarization")
+    assert max(p["budgets"]) == 0.5 and min(p["budgets"]) == 0.0
+    actors = p["ray"]["actors"]
+    assert actors["teacher_replica"] == {"count": 3, "CPU": 4, "GPU": 1}
+    assert actors["rollout_worker"]["count"] == 16 and actors["rollout_worker"]["GPU"] == 0
+    assert p["ray"]["total"] == {"CPU": 3 * 4 + 16 * 4 + 8, "GPU": 4}
+    for line in ("would download:", "google/flan-t5-xl", dataset, "total: 84 CPU, 4 GPU"):
+        assert line in r.stdout
+    assert not any(hf_home.rglob("*")), "the dry run wrote to the Hugging Face cache"
+    assert not (tmp_path / "runs").exists(), "the dry run created the run directory"
+
+
+def test_dry_run_imports_neither_torch_nor_ray():
+    code = ("import sys; from tw_rl.config import load_config; from tw_rl.dryrun import plan; "
+            f"plan(load_config({str(CONFIGS / 'wmt19_flan_t5.yaml')!r})); "
+            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'datasets') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_smoke_config_plan():
+    p = plan(load_config(CONFIGS / "smoke.yaml"))
+    assert p["downloads"] == [] and p["phases"]["phase0"] == "train teacher and student from scratch"
+    assert p["ray"]["total"]["CPU"] <= 2 and p["ray"]["actors"]["rollout_worker"]["count"] >= 1
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["pretrain.enabled=false"], "teacher.name_or_path is not set"),
+    (["data.kind=files", "data.path=/nonexistent/dir"], "no such directory"),
+    (["data.kind=files"], "needs data.path"),
+    (["data.kind=hf"], "needs data.hf_name"),
+    (["student.name_or_path=/nonexistent/model"], "no such directory"),
+])
+def test_dry_run_catches_what_would_fail_later(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        plan(load_config(None, overrides))
+
+
+def test_dry_run_checks_local_model_directories(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="safetensors"):
+        plan(load_config(None, [f"teacher.name_or_path={tmp_path}"]))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    p = plan(load_config(None, [f"teacher.name_or_path={tmp_path}"]))
+    assert p["models"][0]["source"] == "local directory" and p["phases"]["phase0"] == "train student from scratch"
+
+
+def test_unknown_algorithm_is_a_config_error():
+    with pytest.raises(ConfigError, match="allowed values"):
+        load_config(None, ["algo=nope"])
