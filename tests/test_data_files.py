@@ -124,8 +124,11 @@ def test_plain_and_gz_both_present(tmp_path):
 def test_no_path(tmp_path):
     with pytest.raises(DataError, match="data.path"):
         read_split(DataConfig(kind="files"), "train")
-    with pytest.raises(DataError, match="not a directory"):
+    with pytest.raises(DataError, match="nope' does not exist"):
         read_split(cfg(tmp_path / "nope"), "train")
+    write(tmp_path / "a_file", "x\n")
+    with pytest.raises(DataError, match="a_file' is not a directory"):
+        read_split(cfg(tmp_path / "a_file"), "train")
 
 
 # ----------------------------------------------------------------------------------------------------------------

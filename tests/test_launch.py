@@ -198,3 +198,36 @@ def test_a_broken_cluster_yaml_fails(cluster, breakage):
         next(iter(t for t in bad["available_node_types"].values() if "min_workers" in t))["min_workers"] = 1
     with pytest.raises((jsonschema.ValidationError, ValueError)):
         _validate_cluster(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the commands, without Ray
+# ---------------------------------------------------------------------------------------------------------------
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tw_rl.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def test_tw_rl_head_binds_loopback_unless_told():
+    r = _cli("head", "--num-cpus", "2", "--print")
+    assert r.returncode == 0, r.stderr
+    assert "--dashboard-host=127.0.0.1" in r.stdout and "--node-ip-address=127.0.0.1" in r.stdout
+    r = _cli("head", "--public-dashboard", "--print")
+    assert "--dashboard-host=0.0.0.0" in r.stdout and "warning" in r.stderr
+
+
+def test_tw_rl_submit_builds_ray_job_submit():
+    r = _cli("submit", "--print", "--address", "http://127.0.0.1:1234", "--env", "HF_HOME=/data/hf",
+             "--config", "launch/configs/wmt19_flan_t5.yaml", "out_dir=/tmp/x", "rl.iterations=3")
+    assert r.returncode == 0, r.stderr
+    import shlex
+
+    argv = shlex.split(r.stdout.strip())
+    assert argv[1:3] == ["job", "submit"] and "--address=http://127.0.0.1:1234" in argv
+    assert "--working-dir=." in argv and "--entrypoint-num-gpus=1" in argv and "--entrypoint-num-cpus=8" in argv
+    renv = json.loads(next(a for a in argv if a.startswith("--runtime-env-json=")).split("=", 1)[1])
+    assert renv["env_vars"]["HF_HOME"] == "/data/hf" and "runs/" in renv["excludes"]
+    assert argv[argv.index("--"):] == ["--", "tw-rl", "train", "--config", "launch/configs/wmt19_flan_t5.yaml",
+                                       "out_dir=/tmp/x", "rl.iterations=3"]
+    bad = _cli("submit", "--print", "--config", "launch/configs/smoke.yaml", "rl.iterationz=3")
+    assert bad.returncode == 2 and "iterationz" in bad.stderr  # checked here, not on the cluster

@@ -104,6 +104,10 @@ def run_eval(args) -> int:
     model = load(args.run, device=args.device, overrides=data_overrides(args.data)
                  + ([f"data.test_split={args.split}"] if args.split else []) + list(args.overrides))
     cfg = model.cfg
+    import torch
+
+    torch.set_num_threads(cfg.num_threads)  # as in tw-rl train's evaluation: small models run many times slower
+    # with an oversubscribed thread pool on a shared machine (docs/design.md, Threads)
     budgets = [model.check_budget(b) for b in args.budgets] if args.budgets else None
     test = model.load_examples(cfg.data.test_split, cfg.eval.max_examples)
     validation = (model.load_examples(cfg.data.validation_split, cfg.eval.max_examples) if cfg.eval.baselines
@@ -197,14 +201,25 @@ def main(argv: list[str] | None = None) -> int:
         from tw_rl.pretrain import pretrain
         from tw_rl.config import save_config
 
+        from tw_rl.data import DataError
+
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-        summary = pretrain(cfg, Path(cfg.out_dir))
+        try:
+            summary = pretrain(cfg, Path(cfg.out_dir))
+        except DataError as e:  # missing or bad data: the message names the path (or file and line)
+            print(f"tw-rl pretrain: data error: {e}", file=sys.stderr)
+            return 2
         print(f"phase 0 done: teacher BLEU {summary['teacher']['eval']['bleu']}, student BLEU {summary['student']['eval']['bleu']}"
               f" — {Path(cfg.out_dir) / 'pretrain.json'}")
         return 0
+    from tw_rl.data import DataError
     from tw_rl.train import train
 
-    report = train(cfg, resume=getattr(args, "resume", False))
+    try:
+        report = train(cfg, resume=getattr(args, "resume", False))
+    except DataError as e:  # missing or bad data: the message names the path (or file and line)
+        print(f"tw-rl train: data error: {e}", file=sys.stderr)
+        return 2
     out = Path(cfg.out_dir)
     print(f"report: {out / 'report.md'} (and {out / 'report.json'})")
     print(f"gap closed at b=0.2: {report['gap_closed'].get('0.2')}; usage: "

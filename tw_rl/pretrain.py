@@ -17,8 +17,10 @@
 Training is tuned for a few CPU cores: pairs are pre-tokenized once, batches are bucketed by length, the output
 projection and the cross-entropy are computed only at non-padding target positions, and the optimizer is AdamW
 with per-tensor scaled steps ("AdamWScale" of nanoT5), which learns far faster than plain AdamW from T5's
-initialisation. Phase 0 runs with ``pretrain.num_threads`` torch threads (see its help) and restores
-``num_threads`` afterwards. ``tokens_per_s`` in the summary counts non-padding source and target tokens.
+initialisation; with ``pretrain.bf16`` the forward and backward passes run under bfloat16 autocast (matrix
+products ~2x faster on CPUs with AVX512-BF16/AMX; weights, optimizer state and the loss stay float32). Phase 0 runs
+with ``pretrain.num_threads`` torch threads (see its help) and restores ``num_threads`` afterwards.
+``tokens_per_s`` in the summary counts non-padding source and target tokens.
 """
 
 from __future__ import annotations
@@ -130,13 +132,18 @@ def encode_pairs(pairs: list[Pair], tok: PreTrainedTokenizerBase, max_src: int, 
 
 def length_bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, bucket: int = 50
                             ) -> list[list[int]]:
-    """One epoch of index batches: shuffle, sort windows of ``bucket`` batches by length, shuffle the batches."""
+    """One epoch of index batches: shuffle, sort windows of ``bucket`` batches by length, shuffle the batches.
+
+    The sort key is the longer side first (then the total): both the encoder (source) and the decoder (target) pay
+    for padding, and on Multi30K (batch 128, windows of 50 batches) this pads 9 % of the positions, where sorting
+    by target length first padded 15 % (24 % of the source positions)."""
     idx = list(range(len(enc.src)))
     rng.shuffle(idx)
     batches: list[list[int]] = []
     window = batch_size * bucket
     for w in range(0, len(idx), window):
-        chunk = sorted(idx[w:w + window], key=lambda i: (len(enc.tgt[i]), len(enc.src[i])))
+        chunk = sorted(idx[w:w + window], key=lambda i: (max(len(enc.src[i]), len(enc.tgt[i])),
+                                                         len(enc.src[i]) + len(enc.tgt[i])))
         batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -193,8 +200,9 @@ def train_seq2seq(model, enc: Encoded, epochs: float, cfg: Config, seed: int, de
             src, src_mask, dec_in, labels, label_mask = collate(enc, batches.pop(), pad)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, p.lr, p.warmup_steps, p.final_lr_fraction)
-            logits = masked_logits(model, src, src_mask, dec_in, label_mask)
-            loss = F.cross_entropy(logits, labels[label_mask])
+            with torch.autocast(device_type=src.device.type, dtype=torch.bfloat16, enabled=p.bf16):
+                logits = masked_logits(model, src, src_mask, dec_in, label_mask)
+            loss = F.cross_entropy(logits.float(), labels[label_mask])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if p.grad_clip > 0:
@@ -391,7 +399,10 @@ def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenize
     mdir = run_dir / "models" / role
     epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
     seed = cfg.seed * 1000 + _SEED_OFFSET[role]
-    fp = _fingerprint(role, tok_fp, mcfg.arch, cfg.pretrain, epochs, seed, cfg.data.max_src_tokens,
+    pre = dataclasses.asdict(cfg.pretrain)
+    if not pre["bf16"]:  # added later: float32 runs keep the fingerprints (and caches) they had before
+        del pre["bf16"]
+    fp = _fingerprint(role, tok_fp, mcfg.arch, pre, epochs, seed, cfg.data.max_src_tokens,
                       cfg.data.max_tgt_tokens, cfg.data.on_error, longest_prompt)
     marker = _read_json(mdir / "done.json")
     if marker is not None and marker.get("fingerprint") == fp:

@@ -110,7 +110,10 @@ def resolve_files(data_cfg, split: str) -> tuple[str, list[Path]]:
         raise DataError("data.kind=files needs data.path=DIR (a directory with the split files)")
     root = Path(data_cfg.path)
     if not root.is_dir():
-        raise DataError(f"data.path={str(root)!r} is not a directory")
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise DataError(f"data.path={str(root)!r} {what} (resolved against the working directory: {root.resolve()}); "
+                        f"set data.path=DIR to the directory holding the split files, e.g. "
+                        f"{split}.{data_cfg.src_lang}[.gz] and {split}.{data_cfg.tgt_lang}[.gz]")
     bases = {
         "pairs": [root / f"{split}.{data_cfg.src_lang}", root / f"{split}.{data_cfg.tgt_lang}"],
         "jsonl": [root / f"{split}.jsonl"],
