@@ -50,3 +50,40 @@ def test_bc_loss_hand_computed():
     kd = -(t_logp[0, 0].exp() * lp[0, :3]).sum()  # only the unmarked valid position 0
     torch.testing.assert_close(loss, ce + 0.5 * kd)
     assert stats["loss/bc_ce"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_wrong_first_marks_the_students_errors_before_high_kl_positions():
+    kl = np.array([0.1, 3.0, 0.2, 2.0, 0.5], dtype=np.float32)
+    wrong = np.array([True, False, False, False, True])
+    assert mark_positions(kl, 0.4, wrong).tolist() == [True, False, False, False, True]  # both errors, KL ignored
+    assert mark_positions(kl, 0.2, wrong).tolist() == [False, False, False, False, True]  # higher-KL error first
+    assert mark_positions(kl, 0.6, wrong).tolist() == [True, True, False, False, True]  # then by KL
+    ref = Reference(tokens=np.array([5, 6, 7, 8, 1]), teacher_logprobs=np.zeros(5, np.float32), kl=kl,
+                    terminated=True, student_wrong=wrong)
+    ex = Example(teacher_src=[3, 1], student_src={0.4: [9, 3, 1]})
+    assert oracle_episode(ex, ref, 0.4, tau_id=10, rank="wrong_first").actions.tolist() == [10, 6, 7, 8, 10]
+    assert oracle_episode(ex, ref, 0.4, tau_id=10, rank="kl").actions.tolist() == [5, 10, 7, 10, 1]
+    with pytest.raises(ValueError, match="known"):
+        oracle_episode(ex, ref, 0.4, tau_id=10, rank="entropy")
+    with pytest.raises(ValueError, match="student_wrong"):
+        oracle_episode(ex, Reference(ref.tokens, ref.teacher_logprobs, kl, True), 0.4, 10, rank="wrong_first")
+
+
+def test_build_references_flags_the_students_greedy_errors():
+    from tw_rl.oracle import build_references
+
+    class Teacher:  # always the same distribution over V = 4; greedy path [2, 1] (1 = EOS)
+        def generate(self, src, max_len, eos_id):
+            return [[2, 1] for _ in src]
+
+        def distributions(self, src, outs):
+            return torch.log_softmax(torch.tensor([[0., 0., 3., 0.], [0., 3., 0., 0.]]), -1).expand(len(src), 2, 4)
+
+    class Student(torch.nn.Module):  # greedy 2 then 3: right at t = 0, wrong at t = 1
+        def forward(self, input_ids, attention_mask, decoder_input_ids):
+            logits = torch.tensor([[0., 0., 5., 0.], [0., 0., 0., 5.]]).expand(len(input_ids), 2, 4)
+            return type("Out", (), {"logits": logits})()
+
+    refs = build_references([Example(teacher_src=[3, 1], student_src={})], Teacher(), Student(), max_len=4, eos_id=1)
+    assert refs[0].student_wrong.tolist() == [False, True] and refs[0].terminated
+    assert refs[0].kl[1] > refs[0].kl[0] > 0

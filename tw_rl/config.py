@@ -171,6 +171,9 @@ class Phase1Config:
     batch_size: int = param(64, "examples per step", ge=1)
     lr: float = param(3e-3, "learning rate", gt=0.0)
     distill_weight: float = param(1.0, "weight of token-level distillation on unmarked positions", ge=0.0)
+    oracle: str = param("kl", "which positions the oracle marks: kl (the top round(b·T) by KL(π_T ‖ π_S), SPEC §6) or "
+                              "wrong_first (positions where the phase-0 student's greedy token is wrong first, KL "
+                              "within each group)", choices=["kl", "wrong_first"])
 
 
 @dataclass
@@ -213,6 +216,10 @@ class RLConfig:
     multi_step_weight: float = param(0.0, "mix: (1-w)·single-step + w·multi-step consistency (0 by default: the "
                                            "multi-step term pushed greedy usage past the budgets, docs/design.md)",
                                      ge=0.0, le=1.0)
+    value: str = param("zero", "the value in the consistency: zero (V ≡ 0, the exact soft optimum of SPEC §3 at "
+                               "α = 1 without calls; measured to keep phase 2 from unlearning phase 1) or soft "
+                               "(V = α·logsumexp(Q/α), SPEC §4's unified form); docs/design.md",
+                       choices=["zero", "soft"])
     target_update_rate: float = param(0.05, "Polyak rate of the target copy", gt=0.0, le=1.0)
     replay_capacity: int = param(4096, "on-policy episodes kept (demonstrations are never evicted)", ge=1)
     on_policy_fraction: float = param(0.5, "fraction of each batch drawn from on-policy episodes", ge=0.0, le=1.0)
@@ -227,10 +234,6 @@ class RLConfig:
 
 
 @dataclass
-    value: str = param("zero", "the value in the consistency: zero (V ≡ 0, the exact soft optimum of SPEC §3 at "
-                               "α = 1 without calls; measured to keep phase 2 from unlearning phase 1) or soft "
-                               "(V = α·logsumexp(Q/α), SPEC §4's unified form); docs/design.md",
-                       choices=["zero", "soft"])
 class GKDConfig:
     """The ``gkd`` learner (tw_rl/algos/gkd.py): generalized JSD to the teacher plus the <τ> decision."""
 
@@ -259,8 +262,6 @@ class RLlibConfig:
     num_epochs: int = param(1, "PPO epochs over each train batch", ge=1)
     clip: float = param(0.2, "PPO clip parameter", gt=0.0)
     entropy_coeff: float = param(0.0, "PPO entropy bonus", ge=0.0)
-
-
 
 
 @dataclass

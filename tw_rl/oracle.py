@@ -28,6 +28,10 @@ class Reference:
     teacher_logprobs: np.ndarray  # [T] float32: log π_T(y*_t | x, y*_<t)
     kl: np.ndarray  # [T] float32: KL(π_T ‖ π_S) at each position
     terminated: bool
+    student_wrong: np.ndarray | None = None  # [T] bool: π_S's teacher-forced greedy token differs from y*_t
+
+
+RANKINGS = ("kl", "wrong_first")
 
 
 def kl_teacher_student(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -38,13 +42,15 @@ def kl_teacher_student(teacher_logp: torch.Tensor, student_logits: torch.Tensor)
     return (teacher_logp.exp() * (teacher_logp - s_logp)).sum(-1)
 
 
-def mark_positions(kl: np.ndarray, budget: float) -> np.ndarray:
-    """The top ``round(b·T)`` positions by KL (ties: the earlier position) → bool ``[T]``."""
+def mark_positions(kl: np.ndarray, budget: float, first: np.ndarray | None = None) -> np.ndarray:
+    """The top ``round(b·T)`` positions by KL (ties: the earlier position) → bool ``[T]``. With ``first`` (bool
+    ``[T]``), the positions it flags rank above all others, and KL orders within each group."""
     T = len(kl)
     k = int(round(budget * T))
     marks = np.zeros(T, dtype=bool)
     if k > 0:
-        order = np.lexsort((np.arange(T), -kl))  # by KL descending, then position ascending
+        group = np.zeros(T) if first is None else -np.asarray(first, dtype=float)
+        order = np.lexsort((np.arange(T), -kl, group))  # flagged first, then KL descending, then position
         marks[order[:k]] = True
     return marks
 
@@ -70,13 +76,22 @@ def build_references(examples: Sequence[Example], teacher, base_student, max_len
                 tokens=np.asarray(o, dtype=np.int64),
                 teacher_logprobs=t_logp[j, torch.arange(T), y].numpy().astype(np.float32),
                 kl=kl_teacher_student(t_logp[j, :T], s_logits[j, :T]).numpy().astype(np.float32),
-                terminated=bool(o and o[-1] == eos_id)))
+                terminated=bool(o and o[-1] == eos_id),
+                student_wrong=(s_logits[j, :T, :t_logp.shape[-1]].argmax(-1) != y).numpy()))
     return refs
 
 
-def oracle_episode(example: Example, ref: Reference, budget: float, tau_id: int) -> Episode:
-    """An oracle trace as an Episode: ``<τ>`` at the marked positions, the teacher's tokens everywhere."""
-    marks = mark_positions(ref.kl, budget)
+def oracle_episode(example: Example, ref: Reference, budget: float, tau_id: int, rank: str = "kl") -> Episode:
+    """An oracle trace as an Episode: ``<τ>`` at the marked positions, the teacher's tokens everywhere.
+
+    ``rank="kl"``: the top ``round(b·T)`` positions by ``KL(π_T ‖ π_S)`` (SPEC §6); ``"wrong_first"``: positions
+    where the phase-0 student's greedy token is wrong come first, KL orders within each group.
+    """
+    if rank not in RANKINGS:
+        raise ValueError(f"unknown oracle ranking {rank!r}; known: {RANKINGS}")
+    if rank == "wrong_first" and ref.student_wrong is None:
+        raise ValueError("oracle ranking 'wrong_first' needs references with student_wrong (rebuild them)")
+    marks = mark_positions(ref.kl, budget, ref.student_wrong if rank == "wrong_first" else None)
     return Episode(src_ids=np.asarray(example.student_src[budget], dtype=np.int64),
                    actions=np.where(marks, tau_id, ref.tokens), tokens=ref.tokens.copy(),
                    teacher_logprobs=ref.teacher_logprobs.copy(),

@@ -112,18 +112,19 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
 def references(run: Run) -> list[Reference]:
     """Teacher greedy paths of the training inputs with per-position KL to the phase-0 student (cached)."""
     path = run.dir / "models" / "references.npz"
-    if path.is_file():
-        z = np.load(path)
+    z = np.load(path) if path.is_file() else None
+    if z is not None and "student_wrong" in z and len(z["terminated"]) == len(run.train):
         off = z["offsets"]
-        return [Reference(z["tokens"][a:b], z["teacher_logprobs"][a:b], z["kl"][a:b], bool(t))
-                for a, b, t in zip(off[:-1], off[1:], z["terminated"])]
+        return [Reference(z["tokens"][a:b], z["teacher_logprobs"][a:b], z["kl"][a:b], bool(t),
+                          z["student_wrong"][a:b]) for a, b, t in zip(off[:-1], off[1:], z["terminated"])]
     base, _ = load_seq2seq(run.base_student_dir)
     refs = build_references(run.train, run.teacher, base.eval(), run.max_len, run.eos_id,
                             batch_size=run.cfg.eval.batch_size, pad_id=run.pad_id, start_id=run.start_id)
     off = np.concatenate([[0], np.cumsum([len(r.tokens) for r in refs])])
     np.savez(path, offsets=off, tokens=np.concatenate([r.tokens for r in refs]),
              teacher_logprobs=np.concatenate([r.teacher_logprobs for r in refs]),
-             kl=np.concatenate([r.kl for r in refs]), terminated=np.array([r.terminated for r in refs]))
+             kl=np.concatenate([r.kl for r in refs]), terminated=np.array([r.terminated for r in refs]),
+             student_wrong=np.concatenate([r.student_wrong for r in refs]))
     return refs
 
 
@@ -153,7 +154,7 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
     for step in tqdm(range(steps), desc="phase 1 (oracle BC)", unit="step"):
         idx = rng.integers(len(refs), size=cfg.batch_size)
         budgets = rng.choice(run.cfg.budgets, size=cfg.batch_size)
-        eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id) for i, b in zip(idx, budgets)]
+        eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id, cfg.oracle) for i, b in zip(idx, budgets)]
         batch = EpisodeBatch.collate(eps, run.pad_id)
         dec, dec_tm = batch.decoder_inputs(run.start_id, run.pad_id)
         logits = student(batch.src_ids, batch.src_mask, dec[:, :-1], dec_tm[:, :-1])
@@ -226,7 +227,8 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
 def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.Generator) -> list[Episode]:
     """Seeded, never-evicted off-policy paths: teacher outputs and oracle traces, at random budgets."""
     budgets = rng.choice(run.cfg.budgets, size=len(refs))
-    return ([oracle_episode(ex, r, float(b), tau_id) for ex, r, b in zip(run.train, refs, budgets)]
+    rank = run.cfg.phase1.oracle
+    return ([oracle_episode(ex, r, float(b), tau_id, rank) for ex, r, b in zip(run.train, refs, budgets)]
             + [demo_episode(ex, r, float(b)) for ex, r, b in zip(run.train, refs, budgets) if b == 0.0])
 
 
