@@ -172,3 +172,38 @@ def test_sampled_actions_follow_the_policy(toy):
         assert 0.5 * np.abs(freq[:toy["V"]] - p).sum() < 0.02
         lp = torch.log_softmax(logits[:toy["V"]] / T, -1).numpy()
         np.testing.assert_allclose(out.behavior_logprobs[:, 0], lp[out.actions[:, 0]], atol=1e-5)
+
+
+def test_greedy_rows_decode_held_out_inputs(toy):
+    """With greedy_examples, the greedy rows draw their inputs from them (source "greedy_heldout"), decode
+    greedily, and the sampled rows still draw from the training examples."""
+    train, held = toy["examples"][:3], toy["examples"][3:]
+    assert held, "the toy needs more than 3 examples"
+    worker = RolloutWorker(copy.deepcopy(toy["student"]), toy["teacher"], train, BUDGETS, max_len=MAX_LEN,
+                           eos_id=toy["eos"], temperature=1.0, batch_size=20, seed=0, greedy_fraction=0.5,
+                           greedy_examples=held)
+    eps = worker.sample(seed=3).episodes
+    src_of = lambda exs: {tuple(ex.student_src[b]) for ex in exs for b in BUDGETS}  # noqa: E731
+    assert [e.source for e in eps] == ["greedy_heldout"] * 10 + ["onpolicy"] * 10
+    assert all(tuple(e.src_ids.tolist()) in src_of(held) for e in eps[:10])
+    assert all(tuple(e.src_ids.tolist()) in src_of(train) for e in eps[10:])
+    again = worker.sample(seed=3).episodes
+    assert [e.tokens.tolist() for e in again[:10]] == [e.tokens.tolist() for e in eps[:10]]
+
+
+def test_dual_usage_follows_the_chosen_episodes():
+    from tw_rl.batch import Episode
+    from tw_rl.train import dual_episodes, usage_by_budget
+
+    def ep(source, calls):  # a call: the action (<τ> = 9) differs from the token appended
+        return Episode(src_ids=np.array([1]), actions=np.array([9 if c else 1 for c in calls]),
+                       tokens=np.ones(len(calls), np.int64), teacher_logprobs=np.zeros(len(calls), np.float32),
+                       behavior_logprobs=np.zeros(len(calls), np.float32), budget=0.2, terminated=True,
+                       policy_version=0, source=source)
+
+    eps = [ep("greedy_heldout", [1, 0, 0, 0]), ep("greedy", [1, 1, 0, 0]), ep("onpolicy", [1, 1, 1, 1])]
+    assert [e.source for e in dual_episodes(eps, "heldout")] == ["greedy_heldout"]
+    assert [e.source for e in dual_episodes(eps, "greedy")] == ["greedy"]
+    assert len(dual_episodes(eps, "all")) == 3
+    assert len(dual_episodes(eps[1:], "heldout")) == 2  # none of the chosen kind: all of them
+    assert usage_by_budget(dual_episodes(eps, "heldout"))[0.2] == pytest.approx(0.25)

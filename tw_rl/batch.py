@@ -25,7 +25,7 @@ class Episode:
     budget: float  # b
     terminated: bool  # EOS entered X_out (terminal value 0); otherwise truncated at the length limit
     policy_version: int = -1  # learner version that produced it; -1: a demonstration
-    source: str = "onpolicy"  # "onpolicy" | "teacher_demo" | "oracle"
+    source: str = "onpolicy"  # "onpolicy" | "greedy" | "greedy_heldout" | "teacher_demo" | "oracle"
 
     @property
     def teacher_mask(self) -> np.ndarray:

@@ -185,8 +185,9 @@ class RolloutConfig:
     num_cpus: float = param(0.5, "CPUs per rollout worker", ge=0.0)
     num_gpus: float = param(0.0, "GPUs per rollout worker", ge=0.0)
     temperature: float = param(1.0, "sampling temperature for exploration", gt=0.0)
-    greedy_fraction: float = param(0.25, "fraction of each worker's episodes decoded greedily, as the student is "
-                                         "deployed; their usage drives the multipliers when rl.dual_usage=greedy",
+    greedy_fraction: float = param(0.5, "fraction of each worker's episodes decoded greedily, as the student is "
+                                         "deployed; their usage drives the multipliers (rl.dual_usage); with "
+                                         "rl.dual_usage=heldout they decode held-out inputs and are not trained on",
                                    ge=0.0, le=1.0)
 
 
@@ -225,9 +226,10 @@ class RLConfig:
     on_policy_fraction: float = param(0.5, "fraction of each batch drawn from on-policy episodes", ge=0.0, le=1.0)
     lambda_lr: float = param(0.5, "dual ascent step η_λ", ge=0.0)
     lambda_init: float = param(0.0, "initial multipliers", ge=0.0)
-    dual_usage: str = param("greedy", "whose usage drives the dual ascent: the greedy episodes (the deployed "
-                                      "policy; falls back to all when there are none) or all on-policy episodes",
-                            choices=["greedy", "all"])
+    dual_usage: str = param("heldout", "whose usage drives the dual ascent: the greedy episodes on held-out inputs "
+                                       "(data.validation_split; never trained on), the greedy episodes on training "
+                                       "inputs, or all on-policy episodes (docs/design.md)",
+                            choices=["heldout", "greedy", "all"])
     grad_clip: float = param(1.0, "gradient norm clip", gt=0.0)
     demonstrations: bool = param(True, "seed the replay buffer with demonstrations (teacher outputs, oracle traces); "
                                        "false: on-policy only (ablation)")

@@ -367,7 +367,7 @@ class RolloutGroup:
     def __init__(self, student: StudentSource | str | Path, teacher: TeacherClient, examples: Sequence[Example],
                  budgets: Sequence[float], cfg: RolloutConfig, *, max_len: int, eos_id: int, seed: int,
                  local: bool = False, pad_id: int = 0, start_id: int = 0, max_reissues: int = 3,
-                 restart_timeout_s: float = 120.0):
+                 restart_timeout_s: float = 120.0, greedy_examples: Sequence[Example] | None = None):
         if isinstance(student, (str, Path)):
             student = RolloutWorker.student_loader(student)
         self.local = local or cfg.num_workers == 0
@@ -381,27 +381,30 @@ class RolloutGroup:
                       seed=seed, pad_id=pad_id, start_id=start_id)
         if self.local:  # each worker owns a replica, as under Ray (never the caller's module itself)
             self.workers = [RolloutWorker(copy.deepcopy(student) if isinstance(student, Student) else student,
-                                          teacher, examples, budgets, worker_index=i, **common)
+                                          teacher, examples, budgets, worker_index=i,
+                                          greedy_examples=greedy_examples, **common)
                             for i in range(n)]
             self._instances = [w.instance for w in self.workers]
             return
         # Constructor arguments are put in the object store once, and the group keeps the references: a restarted
         # actor re-reads them (ray-project/ray#53727: a restart fails once they go out of scope).
-        self._init_refs = (ray.put(student), ray.put(list(examples)))
+        self._init_refs = (ray.put(student), ray.put(list(examples)), ray.put(list(greedy_examples or [])))
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
         self.workers = [
             RolloutWorkerActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=-1,
                                        max_task_retries=0).remote(
                 self._init_refs[0], teacher.for_worker(i) if hasattr(teacher, "for_worker") else teacher,
                 self._init_refs[1],
-                list(budgets), worker_index=i, num_threads=max(1, int(cfg.num_cpus)), device=device, **common)
+                list(budgets), worker_index=i, num_threads=max(1, int(cfg.num_cpus)), device=device,
+                greedy_examples=self._init_refs[2], **common)
             for i in range(n)]
         self._instances = [ident[1] for ident in ray.get([w.identity.remote() for w in self.workers])]
 
     @classmethod
     def from_config(cls, cfg: Config, student: StudentSource | str | Path, teacher_dir: str | Path | None,
                     examples: Sequence[Example], teacher: Teacher, *, eos_id: int | None = None,
-                    local: bool | None = None) -> "RolloutGroup":
+                    local: bool | None = None,
+                    greedy_examples: Sequence[Example] | None = None) -> "RolloutGroup":
         """The group a run configures: ``cfg.rollout`` workers, ``cfg.teacher`` replicas loaded from
         ``teacher_dir`` (Ray mode; ``teacher`` supplies ``|V|``, pad and start ids, and is used directly in local
         mode), episodes of at most ``cfg.data.max_tgt_tokens`` over ``cfg.budgets``, seeded by ``cfg.seed``.
@@ -417,7 +420,8 @@ class RolloutGroup:
                                            teacher=teacher if teacher_dir is None else None,
                                            pad_id=teacher.pad_id, start_id=teacher.start_id)
         group = cls(student, client, examples, cfg.budgets, cfg.rollout, max_len=cfg.data.max_tgt_tokens,
-                    eos_id=eos_id, seed=cfg.seed, local=local, pad_id=teacher.pad_id, start_id=teacher.start_id)
+                    eos_id=eos_id, seed=cfg.seed, local=local, pad_id=teacher.pad_id, start_id=teacher.start_id,
+                    greedy_examples=greedy_examples)
         group._owned_teacher = owned
         return group
 

@@ -91,7 +91,8 @@ class RolloutWorker:
     def __init__(self, student: StudentSource, teacher: TeacherClient, examples: Sequence[Example],
                  budgets: Sequence[float], max_len: int, eos_id: int, temperature: float, batch_size: int,
                  seed: int, worker_index: int = 0, num_threads: int | None = None, pad_id: int = 0,
-                 start_id: int = 0, device: str = "cpu", greedy_fraction: float = 0.0):
+                 start_id: int = 0, device: str = "cpu", greedy_fraction: float = 0.0,
+                 greedy_examples: Sequence[Example] | None = None):
         if num_threads is not None:  # under Ray, OMP_NUM_THREADS may say 1 whatever the actor's CPUs
             torch.set_num_threads(max(1, int(num_threads)))
         if not examples:
@@ -111,6 +112,11 @@ class RolloutWorker:
         self.student = (student if isinstance(student, Student) else student()).to(self.device).eval()
         self.teacher = teacher
         self.examples = list(examples)
+        # held-out inputs for the greedy rows (their usage drives the multipliers; they are not trained on)
+        self.greedy_examples = list(greedy_examples) if greedy_examples else None
+        for i, ex in enumerate(self.greedy_examples or []):
+            if any(b not in ex.student_src for b in self.budgets):
+                raise ValueError(f"greedy example {i} lacks student inputs for some of the budgets {self.budgets}")
         self.max_len, self.eos_id, self.temperature, self.batch_size = max_len, eos_id, temperature, batch_size
         self.greedy_fraction = float(greedy_fraction)
         self.seed, self.worker_index, self.pad_id, self.start_id = seed, worker_index, pad_id, start_id
@@ -151,7 +157,8 @@ class RolloutWorker:
 
         Actions are sampled at ``temperature`` over ``V ∪ {<τ>}``, except for the first
         ``round(greedy_fraction · n)`` rows, which decode greedily (``source="greedy"``: the usage of the policy as
-        it is deployed); rewards come from one batched ``teacher.score`` over all outputs.
+        it is deployed) — on inputs drawn from ``greedy_examples`` when the worker has them
+        (``source="greedy_heldout"``); rewards come from one batched ``teacher.score`` over all outputs.
         """
         t0 = time.perf_counter()
         n = self.batch_size if n is None else int(n)
@@ -159,12 +166,16 @@ class RolloutWorker:
         idx = rng.integers(len(self.examples), size=n)
         budgets = [self.budgets[j] for j in rng.integers(len(self.budgets), size=n)]
         examples = [self.examples[i] for i in idx]
+        n_greedy = int(round(self.greedy_fraction * n))
+        if self.greedy_examples and n_greedy:
+            held = rng.integers(len(self.greedy_examples), size=n_greedy)
+            examples[:n_greedy] = [self.greedy_examples[i] for i in held]
+        greedy_source = "greedy_heldout" if self.greedy_examples else "greedy"
         src = [ex.student_src[b] for ex, b in zip(examples, budgets)]
         teacher_src = [ex.teacher_src for ex in examples]
         src_ids, src_mask = pad_batch(src, self.pad_id, self.device)
 
         teacher = _CountingTeacher(self.teacher)
-        n_greedy = int(round(self.greedy_fraction * n))
         temperature: float | torch.Tensor = self.temperature
         if n_greedy:  # the first rows act as the deployed (greedy) policy acts
             temperature = torch.full((n,), float(self.temperature), device=self.device)
@@ -185,7 +196,7 @@ class RolloutWorker:
                 tokens=out.tokens[k, :L].copy(), teacher_logprobs=np.asarray(rewards[k], dtype=np.float32),
                 behavior_logprobs=out.behavior_logprobs[k, :L].copy(), budget=budgets[k],
                 terminated=bool(out.terminated[k]), policy_version=self.version,
-                source="greedy" if k < n_greedy else "onpolicy"))
+                source=greedy_source if k < n_greedy else "onpolicy"))
         tokens = int(out.lengths.sum())
         seconds = time.perf_counter() - t0
         stats = RolloutStats(worker_index=self.worker_index, instance=self.instance, policy_version=self.version,

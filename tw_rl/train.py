@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ class Run:
     eos_id: int
     pad_id: int
     start_id: int
+    validation: list[Example] = field(default_factory=list)  # held-out inputs (the multipliers' usage, rl.dual_usage)
 
     @property
     def max_len(self) -> int:
@@ -105,7 +106,9 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
                train=split(cfg.data.train_split, cfg.phase1.num_examples),
                test=split(cfg.data.test_split, cfg.eval.max_examples),
                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-               start_id=teacher_model.config.decoder_start_token_id)
+               start_id=teacher_model.config.decoder_start_token_id,
+               validation=(split(cfg.data.validation_split, None) if cfg.rl.enabled and cfg.rl.dual_usage == "heldout"
+                           else []))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -198,20 +201,22 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
     if cfg.rollout.num_workers > 0:
         init_ray()
     group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
-                                     eos_id=run.eos_id)
+                                     eos_id=run.eos_id, greedy_examples=run.validation or None)
     try:
         for it in tqdm(range(start, cfg.rl.iterations), desc=f"phase 2 ({cfg.algo})", unit="iter"):
             times: dict[str, float] = {}
             with Timer(times, "rollout"):  # sample: on-policy episodes, <τ> answered, rewards scored
                 episodes, rstats = group.sample(learner.student.state_dict(), version=it, seed=it)
-            buffer.add(episodes)  # buffer
-            multipliers.update(usage_by_budget(dual_episodes(episodes, cfg.rl.dual_usage)))  # dual ascent (SPEC §5)
+            buffer.add([e for e in episodes if e.source != "greedy_heldout"])  # buffer (held-out inputs: never)
+            dual_usage = usage_by_budget(dual_episodes(episodes, cfg.rl.dual_usage))
+            multipliers.update(dual_usage)  # dual ascent (SPEC §5)
             with Timer(times, "update"):  # update: PCL steps on the mixed buffer
                 for _ in range(cfg.rl.updates_per_iteration):
                     batch = EpisodeBatch.collate(buffer.sample(cfg.rl.batch_size, rng), run.pad_id)
                     stats = learner.update(batch, multipliers.for_episodes(batch.budgets))
             log.log(it, {**stats, **rstats.as_metrics(), **multipliers.as_metrics(), **times,
                          **{f"rollout/usage_{b:g}": u for b, u in usage_by_budget(episodes).items()},
+                         **{f"dual/usage_{b:g}": u for b, u in dual_usage.items()},
                          "replay/demos": buffer.num_demos,
                          "replay/batch_onpolicy": float((batch.policy_version >= 0).float().mean())},
                     phase="phase2")
@@ -239,10 +244,13 @@ def teacher_sources(examples: list[Example]) -> dict[tuple[int, ...], list[int]]
 
 
 def dual_episodes(episodes: list[Episode], which: str) -> list[Episode]:
-    """The on-policy episodes whose usage the multipliers follow: the greedy ones (how the student is deployed and
-    evaluated: sampling at temperature 1 calls at a different rate) or all of them."""
-    greedy = [e for e in episodes if e.source == "greedy"]
-    return greedy if which == "greedy" and greedy else episodes
+    """The on-policy episodes whose usage the multipliers follow (``rl.dual_usage``): ``heldout``, the greedy ones
+    on held-out inputs (how the student is deployed and evaluated — greedily, on inputs it was not trained on: it
+    calls less on its training inputs); ``greedy``, the greedy ones on training inputs (sampling at temperature 1
+    calls at a different rate); or ``all``. Falls back to all episodes when the chosen kind is missing."""
+    kind = {"heldout": "greedy_heldout", "greedy": "greedy"}.get(which)
+    chosen = [e for e in episodes if e.source == kind]
+    return chosen or episodes
 
 
 def usage_by_budget(episodes: list[Episode]) -> dict[float, float]:
