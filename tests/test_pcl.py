@@ -515,3 +515,13 @@ def test_unknown_value_parameterisation_is_refused() -> None:
     with pytest.raises(ValueError, match="known"):
         pcl_consistency(q, q, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool),
                         torch.ones(1, dtype=torch.long), torch.ones(1, dtype=torch.bool), 1.0, 1.0, 1, value="hard")
+
+
+@pytest.mark.parametrize("value", ["soft", "zero"])
+def test_entropy_stat_is_the_policy_entropy_whatever_the_value(value) -> None:
+    A, T = 6, 3
+    q = torch.full((2, T + 1, A), 7.0)  # uniform policy at a high logit level
+    args = (torch.zeros(2, T, dtype=torch.long), torch.zeros(2, T), torch.ones(2, T, dtype=torch.bool),
+            torch.full((2,), T), torch.ones(2, dtype=torch.bool), 1.0, 1.0)
+    _, stats = pcl_loss(q, q, *args, window=1, multi_step_weight=0.0, value=value)
+    assert stats["rollout/entropy"] == pytest.approx(math.log(A), rel=1e-5)

@@ -163,7 +163,7 @@ def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.T
 
     with torch.no_grad():
         T = actions.shape[1]
-        pi = torch.exp((q[:, :T].float() - v[:, :T, None]) / alpha)
+        pi = torch.softmax(q[:, :T].float() / alpha, dim=-1)  # (not exp((q − v)/α): with value="zero", v ≡ 0)
         entropy = -torch.special.xlogy(pi, pi).sum(-1)  # xlogy: 0·log 0 = 0 for masked <τ>
         stats = {
             "loss/pcl": float(loss),
