@@ -193,13 +193,20 @@ class RolloutConfig:
 
 @dataclass
 class LearnerConfig:
-    """Resources of the learner, which runs in the driver process (the Ray job's entrypoint)."""
+    """Resources of the learner: the driver process (the Ray job's entrypoint), or with ``num_workers`` ≥ 1 a group
+    of data-parallel learner actors."""
 
     num_cpus: float = param(0.0, "CPUs reserved for the driver/learner when submitted as a Ray job "
                                  "(ray job submit --entrypoint-num-cpus; 0: none reserved, Ray's default)", ge=0.0)
     num_gpus: float = param(0.0, "GPUs reserved for the driver/learner when submitted as a Ray job "
                                  "(--entrypoint-num-gpus): places the driver on a GPU node. The learner itself "
                                  "still trains on the student's device (CPU today; docs/design.md)", ge=0.0)
+    num_workers: int = param(0, "data-parallel PCL learner (tw_rl/parallel.py): 0, the learner runs in the driver; "
+                                "N ≥ 1, N Ray actors each holding a DDP replica of the student, every learner batch "
+                                "split across them and gradients all-reduced (algo=pcl only)", ge=0)
+    use_gpu: bool = param(False, "with num_workers ≥ 1: one GPU per learner worker (DDP over NCCL); false: CPU "
+                                 "workers over gloo")
+    worker_num_cpus: float = param(0.5, "CPUs reserved per learner worker (fractions allowed)", ge=0.0)
 
 
 @dataclass
@@ -357,6 +364,9 @@ def validate(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"algo={cfg.algo!r} is unknown; allowed values: {sorted(ALGORITHMS)}")
         if not cfg.budgets:
             raise ConfigError("budgets=[] is empty; give at least one budget in [0, 1]")
+        if cfg.learner.num_workers > 0 and cfg.algo != "pcl":
+            raise ConfigError(f"learner.num_workers={cfg.learner.num_workers} (data-parallel learning) is built for "
+                              f"algo=pcl only, not algo={cfg.algo!r}; set learner.num_workers=0")
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:

@@ -1,4 +1,4 @@
-"""Ray at the edge: the only module that imports ray.
+"""Ray at the edge: with tw_rl/parallel.py (the data-parallel learner), the only module that imports ray.
 
 - :class:`TeacherServer` — a plain class with async methods that wraps :class:`~tw_rl.teacher.Teacher` and batches
   concurrent requests dynamically (:class:`DynamicBatcher`). ``TeacherActor = ray.remote(TeacherServer)``.
@@ -66,15 +66,18 @@ def check_resources(cfg: Config) -> None:
         return
     total = ray.cluster_resources()
     for kind, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        per_learner = cfg.learner.worker_num_cpus if kind == "CPU" else float(cfg.learner.use_gpu)
+        learners = cfg.learner.num_workers * per_learner  # the data-parallel learner's actors (tw_rl/parallel.py)
         need = (cfg.teacher.num_replicas * getattr(cfg.teacher, key)
-                + cfg.rollout.num_workers * getattr(cfg.rollout, key))
+                + cfg.rollout.num_workers * getattr(cfg.rollout, key) + learners)
         have = total.get(kind, 0.0)
         if need > have + 1e-9:
             raise ValueError(
-                f"the teacher ({cfg.teacher.num_replicas} × teacher.{key}={getattr(cfg.teacher, key)}) and rollout "
-                f"workers ({cfg.rollout.num_workers} × rollout.{key}={getattr(cfg.rollout, key)}) need {need:g} "
-                f"{kind}s but Ray has {have:g}; lower rollout.num_workers, rollout.{key} or teacher.{key} "
-                f"(fractions are allowed), or use rollout.num_workers=0 for local mode")
+                f"the teacher ({cfg.teacher.num_replicas} × teacher.{key}={getattr(cfg.teacher, key)}), rollout "
+                f"workers ({cfg.rollout.num_workers} × rollout.{key}={getattr(cfg.rollout, key)}) and learner "
+                f"workers ({cfg.learner.num_workers} × {per_learner:g}) need {need:g} "
+                f"{kind}s but Ray has {have:g}; lower rollout.num_workers, rollout.{key}, teacher.{key} or "
+                f"learner.num_workers (fractions are allowed), or use rollout.num_workers=0 for local mode")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -188,8 +188,14 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
     if hasattr(algo, "run_phase2"):  # an algorithm with its own sampling loop (RLlib): same inputs and output
         return algo.run_phase2(run, student, log, resume)
     rng = np.random.default_rng(cfg.seed + 1)
-    learner = algo.make_learner(cfg, student, run.start_id, run.pad_id, teacher=run.teacher,
-                                teacher_src=teacher_sources(run.train))
+    if cfg.learner.num_workers > 0 and cfg.algo == "pcl":  # data-parallel: DDP replicas in Ray actors
+        from tw_rl.parallel import make_learner as make_parallel_learner
+
+        init_ray()
+        learner = make_parallel_learner(cfg, student, run.start_id, run.pad_id)
+    else:
+        learner = algo.make_learner(cfg, student, run.start_id, run.pad_id, teacher=run.teacher,
+                                    teacher_src=teacher_sources(run.train))
     multipliers = BudgetMultipliers(cfg.budgets, cfg.rl.lambda_lr, cfg.rl.lambda_init)
     buffer = ReplayBuffer(cfg.rl.replay_capacity, cfg.rl.on_policy_fraction)
     if cfg.rl.demonstrations:  # false: on-policy only (ablation)
@@ -224,6 +230,8 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
                 checkpoint(run, it + 1, learner, multipliers, buffer, rng)
     finally:
         group.close()
+        if hasattr(learner, "close"):
+            learner.close()
     learner.student.eval()
     learner.student.save(run.dir / "models" / "final", run.tokenizer)
     return learner.student

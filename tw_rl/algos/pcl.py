@@ -209,31 +209,44 @@ class PCLLearner:
 
     def update(self, batch: EpisodeBatch, lambdas: torch.Tensor) -> dict[str, float]:
         """One gradient step on ``batch`` with per-episode multipliers ``lambdas [B]``; then the Polyak update."""
-        cfg = self.cfg
         batch = batch.to(self.device)
+        loss, stats = self.compute_loss(batch, lambdas)
+        grad_norm = self.apply_gradients(loss)
+        stats.update(self.batch_stats(batch, grad_norm))
+        return stats
+
+    def compute_loss(self, batch: EpisodeBatch, lambdas: torch.Tensor, net: Optional[nn.Module] = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The PCL loss of ``batch`` (on the learner's device) and its stats. ``net`` computes the online
+        Q-values (default: the student; :class:`tw_rl.parallel.DataParallelLearner` passes its DDP wrapper)."""
+        cfg = self.cfg
         self.student.train()
-        q = self.q_values(self.student, batch)
+        q = self.q_values(self.student if net is None else net, batch)
         with torch.no_grad():
             q_target = self.q_values(self.target, batch)
         rewards = lagrangian_rewards(batch, lambdas)
-        loss, stats = pcl_loss(q, q_target, batch.actions, rewards, batch.mask, batch.lengths, batch.terminated,
-                               cfg.alpha, cfg.gamma, cfg.window, cfg.multi_step_weight, cfg.value)
+        return pcl_loss(q, q_target, batch.actions, rewards, batch.mask, batch.lengths, batch.terminated,
+                        cfg.alpha, cfg.gamma, cfg.window, cfg.multi_step_weight, cfg.value)
+
+    def apply_gradients(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward, clip, AdamW step, Polyak update; returns the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.polyak_update()
         self.step += 1
+        return grad_norm
 
+    def batch_stats(self, batch: EpisodeBatch, grad_norm: torch.Tensor) -> dict[str, float]:
         n_steps = batch.mask.sum().clamp(min=1)
-        stats.update({
+        return {
             "loss/grad_norm": float(grad_norm),
             "rollout/usage": float((batch.teacher_mask & batch.mask).sum() / n_steps),
             "rollout/teacher_logprob": float(_masked_mean(batch.teacher_logprobs, batch.mask)),
             "rollout/length": float(batch.lengths.float().mean()),
             "learner/step": float(self.step),
-        })
-        return stats
+        }
 
     @torch.no_grad()
     def polyak_update(self) -> None:
