@@ -136,7 +136,9 @@ def test_student_rl_module_reads_the_env_observation_as_the_student_would(toy):
     from envs.token_mdp import TokenMDPEnv
     from tw_rl.algos.rllib_ppo import _module_class
 
-    student, V = toy["student"], toy["V"]
+    import copy
+
+    student, V = copy.deepcopy(toy["student"]), toy["V"]  # a copy: the RLModule must not touch the session's toy
     env = TokenMDPEnv(toy["examples"], toy["teacher"], n_actions=V + 1, eos_id=toy["eos"], budgets=[0.0, 0.2, 0.5],
                       max_len=6, max_src_len=8)
     module = _module_class()(observation_space=env.observation_space, action_space=env.action_space,

@@ -162,7 +162,8 @@ def test_confidence_calibration_hits_target_usage_on_validation(run):
     model, validation = fresh_student(run["model"]), run["validation"]
     for target in (0.1, 0.35):
         cal = calibrate_confidence(model, validation, 0.2, target)
-        assert abs(cal.usage - target) <= 0.01, cal.trace
+        # within the equal-usage tolerance (±0.02): on 48 validation inputs usage moves in steps
+        assert abs(cal.usage - target) <= 0.02, cal.trace
         outs = run_method(confidence_baseline(model, 0.2, cal.threshold), validation, 16)
         assert abs(np.mean([m.sum() / len(m) for m in outs.teacher_mask]) - cal.usage) < 1e-9  # what it reports
 
