@@ -43,3 +43,13 @@ def toy():
         prompts = {b: [2 + int(10 * b)] + src for b in (0.0, 0.2, 0.5)}  # a one-token stand-in for the prompt
         examples.append(Example(teacher_src=src, student_src=prompts))
     return {"teacher": teacher, "student": student, "examples": examples, "V": V, "eos": EOS}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for one test module (one ``ray.init`` per module), sized for 2 cores; shut down after it."""
+    from tw_rl.distributed import init_ray, shutdown_ray
+
+    init_ray(num_cpus=2, object_store_memory=200 * 1024 ** 2)
+    yield
+    shutdown_ray()

@@ -17,18 +17,11 @@ import torch
 from tests.conftest import tiny_t5
 from tw_rl.config import Config, RolloutConfig, TeacherConfig
 from tw_rl.distributed import (DynamicBatcher, RemoteTeacher, RolloutGroup, TeacherActor, TeacherServer,
-                               init_ray, shutdown_ray, start_teacher)
+                               start_teacher)
 from tw_rl.models.student import Student
 
 MAX_LEN = 8
 BUDGETS = [0.0, 0.2, 0.5]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    init_ray(num_cpus=2, object_store_memory=200 * 1024 ** 2)
-    yield
-    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

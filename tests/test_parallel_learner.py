@@ -10,19 +10,11 @@ from tw_rl.algos.pcl import PCLLearner
 from tw_rl.batch import Episode, EpisodeBatch
 from tw_rl.checkpoint import latest_checkpoint, load_checkpoint
 from tw_rl.config import RLConfig, load_config
-from tw_rl.distributed import init_ray, shutdown_ray
 from tw_rl.parallel import DataParallelLearner, merge_stats, split_batch
 
 START, PAD = 0, 0
 RL = RLConfig(lr=1e-3, alpha=1.0, gamma=0.9, window=3, multi_step_weight=0.5, value="soft",
               target_update_rate=0.3, grad_clip=0.05)  # a small clip: clipping must act on the all-reduced gradient
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    init_ray(num_cpus=2, object_store_memory=200 * 1024 ** 2)
-    yield
-    shutdown_ray()
 
 
 @pytest.fixture(scope="module")
