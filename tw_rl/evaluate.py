@@ -608,10 +608,12 @@ def plot(report: dict, path: Path) -> Path:
             if rows:
                 ax.plot([r[x] for r in rows], [r[metric] for r in rows], label=name, **style)
         for key, rows, color in (("b", report["tw"], "C0"), ("l", lenient, "C1")):
-            for r in rows:
+            for i, r in enumerate(rows):
                 if r.get(x) is not None:
                     v = r["budget" if key == "b" else "lenience"]
-                    ax.annotate(f"{key}={v:g}", (r[x], r[metric]), textcoords="offset points", xytext=(4, 5),
+                    # the lenience points sit close together: stagger their labels above and below
+                    dy = 5 if key == "b" else (5, -12, 15, -22)[i % 4]
+                    ax.annotate(f"{key}={v:g}", (r[x], r[metric]), textcoords="offset points", xytext=(4, dy),
                                 fontsize=8, color=color)
         for name, r, style in points:
             if r.get(x) is not None:
