@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from tw_rl.algos import get_algorithm
-from tw_rl.algos.pcl import (PCLLearner, decoder_inputs, lagrangian_rewards, make_learner, pcl_consistency,
-                             pcl_loss, soft_values)
-from tw_rl.batch import Episode, EpisodeBatch
+from tw_rl.algos.pcl import PCLLearner, lagrangian_rewards, make_learner, pcl_consistency, pcl_loss, soft_values
+from tw_rl.batch import Episode, EpisodeBatch, decoder_inputs
 from tw_rl.config import Config, RLConfig
 
 

@@ -25,12 +25,13 @@ over tensors, vectorised over time; :class:`PCLLearner` adds the network, the Po
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from tw_rl.batch import EpisodeBatch, decoder_inputs
+from tw_rl.algos.common import batch_logits, learner_state, load_learner_state, masked_mean, rollout_stats
+from tw_rl.batch import EpisodeBatch
 from tw_rl.config import Config, RLConfig
 
 
@@ -138,10 +139,6 @@ def _residuals(v: torch.Tensor, v_target: torch.Tensor, alpha_log_pi: torch.Tens
     return torch.where(mask, residuals, torch.zeros_like(residuals))
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
-
-
 def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor, rewards: torch.Tensor,
              mask: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor, alpha: float, gamma: float,
              window: int, multi_step_weight: float, value: str = "soft") -> tuple[torch.Tensor, dict[str, float]]:
@@ -153,10 +150,10 @@ def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.T
     v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value)
     args = (v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma)
     c_single = _residuals(*args, window=1)
-    single = _masked_mean(0.5 * c_single.pow(2), mask)
+    single = masked_mean(0.5 * c_single.pow(2), mask)
     if multi_step_weight > 0.0 and window != 1:
         c_multi = _residuals(*args, window=window)
-        multi = _masked_mean(0.5 * c_multi.pow(2), mask)
+        multi = masked_mean(0.5 * c_multi.pow(2), mask)
     else:  # window 1 is the single-step form: don't pay for it twice
         c_multi, multi = c_single, single
     loss = (1.0 - multi_step_weight) * single + multi_step_weight * multi
@@ -169,10 +166,10 @@ def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.T
             "loss/pcl": float(loss),
             "loss/single_step": float(single),
             "loss/multi_step": float(multi),
-            "loss/abs_residual_multi": float(_masked_mean(c_multi.abs(), mask)),
-            "rollout/entropy": float(_masked_mean(entropy, mask)),
+            "loss/abs_residual_multi": float(masked_mean(c_multi.abs(), mask)),
+            "rollout/entropy": float(masked_mean(entropy, mask)),
             "value/v_start": float(v[:, 0].mean()),
-            "value/reward": float(_masked_mean(rewards.float(), mask)),
+            "value/reward": float(masked_mean(rewards.float(), mask)),
         }
     return loss, stats
 
@@ -204,8 +201,7 @@ class PCLLearner:
 
     def q_values(self, net: nn.Module, batch: EpisodeBatch) -> torch.Tensor:
         """Soft Q-values ``[B, T+1, A]`` of every state of the batch under ``net``."""
-        dec_tokens, dec_teacher_mask = decoder_inputs(batch, self.start_id, self.pad_id)
-        return net(batch.src_ids, batch.src_mask, dec_tokens, dec_teacher_mask)
+        return batch_logits(net, batch, self.start_id, self.pad_id)
 
     def update(self, batch: EpisodeBatch, lambdas: torch.Tensor) -> dict[str, float]:
         """One gradient step on ``batch`` with per-episode multipliers ``lambdas [B]``; then the Polyak update."""
@@ -239,14 +235,7 @@ class PCLLearner:
         return grad_norm
 
     def batch_stats(self, batch: EpisodeBatch, grad_norm: torch.Tensor) -> dict[str, float]:
-        n_steps = batch.mask.sum().clamp(min=1)
-        return {
-            "loss/grad_norm": float(grad_norm),
-            "rollout/usage": float((batch.teacher_mask & batch.mask).sum() / n_steps),
-            "rollout/teacher_logprob": float(_masked_mean(batch.teacher_logprobs, batch.mask)),
-            "rollout/length": float(batch.lengths.float().mean()),
-            "learner/step": float(self.step),
-        }
+        return {"loss/grad_norm": float(grad_norm), **rollout_stats(batch), "learner/step": float(self.step)}
 
     @torch.no_grad()
     def polyak_update(self) -> None:
@@ -264,29 +253,11 @@ class PCLLearner:
         Tensors are cloned and contiguous, so tied weights do not share storage (safetensors refuses that).
         Optimiser hyperparameters are not stored: they come from the config.
         """
-        out: dict[str, torch.Tensor] = {}
-        for prefix, net in (("student.", self.student), ("target.", self.target)):
-            for k, v in net.state_dict().items():
-                out[prefix + k] = v.detach().clone().contiguous()
-        for idx, st in self.optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                out[f"optimizer.{idx}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
-        out["learner.step"] = torch.tensor(self.step, dtype=torch.int64)
-        return out
+        return learner_state({"student": self.student, "target": self.target}, self.optimizer, self.step)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_dict`."""
-        for prefix, net in (("student.", self.student), ("target.", self.target)):
-            net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        opt_state: dict[int, dict[str, Any]] = {}
-        for k, v in state.items():
-            if k.startswith("optimizer."):
-                _, idx, name = k.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = v.clone()
-        opt = self.optimizer.state_dict()
-        opt["state"] = opt_state
-        self.optimizer.load_state_dict(opt)
-        self.step = int(state["learner.step"])
+        self.step = load_learner_state(state, {"student": self.student, "target": self.target}, self.optimizer)
 
 
 def make_learner(cfg: RLConfig | Config, student: nn.Module, start_id: int, pad_id: int, **_) -> PCLLearner:
