@@ -88,7 +88,8 @@ def test_report_schema_and_files(run):
     md = (out / "report.md").read_text()
     assert md.startswith("# tw-rl report") and report["signatures"]["bleu"] in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 5 + len(cfg.budgets) * 5  # header; student, teacher, 3 speculative; 5 per budget
+    # header; student, teacher, 3 speculative; per budget: TW, + hard cap, offset 0, random, confidence, phase 1
+    assert len(table) == 1 + 5 + len(cfg.budgets) * 6
     png = (out / "quality_vs_cost.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
@@ -366,3 +367,61 @@ def test_import_stays_light():
     assert tw_rl.load is tw_rl.api.load and "load" in dir(tw_rl)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         tw_rl.nope
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# budget calibration (tw_rl/calibration.py)
+def test_driver_calibrates_and_evaluation_uses_the_offsets(run):
+    from tw_rl.api import load
+
+    out, report = run["dir"], run["report"]
+    cal = json.loads((out / "calibration.json").read_text())
+    assert report["calibration"] == cal and set(cal) >= {"final", "phase1", "split", "examples"}
+    final = {r["budget"]: r for r in cal["final"]}
+    assert sorted(final) == run["model"].cfg.budgets and final[0.0]["evaluations"] == 0
+    stored = load(out).student.tau_bias  # offsets travel with the student (tw_student.json)
+    assert stored == pytest.approx({b: r["bias"] for b, r in final.items() if b > 0}, abs=1e-6)
+    for b, r in final.items():  # each offset is the closest of its trace to the budget
+        if b > 0:
+            assert r["trace"][0][0] == 0.0 and r["usage_before"] == r["trace"][0][1]
+            assert abs(r["usage"] - b) == pytest.approx(min(abs(u - b) for _, u in r["trace"]), abs=1e-4)
+    raw = {r["budget"]: r for r in report["tw_uncalibrated"]}
+    for r in report["tw"]:  # b = 0: no calls either way; the raw rows are the student with offset 0
+        assert raw[r["budget"]]["usage_mean"] == 0.0 if r["budget"] == 0 else True
+
+
+def test_calibration_hits_the_budget_on_validation_and_round_trips(run, tmp_path):
+    from tw_rl.calibration import calibrate_student, mean_usage
+    from tw_rl.models.student import Student
+
+    model, validation = calling_student(run["model"], run["validation"], 0.2), run["validation"]
+    raw = mean_usage(model, validation, 0.2, 0.0, 16)
+    for budget in (0.2, 0.5):
+        [cal] = calibrate_student(model, validation, [budget], tol=0.01)
+        assert cal.usage_before == pytest.approx(raw) if budget == 0.2 else True
+        # within the issues' tolerance (±0.03) on 48 validation inputs, whatever the raw usage was
+        assert abs(cal.usage - budget) <= 0.03, (raw, cal.trace)
+        assert mean_usage(model, validation, budget, cal.bias, 16) == pytest.approx(cal.usage)
+        assert model.student.tau_bias == {budget: cal.bias}
+    model.student.save(tmp_path / "s")
+    loaded = Student.load(tmp_path / "s")[0]
+    assert loaded.tau_bias == pytest.approx(model.student.tau_bias)
+    m2 = model.with_student(loaded)  # decode() applies the stored offset when none is given
+    assert mean_usage(m2, validation, 0.5, None, 16) == pytest.approx(cal.usage)
+
+
+def test_cli_calibrate(run, tmp_path, capsys):
+    import shutil
+
+    from tw_rl.cli import main
+
+    d = tmp_path / "run"
+    shutil.copytree(run["dir"], d)
+    assert main(["calibrate", "--run", str(d), "calibration.max_iter=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "final b=0.2: <τ> offset" in printed and "phase1 b=0.5" in printed
+    cal = json.loads((d / "calibration.json").read_text())
+    assert all(r["evaluations"] <= 3 for r in cal["final"] + cal["phase1"])
+    meta = json.loads((d / "models" / "final" / "tw_student.json").read_text())
+    assert set(meta["tau_bias"]) == {"0.2", "0.5"}
+    assert main(["calibrate", "--run", str(tmp_path / "nope")]) == 2

@@ -214,17 +214,20 @@ class TrainedModel:
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, examples: Sequence[Example], budget: float, hard_cap: bool = False,
-               rule: TauRule | None = None) -> Decoded:
+               rule: TauRule | None = None, tau_bias: float | None = None) -> Decoded:
         """Greedy decoding of one batch by the student at ``budget``. With ``rule`` the student's own ``<τ>`` is
         masked and only the rule calls the teacher (baselines); ``budget = 0`` never calls otherwise. The hard
-        cap forbids ``<τ>`` once a row's calls reach ``ceil(b · max_len)`` (SPEC §5)."""
+        cap forbids ``<τ>`` once a row's calls reach ``ceil(b · max_len)`` (SPEC §5). ``tau_bias`` is the offset
+        on the ``<τ>`` logit; None: the student's calibrated offset for ``budget`` (tw_rl/calibration.py)."""
         ids, mask = pad_batch([e.student_src[budget] for e in examples], self.pad_id)
         cap = (torch.full((len(examples),), math.ceil(budget * self.max_len), device=self.device)
                if hard_cap else None)
+        bias = self.student.tau_bias_for(budget) if tau_bias is None else float(tau_bias)
         return decode(self.student, ids.to(self.device), mask.to(self.device), max_len=self.max_len,
                       eos_id=self.eos_id, teacher=self.teacher, teacher_src=[e.teacher_src for e in examples],
                       start_id=self.start_id, pad_id=self.pad_id, allow_tau=budget > 0 and rule is None,
-                      call_cap=cap, tau_rule=rule)
+                      call_cap=cap, tau_rule=rule,
+                      tau_bias=torch.full((len(examples),), bias, device=self.device) if bias else None)
 
     def generate(self, texts: Sequence[str] | str, budget: float = 0.2, hard_cap: bool | None = None,
                  truncate: bool = False, batch_size: int | None = None) -> list[Generation]:

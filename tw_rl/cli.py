@@ -21,6 +21,9 @@ _HELP = {
     "eval": "evaluate a trained run against the baselines (student alone, teacher alone, random calls, confidence "
             "fallback, speculative decoding) at every budget; writes report.json, report.md, quality_vs_cost.png "
             "and outputs.jsonl to the run directory (or --out)",
+    "calibrate": "fit the trained student's <τ> offset per budget on the validation split so that its greedy usage "
+                 "equals each budget (tw-rl train does this after phase 2); stores the offsets with the student "
+                 "and writes calibration.json; run tw-rl eval afterwards",
     "generate": "generate with a trained run's student and teacher; prints one line per input with the tokens the "
                 "teacher produced marked (underlined on a terminal, else in ⟦…⟧); reads lines from standard input "
                 "when no text is given",
@@ -67,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override the run's config, e.g. eval.max_examples=200 eval.baselines=false")
+    p = sub.add_parser("calibrate", help=_HELP["calibrate"], description=_HELP["calibrate"])
+    p.add_argument("--run", type=Path, help="the run directory (written by tw-rl train or tw-rl demo)")
+    p.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override the run's config, e.g. calibration.tolerance=0.01 calibration.max_examples=200")
     p = sub.add_parser("generate", help=_HELP["generate"], description=_HELP["generate"])
     p.add_argument("--run", type=Path, help="the run directory (written by tw-rl train or tw-rl demo)")
     p.add_argument("--budget", type=float, default=0.2, help="teacher budget, one of the run's trained budgets "
@@ -96,7 +104,32 @@ def data_overrides(spec: str | None) -> list[str]:
     return ["data.kind=files", f"data.path={spec}"]
 
 
+def run_calibrate(args) -> int:
+    from tw_rl.api import load, student_dir
+    from tw_rl.calibration import calibrate_run
+
+    model = load(args.run, device=args.device, overrides=list(args.overrides))
+    import torch
+
+    torch.set_num_threads(model.cfg.num_threads)
+    final = student_dir(Path(args.run))
+    dirs = {"final": final}
+    if final.name == "final" and (Path(args.run) / "models" / "phase1" / "tw_student.json").is_file():
+        dirs["phase1"] = Path(args.run) / "models" / "phase1"
+    out = calibrate_run(model, dirs, Path(args.run))
+    for name in dirs:
+        for r in out[name]:
+            if r["budget"] > 0:
+                print(f"{name} b={r['budget']:g}: <τ> offset {r['bias']:+.4f}, validation usage "
+                      f"{r['usage_before']} → {r['usage']} ({r['evaluations']} decodes)")
+    print(f"offsets stored in {', '.join(str(d / 'tw_student.json') for d in dirs.values())}; "
+          f"{Path(args.run) / 'calibration.json'}")
+    return 0
+
+
 def run_eval(args) -> int:
+    import json
+
     from tw_rl.api import load, student_dir
     from tw_rl.evaluate import evaluate, write_outputs, write_report
     from tw_rl.models.student import Student
@@ -117,6 +150,8 @@ def run_eval(args) -> int:
                       and (phase1 / "tw_student.json").is_file() else None)
     report, outputs = evaluate(model, test, validation, budgets=budgets, phase1_student=phase1_student,
                                split=cfg.data.test_split)
+    if (Path(args.run) / "calibration.json").is_file() and model.student.tau_bias:
+        report["calibration"] = json.loads((Path(args.run) / "calibration.json").read_text())
     out = args.out or args.run
     json_path, md_path = write_report(out, report)
     write_outputs(out, outputs)
@@ -166,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"tw-rl sweep: config error: {e}", file=sys.stderr)
             return 2
-    if args.command in ("eval", "generate"):
+    if args.command in ("eval", "generate", "calibrate"):
         if args.run is None:
             print(f"tw-rl {args.command}: --run DIR is required (a run directory written by tw-rl train or "
                   f"tw-rl demo)", file=sys.stderr)
@@ -176,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         from tw_rl.models.factory import ModelNotAvailableError
 
         try:
-            return run_eval(args) if args.command == "eval" else run_generate(args)
+            return {"eval": run_eval, "generate": run_generate, "calibrate": run_calibrate}[args.command](args)
         except (ConfigError, InputError, DataError, ModelNotAvailableError, FileNotFoundError) as e:
             print(f"tw-rl {args.command}: {e}", file=sys.stderr)
             return 2

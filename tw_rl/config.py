@@ -274,6 +274,17 @@ class RLlibConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Budget calibration after training (tw_rl/calibration.py): one offset on the <τ> logit per budget level, fitted
+    on the validation split so that the deployed greedy student's mean usage is the budget."""
+
+    enabled: bool = param(True, "calibrate the trained student (and the phase-1 student of the report) after training")
+    tolerance: float = param(0.005, "stop when validation usage is within this of the budget", gt=0.0, le=0.5)
+    max_iter: int = param(16, "most bisection steps (greedy decodes of the validation inputs) per budget", ge=1)
+    max_examples: Optional[int] = param(500, "validation inputs used (None: the whole split)", ge=1)
+
+
+@dataclass
 class EvalConfig:
     """Evaluation of a run on the held-out split."""
 
@@ -325,6 +336,7 @@ class Config:
     gkd: GKDConfig = param(factory=GKDConfig, help="the gkd learner")
     ppo: PPOConfig = param(factory=PPOConfig, help="the ppo learner")
     rllib: RLlibConfig = param(factory=RLlibConfig, help="the rllib_ppo algorithm")
+    calibration: CalibrationConfig = param(factory=CalibrationConfig, help="budget calibration")
     eval: EvalConfig = param(factory=EvalConfig, help="evaluation")
 
 

@@ -44,13 +44,14 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
            teacher: TeacherClient | None = None, teacher_src: Sequence[Sequence[int]] | None = None,
            start_id: int = 0, pad_id: int = 0, temperature: float | torch.Tensor = 0.0, allow_tau: bool = True,
            call_cap: torch.Tensor | None = None, tau_rule: TauRule | None = None,
-           generator: torch.Generator | None = None) -> Decoded:
+           tau_bias: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Decoded:
     """Decode ``B`` rows at once.
 
     ``temperature == 0`` is greedy; otherwise actions are sampled from ``softmax(logits / temperature)``; a
     tensor ``[B]`` gives each row its own temperature (0: that row is greedy).
     ``allow_tau=False`` masks ``<τ>`` (the student alone). ``call_cap [B]``: ``<τ>`` is forbidden once a row's
-    calls reach it (the inference-time hard cap of SPEC §5). ``tau_rule`` forces ``<τ>`` on chosen rows
+    calls reach it (the inference-time hard cap of SPEC §5). ``tau_bias [B]`` is added to each row's ``<τ>`` logit
+    (the calibrated per-budget offset, tw_rl/calibration.py). ``tau_rule`` forces ``<τ>`` on chosen rows
     (baselines: random positions, confidence fallback); forced rows always call, whatever the student prefers.
     """
     B, tau = src_ids.shape[0], student.tau_id
@@ -68,6 +69,8 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
     lengths = torch.zeros(B, dtype=torch.long)
     for t in range(max_len):
         logits = student.step(enc, src_mask, inp, inp_teacher, cache).float()
+        if tau_bias is not None:
+            logits[:, tau] += tau_bias
         if not allow_tau:
             logits[:, tau] = float("-inf")
         if call_cap is not None:

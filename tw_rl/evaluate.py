@@ -4,7 +4,9 @@ Rows (``report.json``; every row has the same metrics):
 
 - ``student_only`` / ``teacher_only``: the phase-0 student / the teacher alone, greedy, on the bare source.
 - ``tw`` / ``tw_hard_cap``: the trained student deciding its own ``<τ>`` calls at each budget, without / with the
-  inference-time hard cap (SPEC §5). ``phase1_only``: the phase-1 student the same way (from the driver only).
+  inference-time hard cap (SPEC §5), with the student's calibrated ``<τ>`` offset of each budget
+  (tw_rl/calibration.py). ``tw_uncalibrated`` (when the student is calibrated): the same student with offset 0.
+  ``phase1_only``: the phase-1 student the same way (from the driver only).
 - ``baselines.random``: the trained student at the same budget prompt, its own ``<τ>`` masked, the teacher called
   at random steps (:func:`tw_rl.baselines.random_calls`) at the rate that gives the ``tw`` row's usage on the
   validation split (calibrated: calls shorten or lengthen outputs, so the rate is not exactly the usage).
@@ -170,8 +172,9 @@ def teacher_alone(model: "TrainedModel", examples: Sequence[Example]) -> Outputs
 
 
 def training_wheels(model: "TrainedModel", examples: Sequence[Example], budget: float,
-                    hard_cap: bool = False) -> Outputs:
-    return Outputs.from_decoded(model.decode(examples, budget, hard_cap=hard_cap))
+                    hard_cap: bool = False, tau_bias: float | None = None) -> Outputs:
+    """``tau_bias=None``: the student's calibrated ``<τ>`` offset for ``budget``; 0.0: the raw student."""
+    return Outputs.from_decoded(model.decode(examples, budget, hard_cap=hard_cap, tau_bias=tau_bias))
 
 
 def random_baseline(model: "TrainedModel", budget: float, rate: float, seed: int) -> Method:
@@ -346,6 +349,7 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
     task = resolve_task(cfg)
     test = list(test)
     n_rows = 2 + 2 * len(budgets) + (len(budgets) if phase1_student is not None else 0) \
+        + (len(budgets) if model.student.tau_bias else 0) \
         + (2 * len(budgets) + 1 + len(cfg.eval.spec_lenience) if cfg.eval.baselines else 0)
     with tqdm(total=n_rows + 1, desc="eval", unit="step", disable=not progress) as bar:
         ev = _Evaluation(model, test, task, bar=bar)
@@ -356,6 +360,10 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
                   for b in budgets]
         report: dict[str, Any] = {"n_examples": len(test), "split": split, "task": task, "student_only": student_row,
                                   "teacher_only": teacher_row, "tw": tw, "tw_hard_cap": capped}
+        if model.student.tau_bias:  # calibrated: also the raw student (offset 0), to show what calibration did
+            report["tw_uncalibrated"] = [
+                ev.row("tw_uncalibrated", lambda b=b: partial(training_wheels, model, budget=b, tau_bias=0.0), b,
+                       keep_outputs=False)[0] for b in budgets]
         if phase1_student is not None:
             p1 = model.with_student(phase1_student)
             report["phase1_only"] = [ev.row("phase1", lambda b=b: partial(training_wheels, p1, budget=b), b,
@@ -461,7 +469,7 @@ REPORT_SCHEMA = {
         "n_examples": {"type": "integer", "minimum": 0}, "split": {"type": "string"},
         "task": {"enum": ["translation", "summarization"]},
         "student_only": _ROW, "teacher_only": _ROW, "tw": _BUDGET_ROWS, "tw_hard_cap": _BUDGET_ROWS,
-        "phase1_only": _BUDGET_ROWS,
+        "phase1_only": _BUDGET_ROWS, "tw_uncalibrated": _BUDGET_ROWS,
         "baselines": {"type": "object", "required": ["random", "confidence", "speculative"], "properties": {
             "random": {"type": "array", "items": {"allOf": [_ROW, {"required": [
                 "budget", "rate", "validation_usage", "usage_target"]}]}},
@@ -510,7 +518,8 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
 
 _NAMES = {"student": "student alone", "teacher": "teacher alone", "speculative": "speculative decoding",
           "speculative_lenient": "speculative decoding",
-          "tw": "**Training Wheels**", "tw_hard_cap": "Training Wheels + hard cap", "random": "random calls",
+          "tw": "**Training Wheels**", "tw_hard_cap": "Training Wheels + hard cap",
+          "tw_uncalibrated": "Training Wheels, <τ> offset 0", "random": "random calls",
           "confidence": "confidence fallback", "phase1": "phase 1 only (no RL)"}
 
 
@@ -552,12 +561,19 @@ def markdown(report: dict) -> str:
     by_budget = {r["budget"]: r for r in bl.get("random", [])}, {r["budget"]: r for r in bl.get("confidence", [])}
     capped = {r["budget"]: r for r in report.get("tw_hard_cap", [])}
     p1 = {r["budget"]: r for r in report.get("phase1_only", [])}
+    raw = {r["budget"]: r for r in report.get("tw_uncalibrated", [])}
+    offsets = {c["budget"]: c for c in (report.get("calibration") or {}).get("final", [])}
     for r in report["tw"]:
         b = r["budget"]
         closed = report.get("gap_closed", {}).get(f"{b:g}")
-        line(r, f"gap closed {closed:g}" if closed is not None else "")
+        notes = [f"gap closed {closed:g}"] if closed is not None else []
+        if b in offsets and b > 0:
+            notes.append(f"<τ> offset {offsets[b]['bias']:+.3g} (validation usage {offsets[b]['usage']:g})")
+        line(r, "; ".join(notes))
         if b in capped:
             line(capped[b])
+        if b in raw:
+            line(raw[b])
         if b in by_budget[0]:
             rr = by_budget[0][b]
             line(rr, f"rate {rr['rate']:.4g} (validation usage {rr['validation_usage']:g})")

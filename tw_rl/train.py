@@ -74,8 +74,14 @@ def train(cfg: Config, resume: bool = False) -> dict:
         phase1_student = Student.load(run.dir / "models" / "phase1")[0] if cfg.rl.enabled else student
         with Timer(times, "phase2"):
             student = phase2(run, student, log, resume)
+        calibration = None
+        if cfg.calibration.enabled:
+            with Timer(times, "calibration"):  # one <τ> offset per budget, fitted on validation (calibration.py)
+                calibration = calibrate(run, student, phase1_student)
         with Timer(times, "eval"):
             report = evaluate_run(run, student, phase1_student)
+        if calibration is not None:
+            report["calibration"] = calibration
         report["timing"] = {k: round(v, 1) for k, v in times.items()}
         report["wall_time_s"] = round(time.perf_counter() - t0, 1)
         write_report(run_dir, report)
@@ -233,6 +239,7 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
         if hasattr(learner, "close"):
             learner.close()
     learner.student.eval()
+    learner.student.tau_bias = {}  # offsets fitted to the phase-1 student do not carry over (calibrate() refits)
     learner.student.save(run.dir / "models" / "final", run.tokenizer)
     return learner.student
 
@@ -285,6 +292,24 @@ def restore(path: Path, learner, multipliers: BudgetMultipliers, rng: np.random.
     buffer = ReplayBuffer.from_state_dict({k: v.numpy() for k, v in tensors["replay"].items()}, state["replay"])
     set_rng_state(state["rng"], rng)
     return int(state["iteration"]), buffer
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def calibrate(run: Run, student: Student, phase1_student: Student) -> dict:
+    """Fit the per-budget ``<τ>`` offsets of the trained student and of the phase-1 student (for the report's
+    ``phase1_only`` rows) on the validation split; stored in their ``tw_student.json`` (tw_rl/calibration.py)."""
+    from tw_rl.api import TrainedModel
+    from tw_rl.calibration import calibrate_run
+
+    model = TrainedModel(run.cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir)
+    final = run.dir / "models" / ("final" if run.cfg.rl.enabled else "phase1")
+    dirs = {"final": final}
+    if phase1_student is not student:
+        dirs["phase1"] = run.dir / "models" / "phase1"
+    out = calibrate_run(model, dirs, run.dir)
+    if "phase1" in dirs:  # calibrate_run fitted a loaded copy: give the in-memory phase-1 student its offsets
+        phase1_student.tau_bias = Student.load(dirs["phase1"])[0].tau_bias
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -28,13 +28,15 @@ class Student(nn.Module):
     """Wraps a Hugging Face seq2seq model. ``tau_id`` is the last action index; ``n_actions = tau_id + 1``."""
 
     def __init__(self, model: PreTrainedModel, tau_id: int, delta: torch.Tensor | None = None,
-                 use_delta: bool = True):
+                 use_delta: bool = True, tau_bias: dict[float, float] | None = None):
         super().__init__()
         self.model = model
         self.tau_id = int(tau_id)
         d_model = model.get_input_embeddings().weight.shape[1]
         self.delta = nn.Parameter(delta.clone() if delta is not None else torch.zeros(d_model))
         self.use_delta = use_delta
+        # budget level → offset added to the <τ> logit when acting at that level (tw_rl/calibration.py); {} = none
+        self.tau_bias: dict[float, float] = {float(b): float(k) for b, k in (tau_bias or {}).items()}
         if model.get_output_embeddings().weight.shape[0] != self.n_actions:
             raise ValueError(f"the student's output layer has {model.get_output_embeddings().weight.shape[0]} rows "
                              f"but <τ> has id {tau_id}; <τ> must be the last of V ∪ {{<τ>}}")
@@ -42,6 +44,13 @@ class Student(nn.Module):
     @property
     def n_actions(self) -> int:
         return self.tau_id + 1
+
+    def tau_bias_for(self, budget: float) -> float:
+        """The calibrated ``<τ>`` logit offset at ``budget`` (0 when the level has none)."""
+        for b, k in self.tau_bias.items():
+            if abs(b - budget) < 1e-6:
+                return k
+        return 0.0
 
     @property
     def config(self):
@@ -101,8 +110,13 @@ class Student(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(d)
         save_file({"delta": self.delta.detach().contiguous().cpu()}, str(d / _DELTA))
-        (d / _META).write_text(json.dumps({"tau_id": self.tau_id, "tau_token": TAU_TOKEN,
-                                           "use_delta": self.use_delta}, indent=1))
+        self.save_meta(d)
+
+    def save_meta(self, directory: str | Path) -> None:
+        """``tw_student.json``: the ``<τ>`` id, whether δ is used and the calibrated ``<τ>`` offsets."""
+        (Path(directory) / _META).write_text(json.dumps(
+            {"tau_id": self.tau_id, "tau_token": TAU_TOKEN, "use_delta": self.use_delta,
+             "tau_bias": {f"{b:g}": k for b, k in sorted(self.tau_bias.items())}}, indent=1))
 
     @classmethod
     def load(cls, directory: str | Path, trust_remote_code: bool = False) -> tuple["Student", PreTrainedTokenizerBase]:
@@ -113,4 +127,5 @@ class Student(nn.Module):
         model = AutoModelForSeq2SeqLM.from_pretrained(d, use_safetensors=True, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(d)
         delta = load_file(str(d / _DELTA))["delta"]
-        return cls(model, meta["tau_id"], delta=delta, use_delta=meta["use_delta"]), tokenizer
+        tau_bias = {float(b): float(k) for b, k in meta.get("tau_bias", {}).items()}
+        return cls(model, meta["tau_id"], delta=delta, use_delta=meta["use_delta"], tau_bias=tau_bias), tokenizer

@@ -1,0 +1,124 @@
+"""Budget calibration: one offset ``κ_b`` on the ``<τ>`` logit per budget level, fitted so that the deployed (greedy)
+student's mean usage on held-out validation inputs equals ``b`` (SPEC §5; a **[choice]**, docs/design.md).
+
+Why this is the Lagrangian, solved where the student is deployed: with the reward ``r_t − λ_b (c_t − b)`` of
+SPEC §5 the cost enters the soft-optimal Q-values of ``<τ>`` as ``−λ_b`` (the ``+λ_b b`` part is paid by every action
+alike and cancels in the policy), so to first order a multiplier acts on the policy as an offset ``−λ_b/α`` on the
+``<τ>`` logit. Phase 2 moves that offset by gradient steps on the student and overshoots on held-out inputs
+(docs/results.md: +0.04–0.06 at b = 0.1–0.3). Calibration sets the offset directly: for every budget level,
+bisection on ``κ_b`` until the greedy usage on validation data is ``b ± tolerance`` — the dual problem solved for
+the policy that is actually deployed. The offsets are stored with the student (``tw_student.json``) and applied by
+:func:`tw_rl.decoding.decode` whenever the student acts at that budget (evaluation, ``tw-rl generate``,
+``tw_rl.load``); rollouts in phase 2 act with the raw logits.
+
+The knob is searched as ``x ∈ (0, 1)`` with ``κ = logit(x)`` by :func:`tw_rl.baselines.calibrate_threshold`
+(usage is non-decreasing in ``κ`` up to the feedback of calls on later steps); ``x = ½`` is ``κ = 0``, so a student
+that already obeys a budget keeps offset 0 after one evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from envs.token_mdp import Example
+from tw_rl.baselines import calibrate_threshold
+
+if TYPE_CHECKING:
+    from tw_rl.api import TrainedModel
+
+_X_MIN = 1e-6  # |κ| ≤ logit(1 − 1e-6) ≈ 13.8: beyond that the offset has switched <τ> fully on or off
+
+
+def bias_of(x: float) -> float:
+    """``κ = logit(x)``, the ``<τ>`` logit offset at search coordinate ``x ∈ (0, 1)``."""
+    x = min(max(x, _X_MIN), 1.0 - _X_MIN)
+    return math.log(x / (1.0 - x))
+
+
+@dataclass
+class BudgetCalibration:
+    """The fitted offset of one budget level and how it was found."""
+
+    budget: float
+    bias: float  # κ_b, added to the <τ> logit
+    usage_before: float  # validation usage with κ = 0 (the raw student)
+    usage: float  # validation usage with κ_b
+    trace: list[tuple[float, float]]  # (κ, usage) per evaluation, in order
+
+    def as_dict(self) -> dict:
+        return {"budget": self.budget, "bias": round(self.bias, 6), "usage_before": round(self.usage_before, 4),
+                "usage": round(self.usage, 4), "evaluations": len(self.trace),
+                "trace": [[round(k, 4), round(u, 4)] for k, u in self.trace]}
+
+
+def calibrate_budget(usage_at: Callable[[float], float], budget: float, tol: float, max_iter: int
+                     ) -> BudgetCalibration:
+    """The offset ``κ`` at which ``usage_at(κ)`` (mean greedy usage on validation data) is ``budget ± tol``; the
+    closest value seen when ``max_iter`` evaluations do not reach it. ``budget = 0`` needs no offset: the student
+    never calls at b = 0 (``<τ>`` is masked there)."""
+    if budget == 0.0:
+        return BudgetCalibration(0.0, 0.0, 0.0, 0.0, [])
+    trace: list[tuple[float, float]] = []
+
+    def at(x: float) -> float:
+        k = bias_of(x)
+        u = float(usage_at(k))
+        trace.append((k, u))
+        return u
+
+    cal = calibrate_threshold(at, budget, tol, max_iter)
+    return BudgetCalibration(budget, bias_of(cal.threshold), trace[0][1], cal.usage, trace)
+
+
+def mean_usage(model: "TrainedModel", examples: Sequence[Example], budget: float, bias: float,
+               batch_size: int) -> float:
+    """Mean over ``examples`` of calls ÷ output length, greedy, at ``budget`` with ``<τ>`` offset ``bias``."""
+    usage = []
+    for i in range(0, len(examples), batch_size):
+        dec = model.decode(examples[i:i + batch_size], budget, tau_bias=bias)
+        usage += [float(m[:n].sum()) / max(1, int(n)) for m, n in zip(dec.teacher_mask, dec.lengths)]
+    return float(np.mean(usage)) if usage else 0.0
+
+
+def calibrate_student(model: "TrainedModel", validation: Sequence[Example], budgets: Sequence[float] | None = None,
+                      tol: float = 0.005, max_iter: int = 16) -> list[BudgetCalibration]:
+    """Fit ``κ_b`` for every budget level (default: the grid) on ``validation`` and store the offsets in
+    ``model.student.tau_bias`` (save the student afterwards to keep them). Raises ValueError without validation
+    inputs."""
+    budgets = list(model.budgets if budgets is None else budgets)
+    if any(b > 0 for b in budgets) and not validation:
+        raise ValueError("budget calibration needs validation inputs (data.validation_split); "
+                         "or set calibration.enabled=false")
+    bs = model.cfg.eval.batch_size
+    results = [calibrate_budget(lambda k, b=b: mean_usage(model, validation, b, k, bs), b, tol, max_iter)
+               for b in budgets]
+    model.student.tau_bias = {r.budget: r.bias for r in results if r.budget > 0}
+    return results
+
+
+def calibrate_run(model: "TrainedModel", student_dirs: dict[str, Path], run_dir: Path | None = None
+                  ) -> dict:
+    """Calibrate each saved student of a run (``{"final": models/final, "phase1": models/phase1}``; the first is
+    ``model.student``, the others are loaded) on the run's validation split, and store every student's offsets in
+    its ``tw_student.json``. Returns ``{"split", "examples", name: [BudgetCalibration.as_dict(), ...]}``, also
+    written to ``run_dir/calibration.json`` when given."""
+    from tw_rl.models.student import Student
+
+    ccfg = model.cfg.calibration
+    validation = model.load_examples(model.cfg.data.validation_split, ccfg.max_examples)
+    out: dict[str, list[dict]] = {}
+    for k, (name, directory) in enumerate(student_dirs.items()):
+        m = model if k == 0 else model.with_student(Student.load(directory)[0])
+        results = calibrate_student(m, validation, tol=ccfg.tolerance, max_iter=ccfg.max_iter)
+        m.student.save_meta(directory)
+        out[name] = [r.as_dict() for r in results]
+    result = {"split": model.cfg.data.validation_split, "examples": len(validation), **out}
+    if run_dir is not None:
+        (Path(run_dir) / "calibration.json").write_text(json.dumps(result, indent=1))
+    return result
