@@ -73,7 +73,7 @@ def test_report_schema_and_files(run):
     assert [r["budget"] for r in report["tw"]] == [r["budget"] for r in report["tw_hard_cap"]] == cfg.budgets
     assert report["teacher_only"]["usage_mean"] == report["teacher_only"]["calls_per_token"] == 1.0
     assert report["student_only"]["calls_per_token"] == report["tw"][0]["usage_mean"] == 0.0
-    for row in report["baselines"]["random"] + report["baselines"]["confidence"]:
+    for row in report["baselines"]["random"] + report["baselines"]["confidence"] + report["baselines"]["confidence_base"]:
         tw = next(r for r in report["tw"] if r["budget"] == row["budget"])
         assert row["usage_target"] == tw["usage_mean"]
     spec, lossless, lossy = report["baselines"]["speculative"]
@@ -88,15 +88,17 @@ def test_report_schema_and_files(run):
     md = (out / "report.md").read_text()
     assert md.startswith("# tw-rl report") and report["signatures"]["bleu"] in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
-    # header; student, teacher, 3 speculative; per budget: TW, + hard cap, offset 0, random, confidence, phase 1
-    assert len(table) == 1 + 5 + len(cfg.budgets) * 6
+    # header; student, teacher, 3 speculative; per budget: TW, + hard cap, offset 0, random, confidence (trained
+    # and phase-0 student), phase 1
+    assert len(table) == 1 + 5 + len(cfg.budgets) * 7
     png = (out / "quality_vs_cost.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
     lines = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
     methods = {(r["method"], r["budget"]) for r in lines}
     assert {("student", None), ("teacher", None), ("speculative", None)} | {
-        (m, b) for m in ("tw", "tw_hard_cap", "random", "confidence") for b in cfg.budgets} == methods
+        (m, b) for m in ("tw", "tw_hard_cap", "random", "confidence", "confidence_base") for b in cfg.budgets} \
+        == methods
     assert len(lines) == len(methods) * report["n_examples"]
     for r in lines:
         assert set(r) >= {"source", "reference", "output", "tokens", "teacher_tokens"}
@@ -425,3 +427,20 @@ def test_cli_calibrate(run, tmp_path, capsys):
     meta = json.loads((d / "models" / "final" / "tw_student.json").read_text())
     assert set(meta["tau_bias"]) == {"0.2", "0.5"}
     assert main(["calibrate", "--run", str(tmp_path / "nope")]) == 2
+
+
+def test_confidence_fallback_on_the_phase0_student_spans_student_to_teacher(run):
+    """threshold 0: never calls — exactly the student alone; threshold above 1: calls at every step — exactly the
+    teacher alone; in between, calls only where the phase-0 student's top probability is below the threshold."""
+    from tw_rl.evaluate import base_confidence_baseline, run as run_method, student_alone, teacher_alone
+
+    model, test = run["model"], run["test"]
+    never = run_method(base_confidence_baseline(model, 0.0), test, 16)
+    assert never.tokens == student_alone(model, test).tokens and sum(m.sum() for m in never.teacher_mask) == 0
+    always = run_method(base_confidence_baseline(model, 1.01), test, 16)
+    assert always.tokens == teacher_alone(model, test).tokens and all(m.all() for m in always.teacher_mask)
+    from tw_rl.evaluate import calibrate
+
+    cal = calibrate(lambda th: base_confidence_baseline(model, th), run["validation"], 0.3, 16)
+    assert abs(cal.usage - 0.3) <= 0.02 and 0 < cal.threshold < 1, cal.trace
+    assert model.base_student.get_output_embeddings().weight.shape[0] == model.student.tau_id  # base left as is

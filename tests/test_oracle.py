@@ -87,3 +87,20 @@ def test_build_references_flags_the_students_greedy_errors():
     refs = build_references([Example(teacher_src=[3, 1], student_src={})], Teacher(), Student(), max_len=4, eos_id=1)
     assert refs[0].student_wrong.tolist() == [False, True] and refs[0].terminated
     assert refs[0].kl[1] > refs[0].kl[0] > 0
+
+
+def test_corpus_quota_marks_the_hardest_positions_of_the_whole_corpus():
+    from tw_rl.oracle import corpus_thresholds
+
+    kl = [np.array([5.0, 0.1, 0.2, 0.3], dtype=np.float32), np.array([4.0, 3.0, 2.0, 0.4, 0.5, 1.0], dtype=np.float32)]
+    refs = [Reference(np.arange(2, 2 + len(k)), np.zeros(len(k), np.float32), k, True) for k in kl]
+    th = corpus_thresholds(refs, [0.0, 0.2, 0.5])
+    assert set(th) == {0.2, 0.5}  # b = 0 never marks
+    ex = Example(teacher_src=[3, 1], student_src={b: [9, 3, 1] for b in (0.0, 0.2, 0.5)})
+    marked = [[oracle_episode(ex, r, b, 99, threshold=th.get(b)).actions == 99 for r in refs] for b in (0.0, 0.2, 0.5)]
+    # 10 positions: b = 0.2 marks the 2 largest KLs (5.0 and 4.0), b = 0.5 the 5 largest (5, 4, 3, 2, 1) —
+    # the hard second sequence gets 4 of them, the easy first one only 1 (a per-sequence quota would give 2 + 3)
+    assert [m.sum() for m in marked[0]] == [0, 0]
+    assert [m.tolist() for m in marked[1]] == [[True, False, False, False], [True] + [False] * 5]
+    assert [m.tolist() for m in marked[2]] == [[True, False, False, False],
+                                               [True, True, True, False, False, True]]

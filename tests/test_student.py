@@ -16,10 +16,10 @@ def word_tokenizer(words):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def make_student():
+def make_student(tau_head="token"):
     tok = word_tokenizer([f"w{i}" for i in range(13)])
     model = tiny_t5(len(tok))
-    student = Student.from_base(model, tok)
+    student = Student.from_base(model, tok, tau_head=tau_head)
     with torch.no_grad():
         student.delta.normal_()
     return student.eval(), tok
@@ -75,3 +75,79 @@ def test_load_rejects_a_plain_model_dir(tmp_path):
     tiny_t5(10).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a saved tw-rl student"):
         Student.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the gate head: Q(<τ>) = u(s) + logsumexp_V Q
+def raw_logits(student, *args):
+    student.tau_head, gate = "token", student.gate_bias
+    try:
+        return student(*args)
+    finally:
+        student.tau_head = "gate"
+
+
+def test_gate_head_factorises_the_policy():
+    student, _ = make_student("gate")
+    with torch.no_grad():
+        student.model.get_output_embeddings().weight[student.tau_id].normal_()
+        student.gate_bias.fill_(0.7)
+    src, dec = torch.tensor([[3, 4, 5, 1]]), torch.tensor([[0, 6, 7, 8]])
+    args = (src, src > 0, dec, torch.tensor([[False, True, False, False]]))
+    q, raw = student(*args), raw_logits(student, *args)
+    tau = student.tau_id
+    u = raw[..., tau] + 0.7
+    pi = torch.softmax(q, -1)
+    torch.testing.assert_close(pi[..., tau], torch.sigmoid(u))  # π(<τ>|s) = σ(u(s))
+    torch.testing.assert_close(pi[..., :tau], (1 - torch.sigmoid(u))[..., None] * torch.softmax(raw[..., :tau], -1))
+    torch.testing.assert_close(q[..., :tau], raw[..., :tau], atol=0, rtol=0)  # the token logits are untouched
+    steps = []  # the acting forward applies the same head
+    enc, cache = student.encode(src, src > 0), student.new_cache()
+    for t in range(4):
+        steps.append(student.step(enc, src > 0, dec[:, t], args[3][:, t], cache))
+    torch.testing.assert_close(torch.stack(steps, 1), q, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_head_with_a_constant_gate_is_the_confidence_rule(toy):
+    """w_τ = 0 and gate bias log θ: greedy decoding calls exactly where the confidence fallback at θ would."""
+    import copy
+    import math
+
+    import numpy as np
+
+    from tw_rl.baselines import confidence_fallback
+    from tw_rl.decoding import decode
+    from tw_rl.examples import pad_batch
+
+    base = copy.deepcopy(toy["student"])
+    ex = toy["examples"]
+    ids, mask = pad_batch([e.student_src[0.2] for e in ex], 0)
+    kw = dict(max_len=8, eos_id=toy["eos"], teacher=toy["teacher"], teacher_src=[e.teacher_src for e in ex])
+    confidences = []  # the student's top-token probabilities along its own greedy paths: θ = their median
+    decode(base, ids, mask, allow_tau=False, tau_rule=lambda t, logits, calls: confidences.append(
+        torch.softmax(logits[:, :base.tau_id], -1).amax(-1)) or torch.zeros(len(ex), dtype=torch.bool), **kw)
+    c = torch.cat(confidences).sort().values
+    k = len(c) // 2  # halfway between two neighbours: no step sits on the threshold up to float rounding
+    theta = float(c[k] + c[k + 1]) / 2 if c[k + 1] - c[k] > 1e-4 else float(c[k]) * 1.001
+    gate = Student(base.model, base.tau_id, tau_head="gate", gate_bias=math.log(theta)).eval()
+    with torch.no_grad():
+        gate.model.get_output_embeddings().weight[gate.tau_id].zero_()
+    own = decode(gate, ids, mask, **kw)
+    rule = decode(gate, ids, mask, allow_tau=False, tau_rule=confidence_fallback(theta, gate.tau_id), **kw)
+    assert np.array_equal(own.teacher_mask, rule.teacher_mask) and np.array_equal(own.tokens, rule.tokens)
+    assert 0 < own.teacher_mask.sum() < own.lengths.sum()  # the rule fires at some steps, not all
+
+
+def test_gate_head_save_load(tmp_path):
+    student, tok = make_student("gate")
+    with torch.no_grad():
+        student.gate_bias.fill_(-1.25)
+    student.save(tmp_path / "s", tok)
+    loaded = Student.load(tmp_path / "s")[0].eval()
+    assert loaded.tau_head == "gate" and float(loaded.gate_bias) == -1.25
+    src, dec = torch.tensor([[3, 4, 5, 1]]), torch.tensor([[0, 6, 7, 8]])
+    tm = torch.tensor([[False, True, False, True]])
+    torch.testing.assert_close(student(src, src > 0, dec, tm), loaded(src, src > 0, dec, tm), atol=0, rtol=0)
+    assert make_student()[0].gate_bias is None  # the token head has no gate parameter
+    with pytest.raises(ValueError, match="tau_head"):
+        Student(tiny_t5(10), 9, tau_head="nope")

@@ -129,6 +129,25 @@ class TrainedModel:
             self._base = load_seq2seq(str(self._base_dir), trust_remote_code=self.cfg.student.trust_remote_code)[0]
         return self._base.to(self.device).eval()
 
+    @property
+    def base_as_student(self) -> Student:
+        """The phase-0 student with ``<τ>`` appended (a copy; never trained to call): what the baselines that start
+        from the plain small model decode with (:meth:`decode_base`)."""
+        if getattr(self, "_base_student", None) is None:
+            self._base_student = Student.from_base(copy.deepcopy(self.base_student), self.tokenizer).to(
+                self.device).eval()
+        return self._base_student
+
+    @torch.no_grad()
+    def decode_base(self, examples: Sequence[Example], rule: TauRule | None = None) -> Decoded:
+        """Greedy decoding by the phase-0 student on the bare source (no budget prompt), the teacher called only
+        where ``rule`` says (a Big-Little-Decoder-style fallback); without ``rule``, the student alone."""
+        student = self.base_as_student
+        ids, mask = pad_batch([e.teacher_src for e in examples], self.pad_id)
+        return decode(student, ids.to(self.device), mask.to(self.device), max_len=self.max_len, eos_id=self.eos_id,
+                      teacher=self.teacher, teacher_src=[e.teacher_src for e in examples], start_id=self.start_id,
+                      pad_id=self.pad_id, allow_tau=False, tau_rule=rule)
+
     def with_student(self, student: Student) -> "TrainedModel":
         """The same teacher and run with another student (e.g. the phase-1 one)."""
         other = copy.copy(self)

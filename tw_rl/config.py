@@ -131,6 +131,9 @@ class StudentConfig:
                                                         num_layers=2, num_decoder_layers=2),
                              help="size when trained from scratch")
     use_delta: bool = param(True, "add the learnable offset δ to teacher-provided tokens in the decoder input")
+    tau_head: str = param("token", "how <τ> is scored: token (one more row of the output layer, SPEC §4) or gate "
+                                   "(Q(<τ>) = u(s) + logsumexp_V Q: a learned call gate over the student's own "
+                                   "next-token distribution; docs/design.md)", choices=["token", "gate"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,6 +177,10 @@ class Phase1Config:
     oracle: str = param("kl", "which positions the oracle marks: kl (the top round(b·T) by KL(π_T ‖ π_S), SPEC §6) or "
                               "wrong_first (positions where the phase-0 student's greedy token is wrong first, KL "
                               "within each group)", choices=["kl", "wrong_first"])
+    quota: str = param("sequence", "how many positions the oracle marks: sequence (the top round(b·T) of every "
+                                   "sequence, SPEC §6) or corpus (every position whose KL is above the level a "
+                                   "fraction b of all training positions exceed: hard sequences get more calls, easy "
+                                   "ones fewer; docs/design.md)", choices=["sequence", "corpus"])
 
 
 @dataclass

@@ -12,7 +12,9 @@ Rows (``report.json``; every row has the same metrics):
   validation split (calibrated: calls shorten or lengthen outputs, so the rate is not exactly the usage).
 - ``baselines.confidence``: the same student calling when its top ``V`` probability is below a threshold
   calibrated on the validation split to the ``tw`` row's usage (:func:`tw_rl.baselines.calibrate_threshold`).
-  Both report ``usage_target`` (the ``tw`` usage), ``validation_usage`` and their own usage on the test split.
+  ``baselines.confidence_base``: the same rule on the phase-0 student (bare source, no Training Wheels training at
+  all): Big Little Decoder's fallback on the plain small model — the simplest way to spend the same teacher tokens.
+  All three report ``usage_target`` (the ``tw`` usage), ``validation_usage`` and their own usage on the test split.
 - ``baselines.speculative``: speculative decoding, teacher as target, phase-0 student as draft: first Hugging Face
   assisted generation (lossless), then draft-and-verify decoding at each ``eval.spec_lenience`` (1: lossless,
   smaller: lossy; :func:`tw_rl.baselines.speculative_greedy`). ``matches_teacher``: the fraction of outputs equal
@@ -188,6 +190,13 @@ def confidence_baseline(model: "TrainedModel", budget: float, threshold: float) 
     return lambda examples: Outputs.from_decoded(model.decode(examples, budget, rule=rule))
 
 
+def base_confidence_baseline(model: "TrainedModel", threshold: float) -> Method:
+    """The phase-0 student (no Training Wheels training, bare source) calling the teacher when its top-token
+    probability is below ``threshold``: Big Little Decoder's fallback on the plain small model."""
+    rule = confidence_fallback(threshold, model.base_as_student.tau_id)
+    return lambda examples: Outputs.from_decoded(model.decode_base(examples, rule=rule))
+
+
 def speculative(model: "TrainedModel", examples: Sequence[Example]) -> Outputs:
     """Lossless speculative decoding, one example at a time (assisted generation is batch-size-1 only)."""
     tokens, passes = [], []
@@ -350,7 +359,7 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
     test = list(test)
     n_rows = 2 + 2 * len(budgets) + (len(budgets) if phase1_student is not None else 0) \
         + (len(budgets) if model.student.tau_bias else 0) \
-        + (2 * len(budgets) + 1 + len(cfg.eval.spec_lenience) if cfg.eval.baselines else 0)
+        + (3 * len(budgets) + 1 + len(cfg.eval.spec_lenience) if cfg.eval.baselines else 0)
     with tqdm(total=n_rows + 1, desc="eval", unit="step", disable=not progress) as bar:
         ev = _Evaluation(model, test, task, bar=bar)
         student_row, _ = ev.row("student", lambda: partial(student_alone, model))
@@ -384,7 +393,7 @@ def baselines(ev: _Evaluation, tw: list[dict], validation: Sequence[Example], te
     """Random calls and confidence fallback at each ``tw`` row's usage (their rate and threshold calibrated on
     ``validation``); speculative decoding."""
     model, cfg = ev.model, ev.model.cfg
-    rand, conf = [], []
+    rand, conf, conf_base = [], [], []
     for k, r in enumerate(tw):
         b, target, seed = r["budget"], r["usage_mean"], cfg.seed + 7919 * (k + 1)
         cal = calibrate(lambda rate, b=b, s=seed: random_baseline(model, b, rate, s), validation, target,
@@ -398,6 +407,11 @@ def baselines(ev: _Evaluation, tw: list[dict], validation: Sequence[Example], te
                         threshold=round(cal.threshold, 6), validation_usage=round(cal.usage, 4),
                         calibration_steps=cal.evaluations, usage_target=target)
         conf.append(row)
+        cal = calibrate(lambda th: base_confidence_baseline(model, th), validation, target, cfg.eval.batch_size)
+        row, _ = ev.row("confidence_base", lambda th=cal.threshold: base_confidence_baseline(model, th), b,
+                        threshold=round(cal.threshold, 6), validation_usage=round(cal.usage, 4),
+                        calibration_steps=cal.evaluations, usage_target=target, student="phase-0")
+        conf_base.append(row)
     spec = []
     for lenience in [None, *cfg.eval.spec_lenience]:  # None: Hugging Face assisted generation
         if lenience is None:
@@ -412,7 +426,7 @@ def baselines(ev: _Evaluation, tw: list[dict], validation: Sequence[Example], te
         row["matches_teacher"] = round(float(np.mean([a == b for a, b in zip(outs.tokens, teacher_outs.tokens)]))
                                        if outs.tokens else 1.0, 4)
         spec.append(row)
-    return {"random": rand, "confidence": conf, "speculative": spec}
+    return {"random": rand, "confidence": conf, "confidence_base": conf_base, "speculative": spec}
 
 
 def calibrate(make: Callable[[float], Method], validation: Sequence[Example], target: float, batch_size: int,
@@ -475,6 +489,8 @@ REPORT_SCHEMA = {
                 "budget", "rate", "validation_usage", "usage_target"]}]}},
             "confidence": {"type": "array", "items": {"allOf": [_ROW, {"required": [
                 "budget", "threshold", "validation_usage", "usage_target"]}]}},
+            "confidence_base": {"type": "array", "items": {"allOf": [_ROW, {"required": [
+                "budget", "threshold", "validation_usage", "usage_target"]}]}},
             "speculative": {"anyOf": [{"type": "null"}, _ROW, {"type": "array", "items": _ROW}]}}},
         "gap_closed": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
         "signatures": {"type": "object", "required": ["bleu", "chrf"],
@@ -520,7 +536,8 @@ _NAMES = {"student": "student alone", "teacher": "teacher alone", "speculative":
           "speculative_lenient": "speculative decoding",
           "tw": "**Training Wheels**", "tw_hard_cap": "Training Wheels + hard cap",
           "tw_uncalibrated": "Training Wheels, <τ> offset 0", "random": "random calls",
-          "confidence": "confidence fallback", "phase1": "phase 1 only (no RL)"}
+          "confidence": "confidence fallback", "confidence_base": "confidence fallback, phase-0 student",
+          "phase1": "phase 1 only (no RL)"}
 
 
 def _fmt(v: Any) -> str:
@@ -558,7 +575,8 @@ def markdown(report: dict) -> str:
         how = (f"draft-and-verify, lenience {s['lenience']:g}, {s.get('draft_tokens')} draft tokens"
                if "lenience" in s else "Hugging Face assisted generation")
         line(s, f"{how}; draft: {s.get('draft', '')}; same output as teacher: {s.get('matches_teacher', '–')}")
-    by_budget = {r["budget"]: r for r in bl.get("random", [])}, {r["budget"]: r for r in bl.get("confidence", [])}
+    by_budget = ({r["budget"]: r for r in bl.get("random", [])}, {r["budget"]: r for r in bl.get("confidence", [])},
+                 {r["budget"]: r for r in bl.get("confidence_base", [])})
     capped = {r["budget"]: r for r in report.get("tw_hard_cap", [])}
     p1 = {r["budget"]: r for r in report.get("phase1_only", [])}
     raw = {r["budget"]: r for r in report.get("tw_uncalibrated", [])}
@@ -579,6 +597,9 @@ def markdown(report: dict) -> str:
             line(rr, f"rate {rr['rate']:.4g} (validation usage {rr['validation_usage']:g})")
         if b in by_budget[1]:
             c = by_budget[1][b]
+            line(c, f"threshold {c['threshold']:.4g} (validation usage {c['validation_usage']:g})")
+        if b in by_budget[2]:
+            c = by_budget[2][b]
             line(c, f"threshold {c['threshold']:.4g} (validation usage {c['validation_usage']:g})")
         if b in p1:
             line(p1[b])
@@ -607,7 +628,9 @@ def plot(report: dict, path: Path) -> Path:
               ("Training Wheels + hard cap", report.get("tw_hard_cap", []), dict(color="C0", marker="o", ls="--",
                                                                                  mfc="white", alpha=0.7)),
               ("random calls (same usage)", bl.get("random", []), dict(color="C3", marker="x", ls=":")),
-              ("confidence fallback (same usage)", bl.get("confidence", []), dict(color="C2", marker="^", ls="-."))]
+              ("confidence fallback (same usage)", bl.get("confidence", []), dict(color="C2", marker="^", ls="-.")),
+              ("confidence fallback, phase-0 student", bl.get("confidence_base", []),
+               dict(color="C4", marker="v", ls="-."))]
     points = [("student alone", report["student_only"], dict(color="k", marker="s")),
               ("teacher alone", report["teacher_only"], dict(color="k", marker="*", ms=14))]
     points += [("speculative decoding (HF assisted, lossless)", s, dict(color="C1", marker="D", ms=9))

@@ -81,17 +81,30 @@ def build_references(examples: Sequence[Example], teacher, base_student, max_len
     return refs
 
 
-def oracle_episode(example: Example, ref: Reference, budget: float, tau_id: int, rank: str = "kl") -> Episode:
+def corpus_thresholds(refs: Sequence[Reference], budgets: Sequence[float]) -> dict[float, float]:
+    """Per budget ``b > 0``, the KL above which a fraction ``b`` of all reference positions lie (pooled over the
+    corpus): the oracle of ``phase1.quota=corpus`` marks every position above it, so a sequence gets as many
+    marks as it has hard positions instead of ``round(b·T)`` each (the constraint of SPEC §5 is on mean usage)."""
+    kl = np.concatenate([r.kl for r in refs]) if refs else np.zeros(1, dtype=np.float32)
+    return {float(b): float(np.quantile(kl, 1.0 - b)) for b in budgets if b > 0}
+
+
+def oracle_episode(example: Example, ref: Reference, budget: float, tau_id: int, rank: str = "kl",
+                   threshold: float | None = None) -> Episode:
     """An oracle trace as an Episode: ``<τ>`` at the marked positions, the teacher's tokens everywhere.
 
     ``rank="kl"``: the top ``round(b·T)`` positions by ``KL(π_T ‖ π_S)`` (SPEC §6); ``"wrong_first"``: positions
-    where the phase-0 student's greedy token is wrong come first, KL orders within each group.
+    where the phase-0 student's greedy token is wrong come first, KL orders within each group. ``threshold``
+    (``phase1.quota=corpus``, :func:`corpus_thresholds`): instead, every position whose KL exceeds it (none at b = 0).
     """
     if rank not in RANKINGS:
         raise ValueError(f"unknown oracle ranking {rank!r}; known: {RANKINGS}")
     if rank == "wrong_first" and ref.student_wrong is None:
         raise ValueError("oracle ranking 'wrong_first' needs references with student_wrong (rebuild them)")
-    marks = mark_positions(ref.kl, budget, ref.student_wrong if rank == "wrong_first" else None)
+    if threshold is not None:
+        marks = (ref.kl > threshold) if budget > 0 else np.zeros(len(ref.kl), dtype=bool)
+    else:
+        marks = mark_positions(ref.kl, budget, ref.student_wrong if rank == "wrong_first" else None)
     return Episode(src_ids=np.asarray(example.student_src[budget], dtype=np.int64),
                    actions=np.where(marks, tau_id, ref.tokens), tokens=ref.tokens.copy(),
                    teacher_logprobs=ref.teacher_logprobs.copy(),

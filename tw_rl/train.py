@@ -6,6 +6,7 @@ rewards) → buffer → update (PCL with the budget Lagrangian) → sync (one we
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -29,7 +30,7 @@ from tw_rl.examples import make_examples, pad_batch
 from tw_rl.metrics import MetricsLogger, Timer
 from tw_rl.models.factory import load_seq2seq
 from tw_rl.models.student import Student
-from tw_rl.oracle import Reference, bc_loss, build_references, demo_episode, oracle_episode
+from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds, demo_episode, oracle_episode
 from tw_rl.pretrain import pretrain
 from tw_rl.replay import ReplayBuffer
 from tw_rl.teacher import Teacher
@@ -139,23 +140,33 @@ def references(run: Run) -> list[Reference]:
 
 def new_student(run: Run) -> Student:
     base, tok = load_seq2seq(run.base_student_dir)
-    return Student.from_base(base, tok, use_delta=run.cfg.student.use_delta)
+    return Student.from_base(base, tok, use_delta=run.cfg.student.use_delta, tau_head=run.cfg.student.tau_head)
 
 
 def phase1(run: Run, log: MetricsLogger) -> Student:
     """Behaviour cloning on KL-oracle traces (SPEC §6); the result is saved to ``models/phase1``."""
     cfg, out = run.cfg.phase1, run.dir / "models" / "phase1"
     done = out / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("enabled", True) == cfg.enabled:
+    # phase 1 is cached: redone when its settings, δ or the <τ> head changed (ablations)
+    settings = {**dataclasses.asdict(cfg), "use_delta": run.cfg.student.use_delta,
+                "tau_head": run.cfg.student.tau_head}
+    if done.is_file():
+        saved = json.loads(done.read_text())
         cached = Student.load(out)[0]
-        if cached.use_delta == run.cfg.student.use_delta:  # else: an ablation of δ redoes phase 1
+        if "settings" in saved:
+            same = saved["settings"] == settings
+        else:  # written before settings were recorded
+            same = (saved.get("enabled", True) == cfg.enabled and cached.use_delta == run.cfg.student.use_delta
+                    and cached.tau_head == run.cfg.student.tau_head)
+        if same:
             return cached
     student = new_student(run)
     if not cfg.enabled:  # ablation: later phases start from the phase-0 student with <τ> added, saved as phase 1
         student.save(out, run.tokenizer)
-        done.write_text(json.dumps({"steps": 0, "enabled": False}))
+        done.write_text(json.dumps({"steps": 0, "enabled": False, "settings": settings}))
         return student
     refs = references(run)
+    thresholds = oracle_thresholds(run, refs)
     rng = np.random.default_rng(run.cfg.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
     steps = int(cfg.epochs * len(refs) / cfg.batch_size)
@@ -163,7 +174,8 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
     for step in tqdm(range(steps), desc="phase 1 (oracle BC)", unit="step"):
         idx = rng.integers(len(refs), size=cfg.batch_size)
         budgets = rng.choice(run.cfg.budgets, size=cfg.batch_size)
-        eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id, cfg.oracle) for i, b in zip(idx, budgets)]
+        eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id, cfg.oracle, thresholds.get(float(b)))
+               for i, b in zip(idx, budgets)]
         batch = EpisodeBatch.collate(eps, run.pad_id)
         dec, dec_tm = batch.decoder_inputs(run.start_id, run.pad_id)
         logits = student(batch.src_ids, batch.src_mask, dec[:, :-1], dec_tm[:, :-1])
@@ -178,7 +190,7 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
             log.log(step, stats, phase="phase1")
     student.eval()
     student.save(out, run.tokenizer)
-    (out / "done.json").write_text(json.dumps({"steps": steps}))
+    (out / "done.json").write_text(json.dumps({"steps": steps, "settings": settings}))
     return student
 
 
@@ -247,9 +259,15 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
 def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.Generator) -> list[Episode]:
     """Seeded, never-evicted off-policy paths: teacher outputs and oracle traces, at random budgets."""
     budgets = rng.choice(run.cfg.budgets, size=len(refs))
-    rank = run.cfg.phase1.oracle
-    return ([oracle_episode(ex, r, float(b), tau_id, rank) for ex, r, b in zip(run.train, refs, budgets)]
+    rank, thresholds = run.cfg.phase1.oracle, oracle_thresholds(run, refs)
+    return ([oracle_episode(ex, r, float(b), tau_id, rank, thresholds.get(float(b)))
+             for ex, r, b in zip(run.train, refs, budgets)]
             + [demo_episode(ex, r, float(b)) for ex, r, b in zip(run.train, refs, budgets) if b == 0.0])
+
+
+def oracle_thresholds(run: Run, refs: list[Reference]) -> dict[float, float]:
+    """``phase1.quota=corpus``: the KL level per budget (:func:`tw_rl.oracle.corpus_thresholds`); else {}."""
+    return corpus_thresholds(refs, run.cfg.budgets) if run.cfg.phase1.quota == "corpus" else {}
 
 
 def teacher_sources(examples: list[Example]) -> dict[tuple[int, ...], list[int]]:

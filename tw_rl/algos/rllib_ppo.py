@@ -153,7 +153,7 @@ def _module_class():
                           output_hidden_states=True)
             step = obs["step"].long().clamp(max=dec.shape[1] - 1)
             rows = torch.arange(B, device=dec.device)
-            return out.logits[rows, step], out.decoder_hidden_states[-1][rows, step]
+            return s.head(out.logits[rows, step]), out.decoder_hidden_states[-1][rows, step]
 
         def _forward(self, batch, **kwargs):
             logits, _ = self._logits_and_hidden(batch)

@@ -20,6 +20,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, 
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 TAU_TOKEN = "<τ>"
+TAU_HEADS = ("token", "gate")
+GATE_BIAS_INIT = -3.0
 _META = "tw_student.json"
 _DELTA = "tw_delta.safetensors"
 
@@ -28,8 +30,14 @@ class Student(nn.Module):
     """Wraps a Hugging Face seq2seq model. ``tau_id`` is the last action index; ``n_actions = tau_id + 1``."""
 
     def __init__(self, model: PreTrainedModel, tau_id: int, delta: torch.Tensor | None = None,
-                 use_delta: bool = True, tau_bias: dict[float, float] | None = None):
+                 use_delta: bool = True, tau_bias: dict[float, float] | None = None, tau_head: str = "token",
+                 gate_bias: float = GATE_BIAS_INIT):
         super().__init__()
+        if tau_head not in TAU_HEADS:
+            raise ValueError(f"tau_head={tau_head!r} is unknown; known: {TAU_HEADS}")
+        self.tau_head = tau_head
+        # the gate head's learnable bias (the token head has none): starts the student calling rarely, σ(−3) ≈ 0.05
+        self.gate_bias = nn.Parameter(torch.tensor(float(gate_bias))) if tau_head == "gate" else None
         self.model = model
         self.tau_id = int(tau_id)
         d_model = model.get_input_embeddings().weight.shape[1]
@@ -58,7 +66,7 @@ class Student(nn.Module):
 
     @classmethod
     def from_base(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                  use_delta: bool = True) -> "Student":
+                  use_delta: bool = True, tau_head: str = "token") -> "Student":
         """Add ``<τ>`` to ``tokenizer`` (in place) and to ``model``'s embeddings, as the last action."""
         if TAU_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([TAU_TOKEN], special_tokens=True)
@@ -68,7 +76,23 @@ class Student(nn.Module):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         with torch.no_grad():  # start <τ> as an unlikely action: the student calls only once it has learned to
             model.get_output_embeddings().weight[tau_id].zero_()
-        return cls(model, tau_id, use_delta=use_delta)
+        return cls(model, tau_id, use_delta=use_delta, tau_head=tau_head)
+
+    def head(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's output-layer logits ``[..., |V|+1]`` → the soft Q-values over ``V ∪ {<τ>}``.
+
+        ``token`` head: unchanged — ``<τ>`` is one more row of the output layer (SPEC §4). ``gate`` head:
+        ``Q(s, <τ>) = u(s) + α·logsumexp_V Q(s, ·)/α`` (α = 1) with ``u(s) = w_τ·h + b`` (the ``<τ>`` row plus
+        :attr:`gate_bias`): the value of asking is the student's own soft value of continuing plus a learned
+        advantage. The policy then factorises as ``π(<τ>|s) = σ(u(s))``, ``π(v|s) = (1 − σ(u)) · softmax_V(Q)_v``,
+        and greedy acting calls iff ``u(s) > log max_v softmax_V(Q)_v``: with ``u`` constant this is exactly the
+        confidence-threshold rule, so the head can only add to what the student's own confidence knows
+        (docs/design.md, "The <τ> head")."""
+        if self.tau_head == "token":
+            return logits
+        v = logits[..., :self.tau_id]
+        tau = logits[..., self.tau_id:] + self.gate_bias + torch.logsumexp(v.float(), dim=-1, keepdim=True).to(v.dtype)
+        return torch.cat([v, tau], dim=-1)
 
     # ----------------------------------------------------------------------------------------------------------
     def decoder_embeds(self, tokens: torch.Tensor, teacher_mask: torch.Tensor) -> torch.Tensor:
@@ -87,7 +111,7 @@ class Student(nn.Module):
         out = self.model(input_ids=None if encoder_outputs is not None else src_ids,
                          attention_mask=src_mask.long(), encoder_outputs=encoder_outputs,
                          decoder_inputs_embeds=self.decoder_embeds(dec_tokens, dec_teacher_mask), use_cache=False)
-        return out.logits
+        return self.head(out.logits)
 
     @staticmethod
     def new_cache() -> EncoderDecoderCache:
@@ -99,7 +123,7 @@ class Student(nn.Module):
         out = self.model(encoder_outputs=encoder_outputs, attention_mask=src_mask.long(),
                          decoder_inputs_embeds=self.decoder_embeds(tokens[:, None], teacher_mask[:, None]),
                          cache=cache, use_cache=True)
-        return out.logits[:, -1]
+        return self.head(out.logits[:, -1])
 
     # ----------------------------------------------------------------------------------------------------------
     def save(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
@@ -109,13 +133,16 @@ class Student(nn.Module):
         self.model.save_pretrained(d, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(d)
-        save_file({"delta": self.delta.detach().contiguous().cpu()}, str(d / _DELTA))
+        extra = {"delta": self.delta.detach().contiguous().cpu()}
+        if self.gate_bias is not None:
+            extra["gate_bias"] = self.gate_bias.detach().reshape(1).contiguous().cpu()
+        save_file(extra, str(d / _DELTA))
         self.save_meta(d)
 
     def save_meta(self, directory: str | Path) -> None:
         """``tw_student.json``: the ``<τ>`` id, whether δ is used and the calibrated ``<τ>`` offsets."""
         (Path(directory) / _META).write_text(json.dumps(
-            {"tau_id": self.tau_id, "tau_token": TAU_TOKEN, "use_delta": self.use_delta,
+            {"tau_id": self.tau_id, "tau_token": TAU_TOKEN, "use_delta": self.use_delta, "tau_head": self.tau_head,
              "tau_bias": {f"{b:g}": k for b, k in sorted(self.tau_bias.items())}}, indent=1))
 
     @classmethod
@@ -126,6 +153,8 @@ class Student(nn.Module):
         meta = json.loads((d / _META).read_text())
         model = AutoModelForSeq2SeqLM.from_pretrained(d, use_safetensors=True, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(d)
-        delta = load_file(str(d / _DELTA))["delta"]
+        extra = load_file(str(d / _DELTA))
         tau_bias = {float(b): float(k) for b, k in meta.get("tau_bias", {}).items()}
-        return cls(model, meta["tau_id"], delta=delta, use_delta=meta["use_delta"], tau_bias=tau_bias), tokenizer
+        gate_bias = float(extra["gate_bias"]) if "gate_bias" in extra else GATE_BIAS_INIT
+        return cls(model, meta["tau_id"], delta=extra["delta"], use_delta=meta["use_delta"], tau_bias=tau_bias,
+                   tau_head=meta.get("tau_head", "token"), gate_bias=gate_bias), tokenizer
