@@ -151,3 +151,24 @@ def test_phase2_on_ray_rollout_workers(tiny_run, tmp_path):
     assert [r["rollout/episodes"] for r in rows] == [8, 8]  # 2 workers × 4 episodes
     assert all(r["rollout/stale_episodes"] == 0 for r in rows)
     assert len(report["tw"]) == 3
+
+
+def test_phase1_cache_is_reused_only_with_the_same_settings(tiny_run, tmp_path):
+    from tw_rl.metrics import MetricsLogger
+    from tw_rl.train import phase0, phase1
+
+    cfg, out, _ = tiny_run
+    dest = phase01_copy(out, tmp_path / "run")
+    stamp = (dest / "models" / "phase1" / "done.json").stat().st_mtime_ns
+
+    def phase1_of(*overrides):
+        c = load_config(None, TINY + [f"out_dir={dest}", *overrides])
+        with MetricsLogger(dest, tensorboard=False) as log:
+            return phase1(phase0(c, dest), log)
+
+    phase1_of()  # same settings: the cached student, nothing rewritten
+    assert (dest / "models" / "phase1" / "done.json").stat().st_mtime_ns == stamp
+    student = phase1_of("phase1.quota=corpus", "student.tau_head=token")  # changed: phase 1 runs again
+    done = json.loads((dest / "models" / "phase1" / "done.json").read_text())
+    assert done["settings"]["quota"] == "corpus" and done["settings"]["tau_head"] == "token"
+    assert student.tau_head == "token"
