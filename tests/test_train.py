@@ -172,3 +172,25 @@ def test_phase1_cache_is_reused_only_with_the_same_settings(tiny_run, tmp_path):
     done = json.loads((dest / "models" / "phase1" / "done.json").read_text())
     assert done["settings"]["quota"] == "corpus" and done["settings"]["tau_head"] == "token"
     assert student.tau_head == "token"
+
+
+def test_cached_references_share_one_copy_of_each_array(tmp_path):
+    """references.npz is read once: every Reference is a view of the same arrays. Re-reading an array per
+    reference (NpzFile's z[key]) kept a full copy per reference alive, O(N²) memory: 20,000 examples → OOM."""
+    from types import SimpleNamespace
+
+    from tw_rl.train import references
+
+    lengths = [3, 5, 4, 2]
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    n = int(off[-1])
+    (tmp_path / "models").mkdir()
+    np.savez(tmp_path / "models" / "references.npz", offsets=off, tokens=np.arange(n, dtype=np.int64),
+             teacher_logprobs=-np.arange(n, dtype=np.float32), kl=np.arange(n, dtype=np.float32),
+             terminated=np.array([True, False, True, True]), student_wrong=np.arange(n) % 2 == 0)
+    refs = references(SimpleNamespace(dir=tmp_path, train=[None] * len(lengths)))
+    assert [len(r.tokens) for r in refs] == lengths and [r.terminated for r in refs] == [True, False, True, True]
+    assert refs[1].tokens.tolist() == [3, 4, 5, 6, 7] and refs[1].kl.tolist() == [3, 4, 5, 6, 7]
+    for field in ("tokens", "teacher_logprobs", "kl", "student_wrong"):
+        bases = {id(getattr(r, field).base) for r in refs}
+        assert len(bases) == 1, f"{field}: {len(bases)} separate copies for {len(refs)} references"

@@ -122,7 +122,10 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
 def references(run: Run) -> list[Reference]:
     """Teacher greedy paths of the training inputs with per-position KL to the phase-0 student (cached)."""
     path = run.dir / "models" / "references.npz"
-    z = np.load(path) if path.is_file() else None
+    z = None
+    if path.is_file():  # read each array once: NpzFile re-reads a whole array on every z[key], and each slice
+        with np.load(path) as f:  # below would keep its own full copy alive (O(N²) memory in len(run.train))
+            z = dict(f)
     if z is not None and "student_wrong" in z and len(z["terminated"]) == len(run.train):
         off = z["offsets"]
         return [Reference(z["tokens"][a:b], z["teacher_logprobs"][a:b], z["kl"][a:b], bool(t),
