@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -31,6 +32,7 @@ from tw_rl.baselines import calibrate_threshold
 
 if TYPE_CHECKING:
     from tw_rl.api import TrainedModel
+    from tw_rl.models.student import Student
 
 _X_MIN = 1e-6  # |κ| ≤ logit(1 − 1e-6) ≈ 13.8: beyond that the offset has switched <τ> fully on or off
 
@@ -76,13 +78,13 @@ def calibrate_budget(usage_at: Callable[[float], float], budget: float, tol: flo
     return BudgetCalibration(budget, bias_of(cal.threshold), trace[0][1], cal.usage, trace)
 
 
-def mean_usage(model: "TrainedModel", examples: Sequence[Example], budget: float, bias: float,
+def mean_usage(model: "TrainedModel", examples: Sequence[Example], budget: float, bias: float | None,
                batch_size: int) -> float:
-    """Mean over ``examples`` of calls ÷ output length, greedy, at ``budget`` with ``<τ>`` offset ``bias``."""
-    usage = []
-    for i in range(0, len(examples), batch_size):
-        dec = model.decode(examples[i:i + batch_size], budget, tau_bias=bias)
-        usage += [float(m[:n].sum()) / max(1, int(n)) for m, n in zip(dec.teacher_mask, dec.lengths)]
+    """Mean over ``examples`` of calls ÷ output length, greedy, at ``budget`` with ``<τ>`` offset ``bias`` (None:
+    the student's stored offset) — the Training Wheels row of the evaluation, on other inputs."""
+    from tw_rl.evaluate import run, training_wheels, usages
+
+    usage = usages(run(partial(training_wheels, model, budget=budget, tau_bias=bias), examples, batch_size))
     return float(np.mean(usage)) if usage else 0.0
 
 
@@ -102,21 +104,19 @@ def calibrate_student(model: "TrainedModel", validation: Sequence[Example], budg
     return results
 
 
-def calibrate_run(model: "TrainedModel", student_dirs: dict[str, Path], run_dir: Path | None = None
+def calibrate_run(model: "TrainedModel", students: dict[str, tuple["Student", Path]], run_dir: Path | None = None
                   ) -> dict:
-    """Calibrate each saved student of a run (``{"final": models/final, "phase1": models/phase1}``; the first is
-    ``model.student``, the others are loaded) on the run's validation split, and store every student's offsets in
-    its ``tw_student.json``. Returns ``{"split", "examples", name: [BudgetCalibration.as_dict(), ...]}``, also
-    written to ``run_dir/calibration.json`` when given."""
-    from tw_rl.models.student import Student
-
+    """Calibrate each student of a run (``{"final": (student, models/final), "phase1": (student, models/phase1)}``)
+    with ``model``'s teacher on the run's validation split, in place, and store its offsets in the directory's
+    ``tw_student.json``. Returns ``{"split", "examples", name: [BudgetCalibration.as_dict(), ...]}``, also written to
+    ``run_dir/calibration.json`` when given."""
     ccfg = model.cfg.calibration
     validation = model.load_examples(model.cfg.data.validation_split, ccfg.max_examples)
     out: dict[str, list[dict]] = {}
-    for k, (name, directory) in enumerate(student_dirs.items()):
-        m = model if k == 0 else model.with_student(Student.load(directory)[0])
-        results = calibrate_student(m, validation, tol=ccfg.tolerance, max_iter=ccfg.max_iter)
-        m.student.save_meta(directory)
+    for name, (student, directory) in students.items():
+        results = calibrate_student(model.with_student(student), validation, tol=ccfg.tolerance,
+                                    max_iter=ccfg.max_iter)
+        student.save_meta(directory)
         out[name] = [r.as_dict() for r in results]
     result = {"split": model.cfg.data.validation_split, "examples": len(validation), **out}
     if run_dir is not None:

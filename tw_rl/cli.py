@@ -104,25 +104,33 @@ def data_overrides(spec: str | None) -> list[str]:
     return ["data.kind=files", f"data.path={spec}"]
 
 
+def phase1_dir(run: Path) -> Path | None:
+    """``models/phase1`` when the run also has a final (phase-2) student, so that the phase-1 one is separate."""
+    from tw_rl.api import student_dir
+
+    phase1 = Path(run) / "models" / "phase1"
+    return phase1 if student_dir(Path(run)).name == "final" and (phase1 / "tw_student.json").is_file() else None
+
+
 def run_calibrate(args) -> int:
     from tw_rl.api import load, student_dir
     from tw_rl.calibration import calibrate_run
+    from tw_rl.models.student import Student
 
     model = load(args.run, device=args.device, overrides=list(args.overrides))
     import torch
 
     torch.set_num_threads(model.cfg.num_threads)
-    final = student_dir(Path(args.run))
-    dirs = {"final": final}
-    if final.name == "final" and (Path(args.run) / "models" / "phase1" / "tw_student.json").is_file():
-        dirs["phase1"] = Path(args.run) / "models" / "phase1"
-    out = calibrate_run(model, dirs, Path(args.run))
-    for name in dirs:
+    students = {"final": (model.student, student_dir(Path(args.run)))}
+    if (phase1 := phase1_dir(args.run)) is not None:
+        students["phase1"] = (Student.load(phase1)[0], phase1)
+    out = calibrate_run(model, students, Path(args.run))
+    for name in students:
         for r in out[name]:
             if r["budget"] > 0:
                 print(f"{name} b={r['budget']:g}: <τ> offset {r['bias']:+.4f}, validation usage "
                       f"{r['usage_before']} → {r['usage']} ({r['evaluations']} decodes)")
-    print(f"offsets stored in {', '.join(str(d / 'tw_student.json') for d in dirs.values())}; "
+    print(f"offsets stored in {', '.join(str(d / 'tw_student.json') for _, d in students.values())}; "
           f"{Path(args.run) / 'calibration.json'}")
     return 0
 
@@ -145,9 +153,8 @@ def run_eval(args) -> int:
     test = model.load_examples(cfg.data.test_split, cfg.eval.max_examples)
     validation = (model.load_examples(cfg.data.validation_split, cfg.eval.max_examples) if cfg.eval.baselines
                   else [])
-    phase1 = Path(args.run) / "models" / "phase1"  # the driver's report also has the student before RL
-    phase1_student = (Student.load(phase1)[0] if student_dir(Path(args.run)).name == "final"
-                      and (phase1 / "tw_student.json").is_file() else None)
+    phase1 = phase1_dir(args.run)  # the driver's report also has the student before RL
+    phase1_student = Student.load(phase1)[0] if phase1 is not None else None
     report, outputs = evaluate(model, test, validation, budgets=budgets, phase1_student=phase1_student,
                                split=cfg.data.test_split)
     if (Path(args.run) / "calibration.json").is_file() and model.student.tau_bias:

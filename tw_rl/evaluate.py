@@ -327,10 +327,15 @@ class _Evaluation:
             self.bar.update()
 
 
+def usages(outs: Outputs) -> list[float]:
+    """Teacher-produced tokens ÷ output tokens, per sequence."""
+    return [float(m.sum()) / max(1, len(m)) for m in outs.teacher_mask]
+
+
 def score(outs: Outputs, examples: Sequence[Example], tokenizer, task: str = "translation") -> dict:
     """Quality, usage (mean, p95) and teacher calls per token of one method's outputs."""
     hyps = detok(tokenizer, outs.tokens)
-    usage = [float(m.sum()) / max(1, len(m)) for m in outs.teacher_mask] or [0.0]
+    usage = usages(outs) or [0.0]
     n_tokens = sum(len(t) for t in outs.tokens)
     return {**quality(hyps, [e.reference for e in examples], task),
             "usage_mean": round(float(np.mean(usage)), 4), "usage_p95": round(float(np.percentile(usage, 95)), 4),
@@ -438,8 +443,7 @@ def calibrate(make: Callable[[float], Method], validation: Sequence[Example], ta
                          "(data.validation_split); or set eval.baselines=false")
 
     def usage_at(x: float) -> float:
-        outs = run(make(x), validation, batch_size)
-        return float(np.mean([m.sum() / max(1, len(m)) for m in outs.teacher_mask]))
+        return float(np.mean(usages(run(make(x), validation, batch_size))))
 
     return calibrate_threshold(usage_at, target, tol)
 

@@ -323,14 +323,10 @@ def calibrate(run: Run, student: Student, phase1_student: Student) -> dict:
     from tw_rl.calibration import calibrate_run
 
     model = TrainedModel(run.cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir)
-    final = run.dir / "models" / ("final" if run.cfg.rl.enabled else "phase1")
-    dirs = {"final": final}
+    students = {"final": (student, run.dir / "models" / ("final" if run.cfg.rl.enabled else "phase1"))}
     if phase1_student is not student:
-        dirs["phase1"] = run.dir / "models" / "phase1"
-    out = calibrate_run(model, dirs, run.dir)
-    if "phase1" in dirs:  # calibrate_run fitted a loaded copy: give the in-memory phase-1 student its offsets
-        phase1_student.tau_bias = Student.load(dirs["phase1"])[0].tau_bias
-    return out
+        students["phase1"] = (phase1_student, run.dir / "models" / "phase1")
+    return calibrate_run(model, students, run.dir)
 
 
 # ------------------------------------------------------------------------------------------------------------------
