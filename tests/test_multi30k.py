@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_train import TINY_PHASES
 from tw_rl.cli import main
 from tw_rl.config import load_config
 from tw_rl.data import DataError, load_split
@@ -56,18 +57,7 @@ def write_multi30k_like(root: Path, seed: int = 0) -> Path:
 
 
 # Tiny models and one short iteration of each phase; everything else comes from the config file.
-CI = [
-    "tokenizer.vocab_size=200",
-    "teacher.arch.d_model=32", "teacher.arch.d_ff=64", "teacher.arch.d_kv=16", "teacher.arch.num_heads=2",
-    "teacher.arch.num_layers=1", "teacher.arch.num_decoder_layers=1",
-    "student.arch.d_model=16", "student.arch.d_ff=32", "student.arch.d_kv=8", "student.arch.num_heads=2",
-    "pretrain.teacher_epochs=1", "pretrain.student_epochs=1", "pretrain.batch_size=32", "pretrain.warmup_steps=2",
-    "phase1.num_examples=48", "phase1.epochs=1", "phase1.batch_size=16",
-    "rl.iterations=1", "rl.updates_per_iteration=1", "rl.batch_size=8", "rl.replay_capacity=64",
-    "rollout.num_workers=0", "rollout.envs_per_worker=8",
-    "eval.max_examples=12", "eval.batch_size=16", "eval.latency_examples=1", "eval.latency_repeats=1",
-    "eval.throughput_batch_size=4", "eval.spec_lenience=[]", "budgets=[0.0,0.2,0.5]", "tensorboard=false",
-]
+CI = ["tokenizer.vocab_size=200", *TINY_PHASES, "rl.iterations=1", "rl.updates_per_iteration=1"]
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,21 @@ from tw_rl.checkpoint import latest_checkpoint, load_checkpoint
 from tw_rl.config import load_config
 from tw_rl.metrics import read_metrics
 
-TINY = [
-    "data.embedded.n_train=240", "data.embedded.n_validation=16", "data.embedded.n_test=24",
-    "tokenizer.vocab_size=400",
+# Tiny models and one short pass of every phase: shared by the driver tests here and the Multi30K-shaped pipeline test
+TINY_PHASES = [
     "teacher.arch.d_model=32", "teacher.arch.d_ff=64", "teacher.arch.num_layers=1",
     "teacher.arch.num_decoder_layers=1", "teacher.arch.num_heads=2", "teacher.arch.d_kv=16",
     "student.arch.d_model=16", "student.arch.d_ff=32", "student.arch.num_heads=2", "student.arch.d_kv=8",
     "pretrain.teacher_epochs=1", "pretrain.student_epochs=1", "pretrain.batch_size=32", "pretrain.warmup_steps=2",
     "phase1.num_examples=48", "phase1.epochs=1", "phase1.batch_size=16",
-    "rl.iterations=3", "rl.updates_per_iteration=2", "rl.batch_size=8", "rl.replay_capacity=64",
-    "rollout.num_workers=0", "rollout.envs_per_worker=8",
-    "eval.max_examples=12", "eval.batch_size=16", "checkpoint_every=1", "tensorboard=false",
-    "budgets=[0.0,0.2,0.5]", "num_threads=1",
+    "rl.batch_size=8", "rl.replay_capacity=64", "rollout.num_workers=0", "rollout.envs_per_worker=8",
+    "eval.max_examples=12", "eval.batch_size=16", "tensorboard=false", "budgets=[0.0,0.2,0.5]",
     "eval.latency_examples=1", "eval.latency_repeats=1", "eval.throughput_batch_size=4", "eval.spec_lenience=[]",
+]
+TINY = [
+    "data.embedded.n_train=240", "data.embedded.n_validation=16", "data.embedded.n_test=24",
+    "tokenizer.vocab_size=400", *TINY_PHASES,
+    "rl.iterations=3", "rl.updates_per_iteration=2", "checkpoint_every=1", "num_threads=1",
     "student.arch.num_layers=1", "student.arch.num_decoder_layers=1",
 ]
 
