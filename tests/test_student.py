@@ -151,3 +151,46 @@ def test_gate_head_save_load(tmp_path):
     assert make_student()[0].gate_bias is None  # the token head has no gate parameter
     with pytest.raises(ValueError, match="tau_head"):
         Student(tiny_t5(10), 9, tau_head="nope")
+
+
+@pytest.mark.parametrize("tau_head", ["token", "gate"])
+def test_trainable_tau_moves_only_the_tau_decision(tau_head):
+    """rl.trainable=tau: an AdamW step on a loss of every action changes the <τ> logit and nothing else — every
+    parameter but the output layer's <τ> row (and the gate bias) is as it was, so the token policy is phase 1's."""
+    from tw_rl.algos.common import clip_gradients
+
+    src = torch.tensor([[3, 4, 5, 1], [6, 7, 1, 0]])
+    dec = torch.tensor([[0, 6, 7, 8], [0, 9, 10, 11]])
+    tmask = torch.tensor([[False, True, False, False], [False, False, True, False]])
+    for which in ("tau", "all"):
+        torch.manual_seed(0)
+        student, _ = make_student(tau_head)
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        logits0 = student(src, src > 0, dec, tmask).detach()
+        student.set_trainable(which)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.0)
+        student.train()
+        loss = torch.log_softmax(student(src, src > 0, dec, tmask), -1).pow(2).mean()  # touches every action
+        loss.backward()
+        clip_gradients(student, 1.0)
+        opt.step()
+        student.eval()
+        changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+        logits1 = student(src, src > 0, dec, tmask).detach()
+        raw0, raw1 = logits0[..., :student.tau_id], logits1[..., :student.tau_id]
+        if which == "tau":
+            out = student.model.get_output_embeddings().weight
+            names = {k for k, v in student.state_dict().items() if v.data_ptr() == out.data_ptr()}
+            assert changed <= names | {"gate_bias"} and changed  # (tied embeddings: one tensor, several names)
+            diff = (out - before[next(iter(names))]).abs().sum(-1)
+            assert diff[student.tau_id] > 0 and diff[: student.tau_id].max() == 0
+            torch.testing.assert_close(raw1, raw0, rtol=0, atol=1e-5)  # the token logits (float rounding only)
+            assert (logits1[..., -1] - logits0[..., -1]).abs().max() > 1e-4
+        else:
+            assert any("encoder" in k for k in changed) and (raw1 - raw0).abs().max() > 1e-4
+
+
+def test_set_trainable_rejects_unknown_values():
+    student, _ = make_student()
+    with pytest.raises(ValueError, match="trainable='tokens'"):
+        student.set_trainable("tokens")

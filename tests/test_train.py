@@ -1,6 +1,7 @@
 """The driver end to end on a tiny configuration: phases 0 → 1 → 2 → evaluation, checkpoints and resume."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -78,14 +79,18 @@ def test_metrics_cover_every_namespace(tiny_run):
     assert read_metrics(out, phase="phase1")
 
 
-def test_phase2_changed_every_trainable_parameter(tiny_run):
+def test_phase2_changed_only_the_tau_decision(tiny_run):
+    """rl.trainable=tau (the default): phase 2 moved the output layer's <τ> row and nothing else."""
     from tw_rl.models.student import Student
 
-    _, out, _ = tiny_run
+    cfg, out, _ = tiny_run
+    assert cfg.rl.trainable == "tau"
     p1, _ = Student.load(out / "models" / "phase1")
     final, _ = Student.load(out / "models" / "final")
-    changed = [not torch.equal(a, b) for (n, a), (_, b) in zip(p1.named_parameters(), final.named_parameters())]
-    assert all(changed), [n for (n, _), c in zip(p1.named_parameters(), changed) if not c]
+    changed = {n for (n, a), (_, b) in zip(p1.named_parameters(), final.named_parameters()) if not torch.equal(a, b)}
+    assert changed == {"model.shared.weight"}  # the tied input/output embedding (its first name)
+    rows = (final.model.shared.weight - p1.model.shared.weight).abs().sum(-1)
+    assert rows[final.tau_id] > 0 and rows[: final.tau_id].max() == 0
 
 
 def test_resume_continues_with_identical_learner_state(tiny_run, tmp_path):
@@ -170,10 +175,16 @@ def test_phase1_cache_is_reused_only_with_the_same_settings(tiny_run, tmp_path):
 
     phase1_of()  # same settings: the cached student, nothing rewritten
     assert (dest / "models" / "phase1" / "done.json").stat().st_mtime_ns == stamp
-    student = phase1_of("phase1.quota=corpus", "student.tau_head=token")  # changed: phase 1 runs again
+    before = len(read_metrics(dest, phase="phase1"))
+    student = phase1_of("phase1.quota=corpus", "student.tau_head=token",  # changed: phase 1 runs again
+                        "phase1.final_lr_fraction=0.1")
     done = json.loads((dest / "models" / "phase1" / "done.json").read_text())
     assert done["settings"]["quota"] == "corpus" and done["settings"]["tau_head"] == "token"
     assert student.tau_head == "token"
+    # the learning rate follows the cosine decay: 48 inputs / batch 16 = 3 steps, logged at steps 0 and 2
+    lrs = [r["phase1/lr"] for r in read_metrics(dest, phase="phase1")[before:]]
+    lr = cfg.phase1.lr
+    assert lrs == pytest.approx([lr, lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))])
 
 
 def test_cached_references_share_one_copy_of_each_array(tmp_path):

@@ -175,6 +175,9 @@ class Phase1Config:
     epochs: float = param(8.0, "passes over the training inputs (one random budget per example and pass)", gt=0.0)
     batch_size: int = param(64, "examples per step", ge=1)
     lr: float = param(3e-3, "learning rate", gt=0.0)
+    final_lr_fraction: float = param(0.05, "cosine decay of the learning rate over phase 1, ending at this fraction of "
+                                           "lr (1.0: constant; the constant rate cost the student's own tokens ~3 BLEU "
+                                           "on the demo, docs/results.md)", gt=0.0, le=1.0)
     distill_weight: float = param(1.0, "weight of token-level distillation on unmarked positions", ge=0.0)
     oracle: str = param("kl", "which positions the oracle marks: kl (the top round(b·T) by KL(π_T ‖ π_S), SPEC §6) or "
                               "wrong_first (positions where the phase-0 student's greedy token is wrong first, KL "
@@ -226,10 +229,13 @@ class RLConfig:
     iterations: int = param(12, "sample → score → buffer → update → sync iterations", ge=0)
     updates_per_iteration: int = param(4, "learner steps per iteration", ge=1)
     batch_size: int = param(64, "episodes per learner step", ge=1)
-    lr: float = param(1e-4, "learning rate. With rl.value=zero and the budget calibration, phase 2's gain over phase "
-                            "1 at b = 0.2 was +0.9, +0.7 and −1.2 BLEU at 1e-4 and +0.5, −0.0 and −0.2 at 3e-5 on three "
-                            "phase-1 students; 24 iterations at 1e-4 or rates ≥ 1e-3 undo phase 1 (docs/results.md)",
-                      gt=0.0)
+    trainable: str = param("tau", "what phase 2 trains: tau (only the <τ> decision: the output layer's <τ> row and the "
+                                  "gate bias; the token policy stays phase 1's) or all (the whole student). On the "
+                                  "demo after phase 1 with a decaying rate, all cost 0.6–5.1 BLEU at b = 0.2 (both "
+                                  "heads, rl.lr 3e-5–1e-4), tau −0.2 to −0.3 at 1e-3 (docs/results.md)",
+                           choices=["tau", "all"])
+    lr: float = param(1e-3, "learning rate (1e-3 is for rl.trainable=tau: one row of the output layer; with "
+                            "rl.trainable=all use 3e-5–1e-4, higher rates undo phase 1; docs/results.md)", gt=0.0)
     alpha: float = param(1.0, "entropy temperature α", gt=0.0)
     gamma: float = param(1.0, "discount γ", gt=0.0, le=1.0)
     window: int = param(8, "multi-step window d (0: to the end of the sequence)", ge=0)

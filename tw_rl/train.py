@@ -31,7 +31,7 @@ from tw_rl.metrics import MetricsLogger, Timer
 from tw_rl.models.factory import load_seq2seq
 from tw_rl.models.student import Student
 from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds, demo_episode, oracle_episode
-from tw_rl.pretrain import pretrain
+from tw_rl.pretrain import lr_at, pretrain
 from tw_rl.replay import ReplayBuffer
 from tw_rl.teacher import Teacher
 
@@ -175,6 +175,8 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
     steps = int(cfg.epochs * len(refs) / cfg.batch_size)
     student.train()
     for step in tqdm(range(steps), desc="phase 1 (oracle BC)", unit="step"):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, cfg.lr, 0, cfg.final_lr_fraction)
         idx = rng.integers(len(refs), size=cfg.batch_size)
         budgets = rng.choice(run.cfg.budgets, size=cfg.batch_size)
         eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id, cfg.oracle, thresholds.get(float(b)))
@@ -190,7 +192,7 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         if step % 20 == 0 or step == steps - 1:
-            log.log(step, stats, phase="phase1")
+            log.log(step, {**stats, "phase1/lr": opt.param_groups[0]["lr"]}, phase="phase1")
     student.eval()
     student.save(out, run.tokenizer)
     (out / "done.json").write_text(json.dumps({"steps": steps, "settings": settings}))
@@ -207,7 +209,11 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
         return student
     algo = get_algorithm(cfg.algo)
     if hasattr(algo, "run_phase2"):  # an algorithm with its own sampling loop (RLlib): same inputs and output
+        if cfg.rl.trainable != "all":
+            raise ValueError(f"rl.trainable={cfg.rl.trainable!r} is not supported by algo={cfg.algo!r} (its own "
+                             "training loop trains the whole student); use rl.trainable=all")
         return algo.run_phase2(run, student, log, resume)
+    student.set_trainable(cfg.rl.trainable)
     rng = np.random.default_rng(cfg.seed + 1)
     if cfg.learner.num_workers > 0 and cfg.algo == "pcl":  # data-parallel: DDP replicas in Ray actors
         from tw_rl.parallel import make_learner as make_parallel_learner

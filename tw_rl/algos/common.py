@@ -22,6 +22,14 @@ def batch_logits(net: nn.Module, batch: EpisodeBatch, start_id: int, pad_id: int
     return net(batch.src_ids, batch.src_mask, dec_tokens, dec_teacher_mask)
 
 
+def clip_gradients(student: nn.Module, max_norm: float) -> torch.Tensor:
+    """Zero the gradients of what the student keeps fixed (``Student.mask_grads``, ``rl.trainable=tau``), then
+    clip; returns the gradient norm before clipping."""
+    if hasattr(student, "mask_grads"):
+        student.mask_grads()
+    return torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
+
+
 def rollout_stats(batch: EpisodeBatch) -> dict[str, float]:
     """What every learner reports about the batch it trained on (``rollout/*``)."""
     n_steps = batch.mask.sum().clamp(min=1)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tw_rl.algos.common import batch_logits, learner_state, load_learner_state, masked_mean, rollout_stats
+from tw_rl.algos.common import batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean, rollout_stats
 from tw_rl.batch import EpisodeBatch
 from tw_rl.config import Config
 
@@ -149,7 +149,7 @@ class GKDLearner:
                                cfg.rl.alpha, cfg.gkd.tau_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.rl.grad_clip)
+        grad_norm = clip_gradients(self.student, cfg.rl.grad_clip)
         self.optimizer.step()
         self.step += 1
         return {**stats, **rollout_stats(batch), "loss/grad_norm": float(grad_norm), "learner/step": float(self.step)}

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tw_rl.algos.common import batch_logits, learner_state, load_learner_state, masked_mean, rollout_stats
+from tw_rl.algos.common import batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean, rollout_stats
 from tw_rl.batch import EpisodeBatch
 from tw_rl.config import Config, RLConfig
 
@@ -228,7 +228,7 @@ class PCLLearner:
         """Backward, clip, AdamW step, Polyak update; returns the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
+        grad_norm = clip_gradients(self.student, self.cfg.grad_clip)
         self.optimizer.step()
         self.polyak_update()
         self.step += 1

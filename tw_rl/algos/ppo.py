@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tw_rl.algos.common import batch_logits, learner_state, load_learner_state, masked_mean, rollout_stats
+from tw_rl.algos.common import batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean, rollout_stats
 from tw_rl.algos.pcl import lagrangian_rewards
 from tw_rl.batch import EpisodeBatch
 from tw_rl.config import Config
@@ -100,8 +100,7 @@ class PPOLearner:
                 break
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            stats["loss/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(),
-                                                                            cfg.rl.grad_clip))
+            stats["loss/grad_norm"] = float(clip_gradients(self.student, cfg.rl.grad_clip))
             self.optimizer.step()
         self.step += 1
         return {**stats, **rollout_stats(batch), "ppo/onpolicy_steps": float(mask.sum()),

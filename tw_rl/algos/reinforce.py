@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tw_rl.algos.common import batch_logits, learner_state, load_learner_state, masked_mean, rollout_stats
+from tw_rl.algos.common import batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean, rollout_stats
 from tw_rl.algos.pcl import lagrangian_rewards
 from tw_rl.algos.ppo import returns_to_go
 
@@ -29,7 +29,7 @@ class ReinforceLearner:
         loss = -masked_mean(advantage * logp, mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.rl.grad_clip)
+        clip_gradients(self.student, self.cfg.rl.grad_clip)
         self.optimizer.step()
         self.step += 1
         return {"loss/reinforce": loss.item(), **rollout_stats(batch)}

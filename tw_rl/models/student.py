@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 TAU_TOKEN = "<τ>"
 TAU_HEADS = ("token", "gate")
+TRAINABLE = ("all", "tau")
 GATE_BIAS_INIT = -3.0
 _META = "tw_student.json"
 _DELTA = "tw_delta.safetensors"
@@ -43,11 +44,31 @@ class Student(nn.Module):
         d_model = model.get_input_embeddings().weight.shape[1]
         self.delta = nn.Parameter(delta.clone() if delta is not None else torch.zeros(d_model))
         self.use_delta = use_delta
+        self.tau_only = False  # set_trainable("tau"): only the <τ> decision learns
         # budget level → offset added to the <τ> logit when acting at that level (tw_rl/calibration.py); {} = none
         self.tau_bias: dict[float, float] = {float(b): float(k) for b, k in (tau_bias or {}).items()}
         if model.get_output_embeddings().weight.shape[0] != self.n_actions:
             raise ValueError(f"the student's output layer has {model.get_output_embeddings().weight.shape[0]} rows "
                              f"but <τ> has id {tau_id}; <τ> must be the last of V ∪ {{<τ>}}")
+
+    def set_trainable(self, which: str) -> None:
+        """``all``: every parameter learns. ``tau``: only what decides ``<τ>`` — the output layer's ``<τ>`` row
+        and the gate bias — so the token policy stays exactly as it is (the other rows' gradients are zeroed by
+        :meth:`mask_grads`, which every learner calls before clipping)."""
+        if which not in TRAINABLE:
+            raise ValueError(f"trainable={which!r} is unknown; known: {TRAINABLE}")
+        self.tau_only = which == "tau"
+        self.requires_grad_(not self.tau_only)
+        if self.tau_only:
+            self.model.get_output_embeddings().weight.requires_grad_(True)
+            if self.gate_bias is not None:
+                self.gate_bias.requires_grad_(True)
+
+    def mask_grads(self) -> None:
+        """With ``set_trainable("tau")``: zero the gradient of every output-layer row but ``<τ>``'s."""
+        grad = self.model.get_output_embeddings().weight.grad
+        if self.tau_only and grad is not None:
+            grad[: self.tau_id].zero_()
 
     @property
     def n_actions(self) -> int:
