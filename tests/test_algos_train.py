@@ -49,14 +49,25 @@ def test_algorithm_trains_two_iterations_through_the_driver(base, tmp_path, algo
     rows = read_metrics(out, phase="phase2")
     assert len(rows) == 2 and all(loss_key in r and torch.isfinite(torch.tensor(r[loss_key])) for r in rows)
     assert len(report["tw"]) == 3
-    assert len(changed_parameters(out)) > 10  # the learner moved the student's weights
+    # rl.trainable=tau (the default): the learner moved the <τ> row of the tied output layer and nothing else
+    assert changed_parameters(out) == {"model.shared.weight"}
+
+
+def test_trainable_all_moves_the_whole_student(base, tmp_path):
+    out, _ = run(base, tmp_path, "rl.trainable=all", "rl.lr=1e-4")
+    assert len(changed_parameters(out)) > 10
+
+
+def test_rllib_ppo_rejects_trainable_tau(base, tmp_path):
+    with pytest.raises(ValueError, match="rl.trainable='tau' is not supported by algo='rllib_ppo'"):
+        run(base, tmp_path, "algo=rllib_ppo")
 
 
 def test_rllib_ppo_trains_two_rllib_iterations_through_the_driver(base, tmp_path):
     from tw_rl.distributed import shutdown_ray
 
     try:
-        out, report = run(base, tmp_path, "algo=rllib_ppo", "rllib.episodes_per_iteration=4",
+        out, report = run(base, tmp_path, "algo=rllib_ppo", "rl.trainable=all", "rllib.episodes_per_iteration=4",
                           "rllib.minibatch_size=64")
     finally:
         shutdown_ray()
