@@ -131,10 +131,10 @@ class StudentConfig:
                                                         num_layers=2, num_decoder_layers=2),
                              help="size when trained from scratch")
     use_delta: bool = param(True, "add the learnable offset δ to teacher-provided tokens in the decoder input")
-    tau_head: str = param("token", "how <τ> is scored: token (one more row of the output layer, SPEC §4 as written) or "
-                                   "gate (Q(<τ>) = u(s) + logsumexp_V Q: a learned call gate over the student's own "
-                                   "next-token distribution). Measured at b = 0.2: gate +5.9 BLEU on the demo after phase 1 "
-                                   "(demo.yaml sets it), −1.1 on Multi30K; docs/design.md",
+    tau_head: str = param("token", "how <τ> is scored: token (one more row of the output layer, SPEC §4 as written) "
+                                   "or gate (Q(<τ>) = u(s) + logsumexp_V Q: a learned call gate over the student's "
+                                   "own next-token distribution). Measured at b = 0.2: gate +5.9 BLEU on the demo "
+                                   "after phase 1 (demo.yaml sets it), −1.1 on Multi30K; docs/design.md",
                           choices=["token", "gate"])
 
 
@@ -229,10 +229,10 @@ class RLConfig:
     iterations: int = param(12, "sample → score → buffer → update → sync iterations", ge=0)
     updates_per_iteration: int = param(4, "learner steps per iteration", ge=1)
     batch_size: int = param(64, "episodes per learner step", ge=1)
-    trainable: str = param("tau", "what phase 2 trains: tau (only the <τ> decision: the output layer's <τ> row and the "
-                                  "gate bias; the token policy stays phase 1's) or all (the whole student). On the "
-                                  "demo after phase 1 with a decaying rate, all cost 0.6–5.1 BLEU at b = 0.2 (both "
-                                  "heads, rl.lr 3e-5–1e-4), tau −0.2 to −0.3 at 1e-3 (docs/results.md)",
+    trainable: str = param("tau", "what phase 2 trains: tau (only the <τ> decision: the output layer's <τ> row and "
+                                  "the gate bias; the token policy stays phase 1's) or all (the whole student). On "
+                                  "the demo after phase 1 with a decaying rate, all cost 0.6–5.1 BLEU at b = 0.2 "
+                                  "(both heads, rl.lr 3e-5–1e-4), tau −0.2 to −0.3 at 1e-3 (docs/results.md)",
                            choices=["tau", "all"])
     lr: float = param(1e-3, "learning rate (1e-3 is for rl.trainable=tau: one row of the output layer; with "
                             "rl.trainable=all use 3e-5–1e-4, higher rates undo phase 1; docs/results.md)", gt=0.0)

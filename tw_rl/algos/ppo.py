@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tw_rl.algos.common import batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean, rollout_stats
+from tw_rl.algos.common import (batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean,
+                               rollout_stats)
 from tw_rl.algos.pcl import lagrangian_rewards
 from tw_rl.batch import EpisodeBatch
 from tw_rl.config import Config

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from tw_rl.algos.common import batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean, rollout_stats
+from tw_rl.algos.common import (batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean,
+                               rollout_stats)
 from tw_rl.algos.pcl import lagrangian_rewards
 from tw_rl.algos.ppo import returns_to_go
 
