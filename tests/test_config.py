@@ -68,3 +68,9 @@ def test_cli_help_lists_every_command(capsys):
     for cmd in ("demo", "train", "eval", "generate", "pretrain"):
         assert cmd in out
     assert main(["eval"]) == 2  # not yet: says so instead of pretending
+
+
+def test_refit_needs_the_gate_head():
+    with pytest.raises(ConfigError, match=r"phase1.refit=true needs student.tau_head=gate.*'token'"):
+        load_config(overrides=["phase1.refit=true", "student.tau_head=token"])
+    assert load_config(overrides=["phase1.refit=true", "student.tau_head=gate"]).phase1.refit

@@ -187,6 +187,36 @@ def test_phase1_cache_is_reused_only_with_the_same_settings(tiny_run, tmp_path):
     assert lrs == pytest.approx([lr, lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))])
 
 
+def test_phase1_refit_rewrites_only_the_gate_and_records_the_fit(tiny_run, tmp_path):
+    """``phase1.refit=true``: behaviour cloning as before, then the gate refitted on the student's own states. Against
+    the same phase 1 without the refit (same seed), only the <τ> row and the gate bias differ; the fit is logged
+    and kept in done.json, and it is part of the phase-1 cache key."""
+    from tw_rl.metrics import MetricsLogger
+    from tw_rl.train import phase0, phase1
+
+    _, out, _ = tiny_run
+    students = {}
+    for refit in ("false", "true"):
+        dest = phase01_copy(out, tmp_path / f"refit_{refit}")
+        c = load_config(None, TINY + [f"out_dir={dest}", "student.tau_head=gate", f"phase1.refit={refit}",
+                                      "phase1.refit_examples=40"])
+        with MetricsLogger(dest, tensorboard=False) as log:
+            students[refit] = phase1(phase0(c, dest), log)
+    done = json.loads((tmp_path / "refit_true" / "models" / "phase1" / "done.json").read_text())
+    assert done["settings"]["refit"] is True and done["refit"]["refit/coef_conf"] < 0
+    assert done["refit"]["refit/positions"] > 40  # every visited state of 40 decoded inputs
+    logged = read_metrics(tmp_path / "refit_true", phase="phase1")
+    assert any("refit/r2" in r for r in logged)
+    a, b = students["false"].state_dict(), students["true"].state_dict()
+    tau = students["true"].tau_id
+    differ = {k for k in a if not torch.equal(a[k], b[k])}
+    assert "gate_bias" in differ and differ <= {"gate_bias", "model.shared.weight", "model.lm_head.weight",
+                                                "model.encoder.embed_tokens.weight",
+                                                "model.decoder.embed_tokens.weight"}
+    for k in differ - {"gate_bias"}:
+        assert torch.equal(a[k][:tau], b[k][:tau]) and not torch.equal(a[k][tau], b[k][tau])
+
+
 def test_cached_references_share_one_copy_of_each_array(tmp_path):
     """references.npz is read once: every Reference is a view of the same arrays. Re-reading an array per
     reference (NpzFile's z[key]) kept a full copy per reference alive, O(N²) memory: 20,000 examples → OOM."""

@@ -186,6 +186,12 @@ class Phase1Config:
                                    "sequence, SPEC §6) or corpus (every position whose KL is above the level a "
                                    "fraction b of all training positions exceed: hard sequences get more calls, easy "
                                    "ones fewer; docs/design.md)", choices=["sequence", "corpus"])
+    refit: bool = param(False, "after behaviour cloning, refit the gate's <τ> decision on the student's own "
+                               "states (one DAgger step, token policy frozen): ridge regression of KL(π_T ‖ π_S) on "
+                               "the output layer's input and the student's log-confidence (tw_rl/refit.py; needs "
+                               "student.tau_head=gate)")
+    refit_examples: int = param(4000, "training inputs the refit decodes (one budget level each, cycled)", ge=1)
+    refit_l2: float = param(1e-3, "ridge penalty of the refit, on standardised features", ge=0.0)
 
 
 @dataclass
@@ -397,6 +403,9 @@ def validate(cfg: Any, prefix: str = "") -> None:
         if cfg.learner.num_workers > 0 and cfg.algo != "pcl":
             raise ConfigError(f"learner.num_workers={cfg.learner.num_workers} (data-parallel learning) is built for "
                               f"algo=pcl only, not algo={cfg.algo!r}; set learner.num_workers=0")
+        if cfg.phase1.refit and cfg.student.tau_head != "gate":
+            raise ConfigError(f"phase1.refit=true needs student.tau_head=gate (the token head cannot represent the "
+                              f"refitted decision), not student.tau_head={cfg.student.tau_head!r}")
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:

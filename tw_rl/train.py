@@ -32,6 +32,7 @@ from tw_rl.models.factory import load_seq2seq
 from tw_rl.models.student import Student
 from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds, demo_episode, oracle_episode
 from tw_rl.pretrain import lr_at, pretrain
+from tw_rl.refit import refit_gate
 from tw_rl.replay import ReplayBuffer
 from tw_rl.teacher import Teacher
 
@@ -147,7 +148,8 @@ def new_student(run: Run) -> Student:
 
 
 def phase1(run: Run, log: MetricsLogger) -> Student:
-    """Behaviour cloning on KL-oracle traces (SPEC §6); the result is saved to ``models/phase1``."""
+    """Behaviour cloning on KL-oracle traces (SPEC §6), then (``phase1.refit``) the gate refitted on the student's
+    own states (tw_rl/refit.py); the result is saved to ``models/phase1``."""
     cfg, out = run.cfg.phase1, run.dir / "models" / "phase1"
     done = out / "done.json"
     # phase 1 is cached: redone when its settings, δ or the <τ> head changed (ablations)
@@ -164,10 +166,49 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
         if same:
             return cached
     student = new_student(run)
-    if not cfg.enabled:  # ablation: later phases start from the phase-0 student with <τ> added, saved as phase 1
-        student.save(out, run.tokenizer)
-        done.write_text(json.dumps({"steps": 0, "enabled": False, "settings": settings}))
-        return student
+    info: dict = {"steps": behaviour_cloning(run, student, log) if cfg.enabled else 0, "enabled": cfg.enabled,
+                  "settings": settings}  # disabled (ablation): later phases start from the phase-0 student + <τ>
+    student.eval()
+    if cfg.refit:  # one DAgger step on the <τ> decision (tw_rl/refit.py)
+        fit = refit_gate(student, run.teacher, run.train[:cfg.refit_examples], run.cfg.budgets, l2=cfg.refit_l2,
+                         max_len=run.max_len, eos_id=run.eos_id, pad_id=run.pad_id, start_id=run.start_id,
+                         batch_size=run.cfg.eval.batch_size)
+        info["refit"] = fit.as_dict()
+        log.log(info["steps"], fit.as_dict(), phase="phase1")
+    student.save(out, run.tokenizer)
+    done.write_text(json.dumps(info))
+    return student
+
+
+def behaviour_cloning(run: Run, student: Student, log: MetricsLogger) -> int:
+    """SPEC §6: cross-entropy over ``V ∪ {<τ>}`` on oracle traces plus token-level distillation; returns the steps."""
+    cfg = run.cfg.phase1
+    refs = references(run)
+    thresholds = oracle_thresholds(run, refs)
+    rng = np.random.default_rng(run.cfg.seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    steps = int(cfg.epochs * len(refs) / cfg.batch_size)
+    student.train()
+    for step in tqdm(range(steps), desc="phase 1 (oracle BC)", unit="step"):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, cfg.lr, 0, cfg.final_lr_fraction)
+        idx = rng.integers(len(refs), size=cfg.batch_size)
+        budgets = rng.choice(run.cfg.budgets, size=cfg.batch_size)
+        eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id, cfg.oracle, thresholds.get(float(b)))
+               for i, b in zip(idx, budgets)]
+        batch = EpisodeBatch.collate(eps, run.pad_id)
+        dec, dec_tm = batch.decoder_inputs(run.start_id, run.pad_id)
+        logits = student(batch.src_ids, batch.src_mask, dec[:, :-1], dec_tm[:, :-1])
+        t_logp = run.teacher.distributions([run.train[i].teacher_src for i in idx],
+                                           [refs[i].tokens.tolist() for i in idx])
+        loss, stats = bc_loss(logits, batch.actions, batch.mask, batch.teacher_mask, t_logp, cfg.distill_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == steps - 1:
+            log.log(step, {**stats, "phase1/lr": opt.param_groups[0]["lr"]}, phase="phase1")
+    return steps
     refs = references(run)
     thresholds = oracle_thresholds(run, refs)
     rng = np.random.default_rng(run.cfg.seed)

@@ -1,0 +1,175 @@
+"""Phase 1's last step: refit the gate's ``<τ>`` decision on the student's own states (``phase1.refit``; a
+**[choice]**, docs/design.md "Refitting the gate on the student's own states").
+
+Behaviour cloning (:mod:`tw_rl.oracle`) teaches ``<τ>`` at positions of the *teacher's* path, marked with the
+*phase-0* student's KL and a fixed quota per sequence. The deployed student visits other states (its own prefixes,
+teacher tokens where it called) and is no longer the phase-0 student, so on the demo the learned part of the gate
+cost ~3 BLEU at b = 0.2 against the student's own confidence alone (docs/results.md). This step is one DAgger
+iteration on the ``<τ>`` decision only, with the token policy frozen:
+
+1. decode training inputs greedily with the student itself, each at one budget level of the grid (cycled);
+2. score every visited state with SPEC §6's oracle quantity ``KL(π_T ‖ π_S)``, the teacher and the student
+   teacher-forced along the student's own output;
+3. fit ``KL̂(s) = w·x(s) + a·log max_v π_S(v|s) + c`` by ridge regression, ``x(s)`` the output layer's input;
+4. write it into the gate head (:meth:`tw_rl.models.student.Student.head`), which represents *thresholding*
+   ``KL̂`` exactly when ``a < 0``: with the ``<τ>`` row ``w/(−a)`` and the gate bias ``(c − q)/(−a)``,
+   ``u(s) − log max_v π_S(v|s) = (KL̂(s) − q)/(−a)``, so greedy acting calls iff ``KL̂(s) > q + a·κ_b``
+   (``κ_b`` the calibrated per-budget offset). ``q`` is the ``1 − b̄`` quantile of ``KL̂`` over the visited states
+   (``b̄`` the mean positive budget), so the raw student (``κ = 0``, phase 2's rollouts) calls at about ``b̄``.
+
+No Ray here: the teacher is any :class:`envs.token_mdp.TeacherClient` with ``distributions``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from envs.token_mdp import Example
+from tw_rl.decoding import decode
+from tw_rl.examples import pad_batch
+from tw_rl.models.student import Student
+from tw_rl.oracle import kl_teacher_student
+
+
+@dataclass
+class GateStates:
+    """The states the student visited: the output layer's input, its log-confidence and the oracle's KL."""
+
+    x: torch.Tensor  # [N, d]
+    log_conf: torch.Tensor  # [N]: log max_{v ∈ V} π_S(v | s)
+    kl: torch.Tensor  # [N]: KL(π_T ‖ π_S) at s
+    calls: int  # teacher calls made while decoding (usage of the raw student)
+
+    def __len__(self) -> int:
+        return int(self.kl.shape[0])
+
+
+@dataclass
+class GateFit:
+    """The fitted predictor ``KL̂ = w·x + a·log_conf + c`` and the raw call threshold ``q``."""
+
+    weight: torch.Tensor  # [d]: w
+    coef_conf: float  # a
+    intercept: float  # c
+    threshold: float  # q
+    r2: float  # of KL̂ on the visited states
+    positions: int
+    raw_usage_before: float  # calls / output tokens of the student before the refit
+
+    def predict(self, x: torch.Tensor, log_conf: torch.Tensor) -> torch.Tensor:
+        return x.double() @ self.weight.double() + self.coef_conf * log_conf.double() + self.intercept
+
+    def as_dict(self) -> dict:
+        return {"refit/coef_conf": round(self.coef_conf, 4), "refit/intercept": round(self.intercept, 4),
+                "refit/threshold": round(self.threshold, 4), "refit/r2": round(self.r2, 4),
+                "refit/positions": self.positions, "refit/raw_usage_before": round(self.raw_usage_before, 4)}
+
+
+def ridge(features: torch.Tensor, target: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+    """Ridge regression with an unpenalised intercept, on standardised columns (so ``l2`` means the same for every
+    model width): minimises ``mean((F β + c − y)²) + l2 · |β ⊙ σ|²`` (``σ`` the columns' standard deviations).
+    Returns ``β`` in the raw feature space and ``c``. Float64, closed form."""
+    F, y = features.double(), target.double()
+    mu, sd = F.mean(0), F.std(0, unbiased=False).clamp(min=1e-12)
+    Z = (F - mu) / sd
+    yc = y - y.mean()
+    n = Z.shape[0]
+    beta_z = torch.linalg.solve(Z.T @ Z / n + l2 * torch.eye(Z.shape[1], dtype=Z.dtype), Z.T @ yc / n)
+    beta = beta_z / sd
+    return beta, float(y.mean() - mu @ beta)
+
+
+def fit_gate(states: GateStates, call_rate: float, l2: float, raw_usage_before: float = 0.0) -> GateFit:
+    """Fit ``KL̂`` on ``states`` and the threshold ``q`` above which a fraction ``call_rate`` of them lie. Raises
+    ValueError when the fit gives ``a ≥ 0`` (higher confidence predicting a *larger* KL), which the gate head
+    cannot represent."""
+    if len(states) < states.x.shape[1] + 2:
+        raise ValueError(f"phase1.refit: {len(states)} visited states are too few to fit {states.x.shape[1] + 2} "
+                         f"coefficients; raise phase1.refit_examples")
+    beta, c = ridge(torch.cat([states.x, states.log_conf[:, None]], 1), states.kl, l2)
+    w, a = beta[:-1], float(beta[-1])
+    if a >= 0:
+        raise ValueError(f"phase1.refit: the fitted coefficient of the student's log-confidence is {a:.4g} ≥ 0, so "
+                         f"the gate head cannot represent the fit; set phase1.refit=false")
+    fit = GateFit(w, a, c, 0.0, 0.0, len(states), raw_usage_before)
+    pred = fit.predict(states.x, states.log_conf)
+    y = states.kl.double()
+    fit.r2 = float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-12))
+    fit.threshold = float(torch.quantile(pred, 1.0 - call_rate)) if call_rate > 0 else float(pred.max())
+    return fit
+
+
+@torch.no_grad()
+def write_gate(student: Student, fit: GateFit) -> None:
+    """Set the ``<τ>`` row and the gate bias so that ``u(s) − log max π_S = (KL̂(s) − q)/(−a)``."""
+    if student.tau_head != "gate":
+        raise ValueError(f"phase1.refit needs the gate head (student.tau_head=gate), not {student.tau_head!r}")
+    scale = -fit.coef_conf
+    row = student.model.get_output_embeddings().weight
+    row[student.tau_id] = (fit.weight / scale).to(row.dtype)
+    student.gate_bias.fill_((fit.intercept - fit.threshold) / scale)
+
+
+@torch.no_grad()
+def collect_states(student: Student, teacher, examples: Sequence[Example], budgets: Sequence[float], *,
+                   max_len: int, eos_id: int, pad_id: int = 0, start_id: int = 0, batch_size: int = 128
+                   ) -> GateStates:
+    """Greedy decoding of ``examples`` by ``student`` itself, example ``i`` at ``budgets[i % len(budgets)]``; then the
+    output layer's input, the student's log-confidence and ``KL(π_T ‖ π_S)`` at every visited state."""
+    if not budgets:
+        raise ValueError("phase1.refit needs at least one budget level")
+    lm = student.model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+    hook = lm.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach()))
+    xs, confs, kls, calls = [], [], [], 0
+    was_training = student.training
+    student.eval()
+    try:
+        for k, b in enumerate(budgets):
+            chunk_all = list(examples[k::len(budgets)])
+            for i in range(0, len(chunk_all), batch_size):
+                chunk = chunk_all[i:i + batch_size]
+                ids, mask = pad_batch([e.student_src[b] for e in chunk], pad_id)
+                captured.clear()
+                d = decode(student, ids, mask, max_len=max_len, eos_id=eos_id, teacher=teacher,
+                           teacher_src=[e.teacher_src for e in chunk], start_id=start_id, pad_id=pad_id,
+                           allow_tau=b > 0)
+                calls += int(d.teacher_mask.sum())
+                toks, tm = torch.as_tensor(d.tokens), torch.as_tensor(d.teacher_mask)
+                B = len(chunk)
+                dec = torch.cat([torch.full((B, 1), start_id), toks[:, :-1]], 1)
+                dec_tm = torch.cat([torch.zeros(B, 1, dtype=torch.bool), tm[:, :-1]], 1)
+                captured.clear()
+                logits = student(ids, mask, dec, dec_tm).float()
+                x = captured[-1]
+                outs = [d.tokens[j, :d.lengths[j]].tolist() for j in range(B)]
+                t_logp = teacher.distributions([e.teacher_src for e in chunk], outs)
+                kl = kl_teacher_student(t_logp, logits[:, :t_logp.shape[1]])
+                conf = torch.log_softmax(logits[..., :student.tau_id], -1).amax(-1)
+                valid = torch.arange(toks.shape[1])[None, :] < torch.as_tensor(d.lengths)[:, None]
+                xs.append(x[valid].float())
+                confs.append(conf[valid])
+                kls.append(kl[valid[:, :kl.shape[1]]])
+    finally:
+        hook.remove()
+        student.train(was_training)
+    return GateStates(torch.cat(xs), torch.cat(confs), torch.cat(kls), calls)
+
+
+def refit_gate(student: Student, teacher, examples: Sequence[Example], budgets: Sequence[float], *, l2: float,
+               max_len: int, eos_id: int, pad_id: int = 0, start_id: int = 0, batch_size: int = 128) -> GateFit:
+    """Collect the student's states at the positive levels of ``budgets``, fit ``KL̂`` and write it into the gate
+    (raw call rate: the mean positive budget). Only the ``<τ>`` row and the gate bias change."""
+    if student.tau_head != "gate":
+        raise ValueError(f"phase1.refit needs the gate head (student.tau_head=gate), not {student.tau_head!r}")
+    levels = [float(b) for b in budgets if b > 0]
+    states = collect_states(student, teacher, examples, levels, max_len=max_len, eos_id=eos_id, pad_id=pad_id,
+                            start_id=start_id, batch_size=batch_size)
+    fit = fit_gate(states, call_rate=float(np.mean(levels)), l2=l2,
+                   raw_usage_before=states.calls / max(len(states), 1))
+    write_gate(student, fit)
+    return fit
