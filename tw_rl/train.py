@@ -209,35 +209,6 @@ def behaviour_cloning(run: Run, student: Student, log: MetricsLogger) -> int:
         if step % 20 == 0 or step == steps - 1:
             log.log(step, {**stats, "phase1/lr": opt.param_groups[0]["lr"]}, phase="phase1")
     return steps
-    refs = references(run)
-    thresholds = oracle_thresholds(run, refs)
-    rng = np.random.default_rng(run.cfg.seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
-    steps = int(cfg.epochs * len(refs) / cfg.batch_size)
-    student.train()
-    for step in tqdm(range(steps), desc="phase 1 (oracle BC)", unit="step"):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.lr, 0, cfg.final_lr_fraction)
-        idx = rng.integers(len(refs), size=cfg.batch_size)
-        budgets = rng.choice(run.cfg.budgets, size=cfg.batch_size)
-        eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id, cfg.oracle, thresholds.get(float(b)))
-               for i, b in zip(idx, budgets)]
-        batch = EpisodeBatch.collate(eps, run.pad_id)
-        dec, dec_tm = batch.decoder_inputs(run.start_id, run.pad_id)
-        logits = student(batch.src_ids, batch.src_mask, dec[:, :-1], dec_tm[:, :-1])
-        t_logp = run.teacher.distributions([run.train[i].teacher_src for i in idx],
-                                           [refs[i].tokens.tolist() for i in idx])
-        loss, stats = bc_loss(logits, batch.actions, batch.mask, batch.teacher_mask, t_logp, cfg.distill_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        if step % 20 == 0 or step == steps - 1:
-            log.log(step, {**stats, "phase1/lr": opt.param_groups[0]["lr"]}, phase="phase1")
-    student.eval()
-    student.save(out, run.tokenizer)
-    (out / "done.json").write_text(json.dumps({"steps": steps, "settings": settings}))
-    return student
 
 
 # ------------------------------------------------------------------------------------------------------------------
