@@ -272,9 +272,17 @@ def timings(jobs: Sequence[Callable[[], Method]], model: "TrainedModel", example
 
 def _timed(model: "TrainedModel", method: Method, examples: Sequence[Example]) -> float:
     _cold(model)
+    _sync(model)
     t0 = time.perf_counter()
     method(examples)
+    _sync(model)
     return time.perf_counter() - t0
+
+
+def _sync(model: "TrainedModel") -> None:
+    """Wait for queued GPU work, so that a timing holds only its own (no-op on the CPU)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
 
 
 def latency_ms(make: Callable[[], Method], model: "TrainedModel", examples: Sequence[Example],
