@@ -444,3 +444,32 @@ def test_confidence_fallback_on_the_phase0_student_spans_student_to_teacher(run)
     cal = calibrate(lambda th: base_confidence_baseline(model, th), run["validation"], 0.3, 16)
     assert abs(cal.usage - 0.3) <= 0.02 and 0 < cal.threshold < 1, cal.trace
     assert model.base_student.get_output_embeddings().weight.shape[0] == model.student.tau_id  # base left as is
+
+
+def test_paired_bootstrap_tells_a_real_difference_from_none():
+    from tw_rl.evaluate import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    words = "a b c d e f g h i j".split()
+    refs = [" ".join(rng.choice(words, size=8)) for _ in range(200)]
+    same = list(refs)
+    garbled = [" ".join(w if rng.random() > 0.5 else "z" for w in r.split()) for r in refs]
+    ci, vs = paired_bootstrap(garbled, {"itself": garbled, "better": same}, refs, n_samples=200)
+    assert vs["itself"] == {"bleu_delta": 0.0, "p_value": 1.0}  # no difference: never significant
+    assert vs["better"]["bleu_delta"] > 40 and vs["better"]["p_value"] < 0.01  # 1/(200+1): every resample agrees
+    assert 0 < ci < 10
+    assert paired_bootstrap(garbled, {"better": same}, refs, n_samples=200)[1] == {"better": vs["better"]}  # seeded
+
+
+def test_report_compares_every_baseline_to_training_wheels(run):
+    report = run["report"]
+    md = (run["dir"] / "report.md").read_text()
+    for tw in report["tw"]:
+        assert tw["bleu_ci95"] >= 0
+    rows = report["baselines"]["random"] + report["baselines"]["confidence"] + report["baselines"]["confidence_base"]
+    assert rows and all("vs_tw" in r for r in rows)
+    for r in rows:
+        tw = next(t for t in report["tw"] if t["budget"] == r["budget"])
+        assert r["vs_tw"]["bleu_delta"] == pytest.approx(r["bleu"] - tw["bleu"], abs=0.011)
+        assert 0 < r["vs_tw"]["p_value"] <= 1
+        assert f"(p = {r['vs_tw']['p_value']:.3g})" in md

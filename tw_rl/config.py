@@ -328,6 +328,8 @@ class EvalConfig:
                                             "smaller: lossy, as in DistillSpec); []: Hugging Face assisted generation "
                                             "only", gt=0.0, le=1.0)
     spec_draft_tokens: int = param(5, "tokens the draft proposes per round in draft-and-verify decoding", ge=1)
+    bootstrap_samples: int = param(1000, "paired bootstrap resamples (sacrebleu) for the BLEU difference of each "
+                                         "baseline against Training Wheels at the same budget; 0: no test", ge=0)
     task: str = param("auto", "metrics: translation (BLEU, chrF) or summarization (also ROUGE-1/2/L); auto: "
                               "summarization when data.hf_name names a summarization set (xsum, cnn_dailymail, "
                               "samsum, ...)", choices=["auto", "translation", "summarization"])

@@ -30,6 +30,9 @@ Metrics:
 - ``calls_per_token``: teacher forward passes / output tokens over the corpus, a pass over ``k`` rows counting
   ``k`` (Training Wheels and the baselines: one per ``<τ>``; teacher alone: one per token; speculative decoding:
   one per verification round).
+- ``vs_tw`` on every random, confidence, confidence_base and phase-1 row: its BLEU minus the Training Wheels row's
+  at the same budget and the p-value of a paired bootstrap test of that difference (sacrebleu, ``eval.
+  bootstrap_samples`` resamples, seeded); ``bleu_ci95`` on every Training Wheels row: its 95 % CI half-width.
 - ``gap_closed`` per budget: ``(Q_tw(b) − Q_student) / (Q_teacher − Q_student)`` with Q = BLEU (ROUGE-L for
   summarization).
 - ``latency_ms``: median wall time of decoding one pre-tokenized input at batch size 1 (``eval.latency_examples``
@@ -305,6 +308,8 @@ class _Evaluation:
     records: list[dict] = field(default_factory=list)
     bar: Any = None
     jobs: list[tuple[dict, Callable[[], Method], bool]] = field(default_factory=list)
+    hyps: dict[tuple[str, float | None], list[str]] = field(default_factory=dict)  # detokenized outputs per row
+    rows: dict[tuple[str, float | None], dict] = field(default_factory=dict)
 
     def row(self, method: str, make: Callable[[], Method], budget: float | None = None,
             keep_outputs: bool = True, sequential: bool = False, **extra) -> tuple[dict, Outputs]:
@@ -316,6 +321,8 @@ class _Evaluation:
                **score(outs, self.test, self.model.tokenizer, self.task), **extra,
                "latency_ms": None, "throughput_seq_s": None}
         self.jobs.append((row, make, sequential))
+        self.hyps[(method, budget)] = detok(self.model.tokenizer, outs.tokens)
+        self.rows[(method, budget)] = row
         if keep_outputs:
             self.records += records(method, budget, self.test, outs, self.model.tokenizer)
         if self.bar is not None:
@@ -392,6 +399,8 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
                                             keep_outputs=False)[0] for b in budgets]
         report["baselines"] = (baselines(ev, tw, validation, teacher_outs) if cfg.eval.baselines
                                else {"random": [], "confidence": [], "speculative": None})
+        if cfg.eval.bootstrap_samples > 0:
+            compare_to_tw(ev, budgets, [e.reference for e in test], cfg.eval.bootstrap_samples)
         ev.time()
     main = "rougeL" if task == "summarization" else "bleu"
     report["gap_closed"] = gap_closed(tw, student_row[main], teacher_row[main], main)
@@ -400,6 +409,41 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
                          "repeats": cfg.eval.latency_repeats, "throughput_batch_size": cfg.eval.throughput_batch_size,
                          "device": str(model.device), "torch_threads": torch.get_num_threads()}
     return report, ev.records
+
+
+COMPARED = ("random", "confidence", "confidence_base", "phase1")  # the rows tested against Training Wheels
+
+
+def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]], references: Sequence[str],
+                     n_samples: int) -> tuple[float, dict[str, dict]]:
+    """sacrebleu's paired bootstrap resampling of corpus BLEU (Koehn 2004; seeded, so reproducible): for each of
+    ``systems``, its BLEU minus ``baseline``'s and the two-sided p-value of that difference (the share of resamples
+    whose centred |difference| exceeds the observed one). Returns the baseline's 95 % CI half-width and the
+    comparisons."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    named = [("baseline", list(baseline))] + [(k, list(v)) for k, v in systems.items()]
+    _, scores = PairedTest(named, {"BLEU": BLEU()}, [list(references)], test_type="bs", n_samples=n_samples)()
+    base, *rest = scores["BLEU"]
+    # outputs identical to the baseline's (e.g. phase 1 at b = 0 when phase 2 trained only <τ>): sacrebleu's strict
+    # count would report the smallest p-value, 1/(n + 1); there is no difference to test
+    return float(base.ci), {k: {"bleu_delta": round(float(r.score - base.score), 2),
+                                "p_value": 1.0 if list(systems[k]) == list(baseline) else round(float(r.p_value), 4)}
+                            for k, r in zip(systems, rest)}
+
+
+def compare_to_tw(ev: _Evaluation, budgets: Sequence[float], references: Sequence[str], n_samples: int) -> None:
+    """At every budget, each row of :data:`COMPARED` against the Training Wheels row: ``vs_tw`` (BLEU difference
+    and paired-bootstrap p-value) on the row, ``bleu_ci95`` on the Training Wheels row."""
+    for b in budgets:
+        others = {m: ev.hyps[(m, b)] for m in COMPARED if (m, b) in ev.hyps}
+        if ("tw", b) not in ev.hyps or not others:
+            continue
+        ci, vs = paired_bootstrap(ev.hyps[("tw", b)], others, references, n_samples)
+        ev.rows[("tw", b)]["bleu_ci95"] = round(ci, 2)
+        for m, result in vs.items():
+            ev.rows[(m, b)]["vs_tw"] = result
 
 
 def baselines(ev: _Evaluation, tw: list[dict], validation: Sequence[Example], teacher_outs: Outputs) -> dict:
@@ -485,7 +529,11 @@ _ROW = {"type": "object", "required": ["method", *_METRICS],
                        "calls_per_token": {"type": "number", "minimum": 0},
                        "latency_ms": {"type": ["number", "null"], "minimum": 0},
                        "throughput_seq_s": {"type": ["number", "null"], "minimum": 0},
-                       "budget": {"type": "number", "minimum": 0, "maximum": 1}}}
+                       "budget": {"type": "number", "minimum": 0, "maximum": 1},
+                       "bleu_ci95": {"type": "number", "minimum": 0},
+                       "vs_tw": {"type": "object", "required": ["bleu_delta", "p_value"],
+                                 "properties": {"bleu_delta": {"type": "number"},
+                                                "p_value": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}}}}
 _BUDGET_ROWS = {"type": "array", "items": {"allOf": [_ROW, {"required": ["budget"]}]}}
 REPORT_SCHEMA = {
     "type": "object",
@@ -576,6 +624,9 @@ def markdown(report: dict) -> str:
 
     def line(r: dict, note: str = "") -> None:
         name = _NAMES.get(r.get("method", "tw"), r.get("method", ""))
+        if "vs_tw" in r:  # paired bootstrap against Training Wheels at this budget
+            vs = f"BLEU {r['vs_tw']['bleu_delta']:+.2f} vs Training Wheels (p = {r['vs_tw']['p_value']:.3g})"
+            note = f"{note}; {vs}" if note else vs
         lines.append("| " + " | ".join([name, _fmt(r.get("budget"))] + [_fmt(r.get(k)) for k in keys] + [note])
                      + " |")
 
@@ -597,6 +648,8 @@ def markdown(report: dict) -> str:
         b = r["budget"]
         closed = report.get("gap_closed", {}).get(f"{b:g}")
         notes = [f"gap closed {closed:g}"] if closed is not None else []
+        if "bleu_ci95" in r:
+            notes.append(f"BLEU 95 % CI ±{r['bleu_ci95']:g}")
         if b in offsets and b > 0:
             notes.append(f"<τ> offset {offsets[b]['bias']:+.3g} (validation usage {offsets[b]['usage']:g})")
         line(r, "; ".join(notes))
