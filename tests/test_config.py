@@ -74,3 +74,15 @@ def test_refit_needs_the_gate_head():
     with pytest.raises(ConfigError, match=r"phase1.refit=true needs student.tau_head=gate.*'token'"):
         load_config(overrides=["phase1.refit=true", "student.tau_head=token"])
     assert load_config(overrides=["phase1.refit=true", "student.tau_head=gate"]).phase1.refit
+
+
+def test_eval_overrides_may_follow_the_budget_list():
+    from tw_rl.cli import overrides_last
+
+    argv = ["eval", "a=1", "--run", "runs/x=y", "--budgets", "0.1", "0.2", "eval.max_examples=3", "--out", "o"]
+    args = build_parser().parse_args(overrides_last(argv))
+    assert args.budgets == [0.1, 0.2] and args.overrides == ["a=1", "eval.max_examples=3"]
+    assert str(args.run) == "runs/x=y" and str(args.out) == "o"
+    with pytest.raises(SystemExit):  # what argparse alone does with the same words
+        build_parser().parse_args(argv)
+    assert overrides_last(["generate", "--run", "r", "x=1"]) == ["generate", "--run", "r", "x=1"]

@@ -188,8 +188,24 @@ def run_generate(args) -> int:
     return 0
 
 
+_EVAL_VALUE_OPTIONS = {"--run", "--data", "--split", "--out", "--device"}
+
+
+def overrides_last(argv: list[str]) -> list[str]:
+    """``tw-rl eval ... --budgets 0.1 0.2 key=value``: ``--budgets`` takes any number of values, so argparse would
+    read ``key=value`` as a budget. Every ``key=value`` word that is not an option's value moves behind ``--``,
+    where argparse reads it as an override whatever came before it."""
+    if not argv or argv[0] != "eval" or "--budgets" not in argv or "--" in argv:
+        return argv
+    keep, overrides = [], []
+    for i, tok in enumerate(argv):
+        is_value = i > 0 and argv[i - 1] in _EVAL_VALUE_OPTIONS
+        (overrides if "=" in tok and not tok.startswith("-") and not is_value else keep).append(tok)
+    return keep + (["--", *overrides] if overrides else [])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(overrides_last(list(sys.argv[1:] if argv is None else argv)))
     from tw_rl.config import ConfigError, load_config
 
     if args.command in ("head", "submit"):
