@@ -317,14 +317,15 @@ class _Evaluation:
         if self.bar is not None:
             self.bar.set_postfix_str(method + (f" b={budget:g}" if budget is not None else ""))
         outs = run(make(), self.test, self.model.cfg.eval.batch_size)
+        hyps = detok(self.model.tokenizer, outs.tokens)
         row = {"method": method, **({"budget": budget} if budget is not None else {}),
-               **score(outs, self.test, self.model.tokenizer, self.task), **extra,
+               **score(outs, self.test, self.model.tokenizer, self.task, hyps), **extra,
                "latency_ms": None, "throughput_seq_s": None}
         self.jobs.append((row, make, sequential))
-        self.hyps[(method, budget)] = detok(self.model.tokenizer, outs.tokens)
+        self.hyps[(method, budget)] = hyps
         self.rows[(method, budget)] = row
         if keep_outputs:
-            self.records += records(method, budget, self.test, outs, self.model.tokenizer)
+            self.records += records(method, budget, self.test, outs, self.model.tokenizer, hyps)
         if self.bar is not None:
             self.bar.update()
         return row, outs
@@ -347,9 +348,11 @@ def usages(outs: Outputs) -> list[float]:
     return [float(m.sum()) / max(1, len(m)) for m in outs.teacher_mask]
 
 
-def score(outs: Outputs, examples: Sequence[Example], tokenizer, task: str = "translation") -> dict:
-    """Quality, usage (mean, p95) and teacher calls per token of one method's outputs."""
-    hyps = detok(tokenizer, outs.tokens)
+def score(outs: Outputs, examples: Sequence[Example], tokenizer, task: str = "translation",
+          hyps: list[str] | None = None) -> dict:
+    """Quality, usage (mean, p95) and teacher calls per token of one method's outputs (``hyps``: their detokenized
+    text, when the caller has it already)."""
+    hyps = detok(tokenizer, outs.tokens) if hyps is None else hyps
     usage = usages(outs) or [0.0]
     n_tokens = sum(len(t) for t in outs.tokens)
     return {**quality(hyps, [e.reference for e in examples], task),
@@ -358,9 +361,10 @@ def score(outs: Outputs, examples: Sequence[Example], tokenizer, task: str = "tr
             "length_mean": round(n_tokens / max(1, len(outs.tokens)), 2)}
 
 
-def records(method: str, budget: float | None, examples: Sequence[Example], outs: Outputs, tokenizer) -> list[dict]:
+def records(method: str, budget: float | None, examples: Sequence[Example], outs: Outputs, tokenizer,
+            hyps: list[str] | None = None) -> list[dict]:
     """``outputs.jsonl`` rows: ``tokens`` are the tokenizer's pieces, ``teacher_tokens`` indices into them."""
-    hyps = detok(tokenizer, outs.tokens)
+    hyps = detok(tokenizer, outs.tokens) if hyps is None else hyps
     return [{"method": method, "budget": budget, "index": i, "source": e.text, "reference": e.reference,
              "output": h, "tokens": tokenizer.convert_ids_to_tokens(t),
              "teacher_tokens": [int(j) for j in np.flatnonzero(m)]}

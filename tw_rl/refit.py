@@ -134,7 +134,6 @@ def collect_states(student: Student, teacher, examples: Sequence[Example], budge
             for i in range(0, len(chunk_all), batch_size):
                 chunk = chunk_all[i:i + batch_size]
                 ids, mask = pad_batch([e.student_src[b] for e in chunk], pad_id)
-                captured.clear()
                 d = decode(student, ids, mask, max_len=max_len, eos_id=eos_id, teacher=teacher,
                            teacher_src=[e.teacher_src for e in chunk], start_id=start_id, pad_id=pad_id,
                            allow_tau=b > 0)
@@ -148,12 +147,12 @@ def collect_states(student: Student, teacher, examples: Sequence[Example], budge
                 x = captured[-1]
                 outs = [d.tokens[j, :d.lengths[j]].tolist() for j in range(B)]
                 t_logp = teacher.distributions([e.teacher_src for e in chunk], outs)
-                kl = kl_teacher_student(t_logp, logits[:, :t_logp.shape[1]])
+                kl = kl_teacher_student(t_logp, logits)  # both [B, T, ·]: T is the longest output
                 conf = torch.log_softmax(logits[..., :student.tau_id], -1).amax(-1)
                 valid = torch.arange(toks.shape[1])[None, :] < torch.as_tensor(d.lengths)[:, None]
                 xs.append(x[valid].float())
                 confs.append(conf[valid])
-                kls.append(kl[valid[:, :kl.shape[1]]])
+                kls.append(kl[valid])
     finally:
         hook.remove()
         student.train(was_training)
