@@ -76,6 +76,17 @@ def test_refit_needs_the_gate_head():
     assert load_config(overrides=["phase1.refit=true", "student.tau_head=gate"]).phase1.refit
 
 
+def test_call_learner_needs_the_gate_head_and_a_positive_budget():
+    with pytest.raises(ConfigError, match=r"rl.call_learner=rollout needs student.tau_head=gate.*'token'"):
+        load_config(overrides=["rl.call_learner=rollout", "student.tau_head=token"])
+    with pytest.raises(ConfigError, match=r"needs a positive budget; budgets=\[0.0\]"):
+        load_config(overrides=["rl.call_learner=rollout", "student.tau_head=gate", "budgets=[0.0]"])
+    with pytest.raises(ConfigError, match="rl.call_learner"):
+        load_config(overrides=["rl.call_learner=mc"])
+    cfg = load_config(overrides=["rl.call_learner=rollout", "student.tau_head=gate"])
+    assert (cfg.rl.call_rounds, cfg.rl.call_examples) == (1, 4000)
+
+
 def test_eval_overrides_may_follow_the_budget_list():
     from tw_rl.cli import overrides_last
 

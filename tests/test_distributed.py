@@ -236,3 +236,36 @@ def test_from_config_local_mode_uses_no_ray(toy):
     eps2, st2 = group.sample(None, version=4)
     assert st2.stale_episodes == 0 and {e.policy_version for e in eps2} == {4}
     group.close()
+
+
+def test_call_states_on_ray_equal_a_local_group_and_survive_a_dead_worker(ray_cluster, toy, tmp_path):
+    """Phase 2's call learner on Ray rollout actors: the advantages equal a local group's for the same weights and
+    inputs, and a worker killed mid-call is restarted and its share sent again."""
+    from tests.test_refit import _mixed_caller, _other_teacher
+
+    gate, teacher = _mixed_caller(), _other_teacher()  # calls at some states; the teacher's tokens vary
+    teacher.model.save_pretrained(tmp_path, safe_serialization=True)
+    teacher_dir = str(tmp_path)
+    run_cfg = Config(seed=0, budgets=BUDGETS, rollout=RolloutConfig(num_workers=2, num_cpus=0.5),
+                     teacher=TeacherConfig(num_cpus=0.5, max_wait_ms=5.0))
+    run_cfg.data.max_tgt_tokens = MAX_LEN
+    group = RolloutGroup.from_config(run_cfg, gate, teacher_dir, toy["examples"], teacher)
+    local = RolloutGroup(gate, teacher, toy["examples"], BUDGETS, run_cfg.rollout, max_len=MAX_LEN,
+                         eos_id=toy["eos"], seed=0, local=True)
+    idx = list(range(len(toy["examples"])))
+    try:
+        remote = group.call_states(gate.state_dict(), version=1, indices=idx)
+        killer = threading.Timer(0.05, lambda: ray.kill(group.workers[1], no_restart=False))
+        killer.start()
+        again = group.call_states(None, version=1, indices=idx * 8)
+        killer.join()
+        assert group.restarts_total == 1 and len(again) > len(remote)
+        after = group.call_states(None, version=1, indices=idx)  # the restarted worker got the weights again
+    finally:
+        group.close()
+    want = local.call_states(gate.state_dict(), version=1, indices=idx)
+    for states in (remote, after):
+        assert states.calls == want.calls and 0 < want.calls < len(want)
+        torch.testing.assert_close(states.x, want.x)
+        torch.testing.assert_close(states.target, want.target, atol=1e-4, rtol=1e-4)
+    assert float(want.target.abs().max()) > 0.1

@@ -63,7 +63,7 @@ def test_fit_gate_rejects_a_fit_the_gate_cannot_represent():
     with pytest.raises(ValueError, match="log-confidence is .* ≥ 0"):
         fit_gate(states, call_rate=0.2, l2=0.0)
     with pytest.raises(ValueError, match="too few"):
-        fit_gate(GateStates(states.x[:5], states.log_conf[:5], states.kl[:5], 0), call_rate=0.2, l2=0.0)
+        fit_gate(GateStates(states.x[:5], states.log_conf[:5], states.target[:5], 0), call_rate=0.2, l2=0.0)
 
 
 def _gate_student(seed: int = 2) -> Student:
@@ -109,7 +109,7 @@ def test_refit_on_a_tiny_student_changes_only_the_tau_decision(toy):
     teacher, examples = toy["teacher"], toy["examples"] * 20
     before = {k: v.clone() for k, v in student.state_dict().items()}
     states = collect_states(student, teacher, examples, [0.2, 0.5], max_len=8, eos_id=toy["eos"])
-    assert len(states) > 50 and torch.isfinite(states.kl).all() and (states.kl >= -1e-5).all()
+    assert len(states) > 50 and torch.isfinite(states.target).all() and (states.target >= -1e-5).all()
     assert (states.log_conf <= 0).all()
     fit = refit_gate(student, teacher, examples, [0.0, 0.2, 0.5], l2=1e-3, max_len=8, eos_id=toy["eos"])
     assert fit.coef_conf < 0 and fit.positions == len(states)
@@ -146,4 +146,96 @@ def test_collect_states_kl_matches_a_direct_teacher_forced_computation(toy):
             logits = student(src, torch.ones_like(src, dtype=torch.bool), dec, dtm)
         t = teacher.distributions([e.teacher_src], [toks[0].tolist()])
         kls.append(kl_teacher_student(t[0, :n], logits[0, :n]))
-    torch.testing.assert_close(states.kl, torch.cat(kls), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(states.target, torch.cat(kls), atol=1e-4, rtol=1e-4)
+
+
+def _mixed_caller() -> Student:
+    """A gate student whose random ``<τ>`` row makes it call at some of its states and not at others (with
+    :func:`_other_teacher`, on the toy examples)."""
+    student = _gate_student(seed=2)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        lm = student.model.get_output_embeddings().weight
+        lm[V] = 3 * torch.randn(lm.shape[1], generator=g)
+        student.gate_bias.fill_(0.0)
+    return student
+
+
+def _other_teacher():
+    """A toy teacher whose greedy tokens vary (the session's toy pair mostly emits token 0, where calls change
+    nothing)."""
+    from tw_rl.teacher import Teacher
+
+    return Teacher(tiny_t5(V, d_model=32, seed=4), vocab_size=V)
+
+
+def _env_return(student, teacher, ex, budget, max_len, eos, flip_t):
+    """SPEC §3's return of one greedy episode stepped through the token MDP by hand (full forward, no cache), the
+    ``<τ>`` decision at step ``flip_t`` taken the other way; also whether the unflipped policy called there."""
+    from envs.token_mdp import TokenMDPBatch
+
+    env = TokenMDPBatch(teacher, tau_id=V, eos_id=eos, max_len=max_len)
+    env.reset([ex], [budget], lam=0.0)
+    src = torch.as_tensor([ex.student_src[budget]])
+    ret, t, policy_called = 0.0, 0, None
+    while not env.done[0]:
+        dec = torch.as_tensor([[0] + env.tokens[0, :t].tolist()])
+        dtm = torch.as_tensor([[False] + env.teacher_mask[0, :t].tolist()])
+        with torch.no_grad():
+            q = student(src, torch.ones_like(src, dtype=torch.bool), dec, dtm)[0, -1]
+        a = int(q.argmax())
+        if t == flip_t:
+            policy_called = a == V
+            a = int(q[:V].argmax()) if a == V else V
+        r, *_ = env.step([a])
+        ret += float(r[0])
+        t += 1
+    return ret, policy_called
+
+
+def test_call_advantages_equal_returns_of_hand_stepped_episodes(toy):
+    """``A[i, t] = R(call at t) − R(no call at t)``, each return summed from the token MDP's own rewards (λ = 0)."""
+    from tw_rl.decoding import decode
+    from tw_rl.examples import pad_batch
+    from tw_rl.refit import call_advantages
+
+    student, teacher = _mixed_caller(), _other_teacher()
+    ex = toy["examples"][:3]
+    ids, mask = pad_batch([e.student_src[0.5] for e in ex], 0)
+    src = [e.teacher_src for e in ex]
+    base = decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=teacher, teacher_src=src)
+    adv = call_advantages(student, teacher, ids, mask, src, base, max_len=6, eos_id=toy["eos"], flip_batch=5)
+    seen_called = set()
+    for j, e in enumerate(ex):
+        r_base, _ = _env_return(student, teacher, e, 0.5, 6, toy["eos"], flip_t=-1)
+        for t in range(int(base.lengths[j])):
+            r_flip, called = _env_return(student, teacher, e, 0.5, 6, toy["eos"], flip_t=t)
+            assert called == bool(base.teacher_mask[j, t])
+            seen_called.add(called)
+            want = (r_base - r_flip) if called else (r_flip - r_base)
+            assert float(adv[j, t]) == pytest.approx(want, abs=1e-4)
+        assert torch.all(adv[j, int(base.lengths[j]):] == 0)
+    assert seen_called == {True, False}  # both sides of the decision were checked
+    assert float(adv.abs().max()) > 0.1  # and the branches' returns differ
+
+
+def test_collect_states_with_advantages_lines_up_with_the_visited_states(toy):
+    from tw_rl.decoding import decode
+    from tw_rl.examples import pad_batch
+    from tw_rl.refit import call_advantages
+
+    student, teacher = _mixed_caller(), _other_teacher()
+    ex = toy["examples"][:4]
+    states = collect_states(student, teacher, ex, [0.5], max_len=6, eos_id=toy["eos"], target="advantage")
+    kl_states = collect_states(student, teacher, ex, [0.5], max_len=6, eos_id=toy["eos"])
+    torch.testing.assert_close(states.x, kl_states.x)  # the same states, only the label differs
+    torch.testing.assert_close(states.log_conf, kl_states.log_conf)
+    ids, mask = pad_batch([e.student_src[0.5] for e in ex], 0)
+    src = [e.teacher_src for e in ex]
+    base = decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=teacher, teacher_src=src)
+    adv = call_advantages(student, teacher, ids, mask, src, base, max_len=6, eos_id=toy["eos"])
+    valid = torch.arange(adv.shape[1])[None, :] < torch.as_tensor(base.lengths)[:, None]
+    torch.testing.assert_close(states.target, adv[valid])
+    assert states.calls == int(base.teacher_mask.sum()) > 0
+    with pytest.raises(ValueError, match="target='value'"):
+        collect_states(student, teacher, ex, [0.5], max_len=6, eos_id=toy["eos"], target="value")

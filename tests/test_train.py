@@ -237,3 +237,36 @@ def test_cached_references_share_one_copy_of_each_array(tmp_path):
     for field in ("tokens", "teacher_logprobs", "kl", "student_wrong"):
         bases = {id(getattr(r, field).base) for r in refs}
         assert len(bases) == 1, f"{field}: {len(bases)} separate copies for {len(refs)} references"
+
+
+def test_phase2_call_learner_fits_only_the_gate_from_rollout_advantages(tiny_run, tmp_path):
+    """``rl.call_learner=rollout`` with ``rl.trainable=tau``: no PCL steps; each round fits the gate to Monte-Carlo
+    call advantages (logged), and the final student differs from phase 1's only in the <τ> row and the gate bias."""
+    from tw_rl.metrics import MetricsLogger
+    from tw_rl.train import phase0, phase1, phase2
+
+    _, out, _ = tiny_run
+    dest = phase01_copy(out, tmp_path / "calls")
+    c = load_config(None, TINY + [f"out_dir={dest}", "student.tau_head=gate", "rl.call_learner=rollout",
+                                  "rl.call_rounds=2", "rl.call_examples=30"])
+    with MetricsLogger(dest, tensorboard=False) as log:
+        run = phase0(c, dest)
+        p1 = phase1(run, log)
+        before = {k: v.clone() for k, v in p1.state_dict().items()}
+        final = phase2(run, p1, log, resume=False)
+    rows = read_metrics(dest, phase="phase2")
+    assert len(rows) == 2 and not any(k.startswith("loss/") for r in rows for k in r)  # no PCL loop
+    assert all(r["call/coef_conf"] < 0 and r["call/positions"] > 30 for r in rows)
+    assert all(0 < r["call/raw_usage_before"] < 1 for r in rows)
+    after = final.state_dict()
+    tau = final.tau_id
+    differ = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "gate_bias" in differ and differ <= {"gate_bias", "model.shared.weight", "model.lm_head.weight",
+                                                "model.encoder.embed_tokens.weight",
+                                                "model.decoder.embed_tokens.weight"}
+    for k in differ - {"gate_bias"}:
+        assert torch.equal(before[k][:tau], after[k][:tau])
+    from tw_rl.models.student import Student
+
+    saved, _ = Student.load(dest / "models" / "final")
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in after.items())

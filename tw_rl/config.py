@@ -264,6 +264,17 @@ class RLConfig:
     grad_clip: float = param(1.0, "gradient norm clip", gt=0.0)
     demonstrations: bool = param(True, "seed the replay buffer with demonstrations (teacher outputs, oracle traces); "
                                        "false: on-policy only (ablation)")
+    call_learner: str = param("pcl", "what learns the <τ> decision in phase 2: pcl (the same consistency as the "
+                                     "tokens, SPEC §4) or rollout (rounds of policy iteration on the Monte-Carlo "
+                                     "advantage of a call under SPEC §3's reward, measured by the rollout workers; "
+                                     "needs student.tau_head=gate; with rl.trainable=tau it replaces the PCL loop; "
+                                     "docs/design.md)", choices=["pcl", "rollout"])
+    call_rounds: int = param(1, "rl.call_learner=rollout: rounds (greedy rollouts with a flipped path per state, "
+                                "then the gate's fit)", ge=1)
+    call_examples: int = param(4000, "rl.call_learner=rollout: training inputs per round (one positive budget level "
+                                     "each, cycled; split over the rollout workers)", ge=1)
+    call_l2: float = param(1e-3, "rl.call_learner=rollout: ridge penalty of the gate's fit, on standardised "
+                                 "features", ge=0.0)
 
 
 @dataclass
@@ -408,6 +419,11 @@ def validate(cfg: Any, prefix: str = "") -> None:
         if cfg.phase1.refit and cfg.student.tau_head != "gate":
             raise ConfigError(f"phase1.refit=true needs student.tau_head=gate (the token head cannot represent the "
                               f"refitted decision), not student.tau_head={cfg.student.tau_head!r}")
+        if cfg.rl.call_learner == "rollout" and cfg.student.tau_head != "gate":
+            raise ConfigError(f"rl.call_learner=rollout needs student.tau_head=gate (the token head cannot represent "
+                              f"the fitted decision), not student.tau_head={cfg.student.tau_head!r}")
+        if cfg.rl.call_learner == "rollout" and not any(b > 0 for b in cfg.budgets):
+            raise ConfigError(f"rl.call_learner=rollout needs a positive budget; budgets={list(cfg.budgets)}")
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:

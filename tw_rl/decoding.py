@@ -44,7 +44,8 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
            teacher: TeacherClient | None = None, teacher_src: Sequence[Sequence[int]] | None = None,
            start_id: int = 0, pad_id: int = 0, temperature: float | torch.Tensor = 0.0, allow_tau: bool = True,
            call_cap: torch.Tensor | None = None, tau_rule: TauRule | None = None,
-           tau_bias: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Decoded:
+           tau_bias: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           flip_at: torch.Tensor | None = None) -> Decoded:
     """Decode ``B`` rows at once.
 
     ``temperature == 0`` is greedy; otherwise actions are sampled from ``softmax(logits / temperature)``; a
@@ -53,6 +54,9 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
     calls reach it (the inference-time hard cap of SPEC §5). ``tau_bias [B]`` is added to each row's ``<τ>`` logit
     (the calibrated per-budget offset, tw_rl/calibration.py). ``tau_rule`` forces ``<τ>`` on chosen rows
     (baselines: random positions, confidence fallback); forced rows always call, whatever the student prefers.
+    ``flip_at [B]``: at step ``flip_at[i]`` row ``i`` takes the other side of its ``<τ>`` decision (it calls where
+    the policy would not, or takes its own most likely token where the policy would call); −1: never. The Monte-
+    Carlo advantage of a call (tw_rl/refit.py) compares such a path with the unflipped one.
     """
     B, tau = src_ids.shape[0], student.tau_id
     if (allow_tau or tau_rule is not None) and (teacher is None or teacher_src is None):
@@ -91,6 +95,10 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
             a = logits.argmax(dim=-1)
         if tau_rule is not None:
             a = torch.where(tau_rule(t, logits, calls.clone()), torch.full_like(a, tau), a)
+        if flip_at is not None:
+            here = flip_at == t
+            if bool(here.any()):
+                a = torch.where(here, torch.where(a == tau, logits[:, :tau].argmax(dim=-1), torch.full_like(a, tau)), a)
         live = ~done
         is_tau = live & (a == tau)
         y = torch.where(live, a, torch.full_like(a, pad_id))

@@ -30,6 +30,7 @@ from envs.token_mdp import Example, TeacherClient
 from tw_rl.batch import Episode
 from tw_rl.config import Config, RolloutConfig, TeacherConfig
 from tw_rl.models.student import Student
+from tw_rl.refit import GateStates
 from tw_rl.rollout import RolloutResult, RolloutStats, RolloutWorker, StudentSource
 from tw_rl.teacher import Teacher
 
@@ -448,12 +449,7 @@ class RolloutGroup:
         # per-call seeds: a re-issued sample draws what the lost one would have, and a resumed run (which passes
         # its iteration as ``seed``) draws what the uninterrupted run would have
         call_seed = self._calls if seed is None else int(seed)
-        if weights is not None:
-            if self.local:
-                self._weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
-            else:
-                self._weights = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-            self.version = int(version)
+        self._set_weights(weights, version)
         results: list[RolloutResult | None] = [None] * self.num_workers
         restarts = reissued = 0
         if self.local:
@@ -496,6 +492,15 @@ class RolloutGroup:
             workers=[r.stats for r in results])
         return episodes, stats
 
+    def _set_weights(self, weights: dict[str, torch.Tensor] | Any | None, version: int) -> None:
+        """Keep ``weights`` (``None``: the current ones) as ``version``: an ObjectRef in Ray mode, put once."""
+        if weights is not None:
+            if self.local:
+                self._weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+            else:
+                self._weights = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+            self.version = int(version)
+
     def _wait_until_alive(self, i: int) -> None:
         """Block until worker ``i`` answers again (Ray restarts it: a new process, its constructor re-run)."""
         deadline, pause = time.monotonic() + self.restart_timeout_s, 0.1
@@ -511,10 +516,46 @@ class RolloutGroup:
                 pause = min(2 * pause, 1.0)
 
     def _submit(self, i: int, n: int | None, call_seed: int, with_weights: bool):
+        return self._remote(i, "sample", with_weights, n, seed=call_seed)
+
+    def _remote(self, i: int, method: str, with_weights: bool, *args, **kwargs):
         w = self.workers[i]
         if with_weights and self._weights is not None:
             w.set_weights.remote(self._weights, self.version)  # calls from one caller run in order
-        return w.sample.remote(n, seed=call_seed)
+        return getattr(w, method).remote(*args, **kwargs)
+
+    def call_states(self, weights: dict[str, torch.Tensor] | Any | None, version: int, indices: Sequence[int],
+                    flip_batch: int = 1024) -> GateStates:
+        """Sync ``weights`` as ``version``, then :meth:`RolloutWorker.call_states` on the training examples at
+        ``indices``, split over the workers (worker ``i`` takes ``indices[i::num_workers]``); the states come
+        back concatenated in worker order. A worker that dies is restarted by Ray and its share sent again (up to
+        ``max_reissues`` times)."""
+        self._set_weights(weights, version)
+        shares = [list(indices[i::self.num_workers]) for i in range(self.num_workers)]
+        if self.local:
+            parts = []
+            for w, share in zip(self.workers, shares):
+                if weights is not None:
+                    w.set_weights(self._weights, self.version)
+                parts.append(w.call_states(share, flip_batch))
+            return GateStates.concat(parts)
+        results: list[GateStates | None] = [None] * self.num_workers
+        pending = {self._remote(i, "call_states", weights is not None, shares[i], flip_batch): i
+                   for i in range(self.num_workers)}
+        attempts = [0] * self.num_workers
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except RayActorError:
+                attempts[i] += 1
+                if attempts[i] > self.max_reissues:
+                    raise
+                self._wait_until_alive(i)
+                self.restarts_total += 1
+                pending[self._remote(i, "call_states", True, shares[i], flip_batch)] = i
+        return GateStates.concat(results)
 
     def close(self) -> None:
         """Kill the workers (Ray mode) and the teacher actors started by :meth:`from_config`; the group is

@@ -25,6 +25,7 @@ from tw_rl.batch import Episode
 from tw_rl.decoding import decode
 from tw_rl.examples import pad_batch
 from tw_rl.models.student import Student
+from tw_rl.refit import GateStates, collect_states
 
 StudentSource = Student | Callable[[], Student]
 
@@ -204,3 +205,15 @@ class RolloutWorker:
                              teacher_requests=teacher.requests, decode_seconds=t1 - t0, score_seconds=t2 - t1,
                              seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9))
         return RolloutResult(episodes, stats)
+
+    @torch.no_grad()
+    def call_states(self, indices: Sequence[int], flip_batch: int = 1024) -> GateStates:
+        """Phase 2's call learner (``rl.call_learner=rollout``): greedy episodes of the training examples at
+        ``indices``, example ``k`` at the ``k % L``-th positive budget of the grid, with the Monte-Carlo advantage
+        of a call at every visited state (:func:`tw_rl.refit.collect_states` with ``target="advantage"``)."""
+        levels = [b for b in self.budgets if b > 0]
+        if not levels:
+            raise ValueError("the call learner needs a positive budget in the grid")
+        return collect_states(self.student, self.teacher, [self.examples[int(i)] for i in indices], levels,
+                              max_len=self.max_len, eos_id=self.eos_id, pad_id=self.pad_id, start_id=self.start_id,
+                              batch_size=self.batch_size, target="advantage", flip_batch=flip_batch)

@@ -32,7 +32,7 @@ from tw_rl.models.factory import load_seq2seq
 from tw_rl.models.student import Student
 from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds, demo_episode, oracle_episode
 from tw_rl.pretrain import lr_at, pretrain
-from tw_rl.refit import refit_gate
+from tw_rl.refit import fit_gate, refit_gate, write_gate
 from tw_rl.replay import ReplayBuffer
 from tw_rl.teacher import Teacher
 
@@ -213,12 +213,62 @@ def behaviour_cloning(run: Run, student: Student, log: MetricsLogger) -> int:
 
 # ------------------------------------------------------------------------------------------------------------------
 def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Student:
+    """Reinforcement learning (SPEC §6): the RL loop (PCL by default), then, with ``rl.call_learner=rollout``, the
+    call learner's rounds on the ``<τ>`` decision; with ``rl.trainable=tau`` the RL loop would train only that
+    decision, so the call rounds replace it. Saves the student to ``models/final``."""
+    cfg = run.cfg
+    if not cfg.rl.enabled:
+        return student
+    if not (cfg.rl.call_learner == "rollout" and cfg.rl.trainable == "tau"):
+        student = rl_loop(run, student, log, resume)
+    if cfg.rl.call_learner == "rollout":
+        student = call_rounds(run, student, log)
+    student.eval()
+    student.tau_bias = {}  # offsets fitted to the phase-1 student do not carry over (calibrate() refits)
+    student.save(run.dir / "models" / "final", run.tokenizer)
+    return student
+
+
+def call_rounds(run: Run, student: Student, log: MetricsLogger) -> Student:
+    """Phase 2's call learner (``rl.call_learner=rollout``; docs/design.md): ``rl.call_rounds`` rounds of policy
+    iteration on the ``<τ>`` decision. In each, the rollout workers decode ``rl.call_examples`` training inputs
+    greedily with the current student and measure at every visited state the Monte-Carlo advantage of a call under
+    SPEC §3's reward, both branches scored by the teacher server; the gate is fitted to it (tw_rl/refit.py) and the
+    new weights go to the workers with the next round."""
+    from tw_rl.distributed import RolloutGroup, init_ray  # Ray lives at the edge
+
+    cfg = run.cfg
+    levels = [b for b in cfg.budgets if b > 0]
+    rng = np.random.default_rng(cfg.seed + 2)
+    if cfg.rollout.num_workers > 0:
+        init_ray()
+    student.eval()
+    group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
+                                     eos_id=run.eos_id)
+    try:
+        for r in tqdm(range(cfg.rl.call_rounds), desc="phase 2 (call learner)", unit="round"):
+            times: dict[str, float] = {}
+            idx = rng.choice(len(run.train), size=min(cfg.rl.call_examples, len(run.train)), replace=False)
+            with Timer(times, "call_rollouts"):  # greedy paths, one flipped path per state, teacher-scored
+                states = group.call_states(student.state_dict(), version=r, indices=idx.tolist())
+            fit = fit_gate(states, call_rate=float(np.mean(levels)), l2=cfg.rl.call_l2,
+                           raw_usage_before=states.calls / max(len(states), 1), setting="rl.call_learner=rollout",
+                           examples_key="rl.call_examples")
+            write_gate(student, fit)
+            adv = states.target.double()
+            log.log(r, {**{k.replace("refit/", "call/"): v for k, v in fit.as_dict().items()},
+                        "call/advantage_mean": float(adv.mean()),
+                        "call/advantage_positive": float((adv > 0).double().mean()), **times}, phase="phase2")
+    finally:
+        group.close()
+    return student
+
+
+def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Student:
     """PCL with budget multipliers on a replay buffer mixing demonstrations and on-policy rollouts (SPEC §4–6)."""
     from tw_rl.distributed import RolloutGroup, init_ray  # Ray lives at the edge
 
     cfg = run.cfg
-    if not cfg.rl.enabled:
-        return student
     algo = get_algorithm(cfg.algo)
     if hasattr(algo, "run_phase2"):  # an algorithm with its own sampling loop (RLlib): same inputs and output
         if cfg.rl.trainable != "all":
@@ -271,9 +321,6 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
         group.close()
         if hasattr(learner, "close"):
             learner.close()
-    learner.student.eval()
-    learner.student.tau_bias = {}  # offsets fitted to the phase-1 student do not carry over (calibrate() refits)
-    learner.student.save(run.dir / "models" / "final", run.tokenizer)
     return learner.student
 
 
