@@ -270,3 +270,27 @@ def test_phase2_call_learner_fits_only_the_gate_from_rollout_advantages(tiny_run
 
     saved, _ = Student.load(dest / "models" / "final")
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in after.items())
+
+
+def test_phase2_call_learner_after_pcl_on_the_whole_student(tiny_run, tmp_path):
+    """``rl.trainable=all``: the PCL loop trains the student first, then the call round refits the decision on it
+    (logged after the PCL iterations)."""
+    from tw_rl.metrics import MetricsLogger
+    from tw_rl.train import phase0, phase1, phase2
+
+    _, out, _ = tiny_run
+    dest = phase01_copy(out, tmp_path / "calls_all")
+    c = load_config(None, TINY + [f"out_dir={dest}", "student.tau_head=gate", "rl.call_learner=rollout",
+                                  "rl.call_examples=30", "rl.trainable=all", "rl.iterations=2", "rl.lr=1e-3"])
+    with MetricsLogger(dest, tensorboard=False) as log:
+        run = phase0(c, dest)
+        p1 = phase1(run, log)
+        before = {k: v.clone() for k, v in p1.state_dict().items()}
+        final = phase2(run, p1, log, resume=False)
+    rows = read_metrics(dest, phase="phase2")
+    pcl = [r for r in rows if "loss/pcl" in r]
+    calls = [r for r in rows if "call/coef_conf" in r]
+    assert [r["step"] for r in pcl] == [0, 1] and [r["step"] for r in calls] == [2]
+    tau = final.tau_id
+    token_rows = final.model.get_output_embeddings().weight[:tau]
+    assert not torch.equal(token_rows, before["model.shared.weight"][:tau])  # PCL moved the token policy

@@ -219,22 +219,23 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
     cfg = run.cfg
     if not cfg.rl.enabled:
         return student
-    if not (cfg.rl.call_learner == "rollout" and cfg.rl.trainable == "tau"):
+    pcl_loop = not (cfg.rl.call_learner == "rollout" and cfg.rl.trainable == "tau")
+    if pcl_loop:
         student = rl_loop(run, student, log, resume)
     if cfg.rl.call_learner == "rollout":
-        student = call_rounds(run, student, log)
+        student = call_rounds(run, student, log, first_step=cfg.rl.iterations if pcl_loop else 0)
     student.eval()
     student.tau_bias = {}  # offsets fitted to the phase-1 student do not carry over (calibrate() refits)
     student.save(run.dir / "models" / "final", run.tokenizer)
     return student
 
 
-def call_rounds(run: Run, student: Student, log: MetricsLogger) -> Student:
+def call_rounds(run: Run, student: Student, log: MetricsLogger, first_step: int = 0) -> Student:
     """Phase 2's call learner (``rl.call_learner=rollout``; docs/design.md): ``rl.call_rounds`` rounds of policy
     iteration on the ``<τ>`` decision. In each, the rollout workers decode ``rl.call_examples`` training inputs
     greedily with the current student and measure at every visited state the Monte-Carlo advantage of a call under
     SPEC §3's reward, both branches scored by the teacher server; the gate is fitted to it (tw_rl/refit.py) and the
-    new weights go to the workers with the next round."""
+    new weights go to the workers with the next round. Metrics are logged at steps ``first_step + round``."""
     from tw_rl.distributed import RolloutGroup, init_ray  # Ray lives at the edge
 
     cfg = run.cfg
@@ -256,9 +257,10 @@ def call_rounds(run: Run, student: Student, log: MetricsLogger) -> Student:
                            examples_key="rl.call_examples")
             write_gate(student, fit)
             adv = states.target.double()
-            log.log(r, {**{k.replace("refit/", "call/"): v for k, v in fit.as_dict().items()},
-                        "call/advantage_mean": float(adv.mean()),
-                        "call/advantage_positive": float((adv > 0).double().mean()), **times}, phase="phase2")
+            log.log(first_step + r, {**{k.replace("refit/", "call/"): v for k, v in fit.as_dict().items()},
+                                     "call/advantage_mean": float(adv.mean()),
+                                     "call/advantage_positive": float((adv > 0).double().mean()), **times},
+                    phase="phase2")
     finally:
         group.close()
     return student
