@@ -239,22 +239,29 @@ def test_cached_references_share_one_copy_of_each_array(tmp_path):
         assert len(bases) == 1, f"{field}: {len(bases)} separate copies for {len(refs)} references"
 
 
-def test_phase2_call_learner_fits_only_the_gate_from_rollout_advantages(tiny_run, tmp_path):
-    """``rl.call_learner=rollout`` with ``rl.trainable=tau``: no PCL steps; each round fits the gate to Monte-Carlo
-    call advantages (logged), and the final student differs from phase 1's only in the <τ> row and the gate bias."""
+def _phase2_from_a_gate_phase1(out, dest, *overrides):
+    """Phases 0–1 of the finished tiny run (phase 1 redone with the gate head), then phase 2 with ``overrides``.
+    Returns the phase-1 state, the final student and phase 2's metric rows."""
     from tw_rl.metrics import MetricsLogger
     from tw_rl.train import phase0, phase1, phase2
 
-    _, out, _ = tiny_run
-    dest = phase01_copy(out, tmp_path / "calls")
+    dest = phase01_copy(out, dest)
     c = load_config(None, TINY + [f"out_dir={dest}", "student.tau_head=gate", "rl.call_learner=rollout",
-                                  "rl.call_rounds=2", "rl.call_examples=30"])
+                                  "rl.call_examples=30", *overrides])
     with MetricsLogger(dest, tensorboard=False) as log:
         run = phase0(c, dest)
         p1 = phase1(run, log)
         before = {k: v.clone() for k, v in p1.state_dict().items()}
         final = phase2(run, p1, log, resume=False)
-    rows = read_metrics(dest, phase="phase2")
+    return before, final, read_metrics(dest, phase="phase2")
+
+
+def test_phase2_call_learner_fits_only_the_gate_from_rollout_advantages(tiny_run, tmp_path):
+    """``rl.call_learner=rollout`` with ``rl.trainable=tau``: no PCL steps; each round fits the gate to Monte-Carlo
+    call advantages (logged), and the final student differs from phase 1's only in the <τ> row and the gate bias."""
+    from tw_rl.models.student import Student
+
+    before, final, rows = _phase2_from_a_gate_phase1(tiny_run[1], tmp_path / "calls", "rl.call_rounds=2")
     assert len(rows) == 2 and not any(k.startswith("loss/") for r in rows for k in r)  # no PCL loop
     assert all(r["call/coef_conf"] < 0 and r["call/positions"] > 30 for r in rows)
     assert all(0 < r["call/raw_usage_before"] < 1 for r in rows)
@@ -266,28 +273,15 @@ def test_phase2_call_learner_fits_only_the_gate_from_rollout_advantages(tiny_run
                                                 "model.decoder.embed_tokens.weight"}
     for k in differ - {"gate_bias"}:
         assert torch.equal(before[k][:tau], after[k][:tau])
-    from tw_rl.models.student import Student
-
-    saved, _ = Student.load(dest / "models" / "final")
+    saved, _ = Student.load(tmp_path / "calls" / "models" / "final")
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in after.items())
 
 
 def test_phase2_call_learner_after_pcl_on_the_whole_student(tiny_run, tmp_path):
     """``rl.trainable=all``: the PCL loop trains the student first, then the call round refits the decision on it
     (logged after the PCL iterations)."""
-    from tw_rl.metrics import MetricsLogger
-    from tw_rl.train import phase0, phase1, phase2
-
-    _, out, _ = tiny_run
-    dest = phase01_copy(out, tmp_path / "calls_all")
-    c = load_config(None, TINY + [f"out_dir={dest}", "student.tau_head=gate", "rl.call_learner=rollout",
-                                  "rl.call_examples=30", "rl.trainable=all", "rl.iterations=2", "rl.lr=1e-3"])
-    with MetricsLogger(dest, tensorboard=False) as log:
-        run = phase0(c, dest)
-        p1 = phase1(run, log)
-        before = {k: v.clone() for k, v in p1.state_dict().items()}
-        final = phase2(run, p1, log, resume=False)
-    rows = read_metrics(dest, phase="phase2")
+    before, final, rows = _phase2_from_a_gate_phase1(tiny_run[1], tmp_path / "calls_all", "rl.trainable=all",
+                                                     "rl.iterations=2", "rl.lr=1e-3")
     pcl = [r for r in rows if "loss/pcl" in r]
     calls = [r for r in rows if "call/coef_conf" in r]
     assert [r["step"] for r in pcl] == [0, 1] and [r["step"] for r in calls] == [2]

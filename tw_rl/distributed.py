@@ -450,36 +450,22 @@ class RolloutGroup:
         # its iteration as ``seed``) draws what the uninterrupted run would have
         call_seed = self._calls if seed is None else int(seed)
         self._set_weights(weights, version)
-        results: list[RolloutResult | None] = [None] * self.num_workers
         restarts = reissued = 0
         if self.local:
-            for i, w in enumerate(self.workers):
+            results = []
+            for w in self.workers:
                 if weights is not None:
                     w.set_weights(self._weights, self.version)
-                results[i] = w.sample(n_per_worker, seed=call_seed)
+                results.append(w.sample(n_per_worker, seed=call_seed))
         else:
-            pending = {self._submit(i, n_per_worker, call_seed, weights is not None): i
-                       for i in range(self.num_workers)}
-            attempts = [0] * self.num_workers
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                i = pending.pop(ready[0])
-                try:
-                    res = ray.get(ready[0])
-                except RayActorError:
-                    attempts[i] += 1
-                    if attempts[i] > self.max_reissues:
-                        raise
-                    self._wait_until_alive(i)  # calls sent while Ray restarts it would fail at once
-                    reissued += 1
-                    pending[self._submit(i, n_per_worker, call_seed, True)] = i
-                    continue
-                if res.stats.instance != self._instances[i]:  # a new process: Ray restarted the worker
+            results, restarts, reissued = self._on_all_workers(
+                "sample", [(n_per_worker, call_seed)] * self.num_workers, weights is not None)
+            for i, res in enumerate(results):
+                if res.stats.instance != self._instances[i]:  # restarted between calls: a new process
                     restarts += 1
                     self._instances[i] = res.stats.instance
                     if res.stats.policy_version != self.version and self._weights is not None:
                         self.workers[i].set_weights.remote(self._weights, self.version)  # for the next call
-                results[i] = res
         self.restarts_total += restarts
         episodes = [e for r in results for e in r.episodes]
         tokens = sum(r.stats.tokens for r in results)
@@ -515,14 +501,34 @@ class RolloutGroup:
                 time.sleep(pause)
                 pause = min(2 * pause, 1.0)
 
-    def _submit(self, i: int, n: int | None, call_seed: int, with_weights: bool):
-        return self._remote(i, "sample", with_weights, n, seed=call_seed)
-
-    def _remote(self, i: int, method: str, with_weights: bool, *args, **kwargs):
+    def _remote(self, i: int, method: str, with_weights: bool, args: tuple):
         w = self.workers[i]
         if with_weights and self._weights is not None:
             w.set_weights.remote(self._weights, self.version)  # calls from one caller run in order
-        return getattr(w, method).remote(*args, **kwargs)
+        return getattr(w, method).remote(*args)
+
+    def _on_all_workers(self, method: str, args: list[tuple], with_weights: bool) -> tuple[list, int, int]:
+        """``worker_i.method(*args[i])`` on every Ray worker at once (after the current weights when
+        ``with_weights``). A worker that dies is restarted by Ray; once it answers again (within
+        ``restart_timeout_s``) its call is sent again after the current weights, up to ``max_reissues`` times.
+        Returns the results in worker order, the restarts seen and the calls sent again."""
+        pending = {self._remote(i, method, with_weights, args[i]): i for i in range(self.num_workers)}
+        results: list[Any] = [None] * self.num_workers
+        attempts, restarts = [0] * self.num_workers, 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except RayActorError:
+                attempts[i] += 1
+                if attempts[i] > self.max_reissues:
+                    raise
+                self._wait_until_alive(i)  # calls sent while Ray restarts it would fail at once
+                self._instances[i] = ray.get(self.workers[i].identity.remote())[1]
+                restarts += 1
+                pending[self._remote(i, method, True, args[i])] = i
+        return results, restarts, sum(attempts)
 
     def call_states(self, weights: dict[str, torch.Tensor] | Any | None, version: int, indices: Sequence[int],
                     flip_batch: int = 1024) -> GateStates:
@@ -539,22 +545,9 @@ class RolloutGroup:
                     w.set_weights(self._weights, self.version)
                 parts.append(w.call_states(share, flip_batch))
             return GateStates.concat(parts)
-        results: list[GateStates | None] = [None] * self.num_workers
-        pending = {self._remote(i, "call_states", weights is not None, shares[i], flip_batch): i
-                   for i in range(self.num_workers)}
-        attempts = [0] * self.num_workers
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready[0])
-            try:
-                results[i] = ray.get(ready[0])
-            except RayActorError:
-                attempts[i] += 1
-                if attempts[i] > self.max_reissues:
-                    raise
-                self._wait_until_alive(i)
-                self.restarts_total += 1
-                pending[self._remote(i, "call_states", True, shares[i], flip_batch)] = i
+        results, restarts, _ = self._on_all_workers("call_states", [(share, flip_batch) for share in shares],
+                                                     weights is not None)
+        self.restarts_total += restarts
         return GateStates.concat(results)
 
     def close(self) -> None:
