@@ -143,7 +143,7 @@ def collect_states(student: Student, teacher, examples: Sequence[Example], budge
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {TARGETS}")
     if not budgets:
-        raise ValueError("phase1.refit needs at least one budget level")
+        raise ValueError("collect_states needs at least one budget level")
     lm = student.model.get_output_embeddings()
     captured: list[torch.Tensor] = []
     hook = lm.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach()))
