@@ -59,6 +59,8 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
     Carlo advantage of a call (tw_rl/refit.py) compares such a path with the unflipped one.
     """
     B, tau = src_ids.shape[0], student.tau_id
+    if flip_at is not None:
+        flip_at = flip_at.to(src_ids.device)
     if (allow_tau or tau_rule is not None) and (teacher is None or teacher_src is None):
         raise ValueError("decoding with <τ> needs a teacher and teacher_src")
     enc = student.encode(src_ids, src_mask)

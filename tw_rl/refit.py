@@ -145,6 +145,7 @@ def collect_states(student: Student, teacher, examples: Sequence[Example], budge
     if not budgets:
         raise ValueError("collect_states needs at least one budget level")
     lm = student.model.get_output_embeddings()
+    device = lm.weight.device  # decoding runs where the student is; the states come back on the CPU
     captured: list[torch.Tensor] = []
     hook = lm.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach()))
     xs, confs, labels, calls = [], [], [], 0
@@ -155,7 +156,7 @@ def collect_states(student: Student, teacher, examples: Sequence[Example], budge
             chunk_all = list(examples[k::len(budgets)])
             for i in range(0, len(chunk_all), batch_size):
                 chunk = chunk_all[i:i + batch_size]
-                ids, mask = pad_batch([e.student_src[b] for e in chunk], pad_id)
+                ids, mask = pad_batch([e.student_src[b] for e in chunk], pad_id, device)
                 teacher_src = [e.teacher_src for e in chunk]
                 d = decode(student, ids, mask, max_len=max_len, eos_id=eos_id, teacher=teacher,
                            teacher_src=teacher_src, start_id=start_id, pad_id=pad_id, allow_tau=b > 0)
@@ -165,11 +166,12 @@ def collect_states(student: Student, teacher, examples: Sequence[Example], budge
                 dec = torch.cat([torch.full((B, 1), start_id), toks[:, :-1]], 1)
                 dec_tm = torch.cat([torch.zeros(B, 1, dtype=torch.bool), tm[:, :-1]], 1)
                 captured.clear()
-                logits = student(ids, mask, dec, dec_tm).float()
-                x = captured[-1]
+                logits = student(ids, mask, dec.to(device), dec_tm.to(device)).float().cpu()
+                x = captured[-1].cpu()
                 if target == "kl":
                     outs = [d.tokens[j, :d.lengths[j]].tolist() for j in range(B)]
-                    label = kl_teacher_student(teacher.distributions(teacher_src, outs), logits)  # [B, T]
+                    t_logp = torch.as_tensor(teacher.distributions(teacher_src, outs)).float().cpu()
+                    label = kl_teacher_student(t_logp, logits)  # [B, T]
                 else:
                     label = call_advantages(student, teacher, ids, mask, teacher_src, d, allow_tau=b > 0,
                                             max_len=max_len, eos_id=eos_id, pad_id=pad_id, start_id=start_id,
@@ -206,7 +208,8 @@ def call_advantages(student: Student, teacher, src_ids: torch.Tensor, src_mask: 
         jj = torch.as_tensor([j for j, _ in rows[s:s + flip_batch]])
         tt = torch.as_tensor([t for _, t in rows[s:s + flip_batch]])
         src = [teacher_src[j] for j in jj.tolist()]
-        f = decode(student, src_ids[jj], src_mask[jj], max_len=max_len, eos_id=eos_id, teacher=teacher,
+        on = jj.to(src_ids.device)
+        f = decode(student, src_ids[on], src_mask[on], max_len=max_len, eos_id=eos_id, teacher=teacher,
                    teacher_src=src, start_id=start_id, pad_id=pad_id, allow_tau=allow_tau, flip_at=tt)
         r_flip = torch.tensor([float(np.sum(r)) for r in
                                teacher.score(src, [f.tokens[i, :f.lengths[i]].tolist() for i in range(len(jj))])],
