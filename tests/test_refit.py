@@ -239,3 +239,41 @@ def test_collect_states_with_advantages_lines_up_with_the_visited_states(toy):
     assert states.calls == int(base.teacher_mask.sum()) > 0
     with pytest.raises(ValueError, match="target='value'"):
         collect_states(student, teacher, ex, [0.5], max_len=6, eos_id=toy["eos"], target="value")
+
+
+def test_flip_with_replay_decodes_the_same_paths_with_fewer_teacher_requests(toy):
+    """``decode(flip_at=, replay=)`` repeats the unflipped path up to the flip without asking the teacher for the
+    tokens it already gave there; the flipped paths equal those decoded from scratch, and differ from the base
+    path exactly from the flip on."""
+    from tw_rl.decoding import decode
+    from tw_rl.examples import pad_batch
+
+    class Counting:
+        def __init__(self, teacher):
+            self.teacher, self.rows = teacher, 0
+
+        def next_tokens(self, src, prefixes):
+            self.rows += len(prefixes)
+            return self.teacher.next_tokens(src, prefixes)
+
+    student, teacher = _mixed_caller(), _other_teacher()
+    ex = toy["examples"][:4]
+    ids, mask = pad_batch([e.student_src[0.5] for e in ex], 0)
+    src = [e.teacher_src for e in ex]
+    base = decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=teacher, teacher_src=src)
+    for t in range(3):
+        flip = torch.full((len(ex),), t)
+        plain, replayed = Counting(teacher), Counting(teacher)
+        a = decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=plain, teacher_src=src, flip_at=flip)
+        b = decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=replayed, teacher_src=src, flip_at=flip,
+                   replay=(torch.as_tensor(base.tokens), torch.as_tensor(base.teacher_mask)))
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.teacher_mask, b.teacher_mask)
+        np.testing.assert_array_equal(a.teacher_mask[:, :t], base.teacher_mask[:, :t])
+        assert (a.teacher_mask[:, t] != base.teacher_mask[:, t]).all()  # the decision at t is flipped
+        saved = int(base.teacher_mask[:, :t].sum())
+        assert plain.rows - replayed.rows == saved
+    assert saved > 0
+    with pytest.raises(ValueError, match="replay needs flip_at"):
+        decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=teacher, teacher_src=src,
+               replay=(torch.as_tensor(base.tokens), torch.as_tensor(base.teacher_mask)))

@@ -45,7 +45,8 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
            start_id: int = 0, pad_id: int = 0, temperature: float | torch.Tensor = 0.0, allow_tau: bool = True,
            call_cap: torch.Tensor | None = None, tau_rule: TauRule | None = None,
            tau_bias: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           flip_at: torch.Tensor | None = None) -> Decoded:
+           flip_at: torch.Tensor | None = None,
+           replay: tuple[torch.Tensor, torch.Tensor] | None = None) -> Decoded:
     """Decode ``B`` rows at once.
 
     ``temperature == 0`` is greedy; otherwise actions are sampled from ``softmax(logits / temperature)``; a
@@ -56,11 +57,18 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
     (baselines: random positions, confidence fallback); forced rows always call, whatever the student prefers.
     ``flip_at [B]``: at step ``flip_at[i]`` row ``i`` takes the other side of its ``<τ>`` decision (it calls where
     the policy would not, or takes its own most likely token where the policy would call); −1: never. The Monte-
-    Carlo advantage of a call (tw_rl/refit.py) compares such a path with the unflipped one.
+    Carlo advantage of a call (tw_rl/refit.py) compares such a path with the unflipped one. ``replay = (tokens
+    [B, T0], teacher_mask [B, T0])``, with ``flip_at``: the path before the flip is known (the unflipped path's), so
+    row ``i`` repeats it at steps ``t < flip_at[i]`` (the student still reads every token) without asking the
+    teacher again for the tokens it gave there.
     """
     B, tau = src_ids.shape[0], student.tau_id
     if flip_at is not None:
         flip_at = flip_at.to(src_ids.device)
+    if replay is not None:
+        if flip_at is None:
+            raise ValueError("replay needs flip_at (the step up to which each row repeats the given path)")
+        replay_tokens, replay_teacher = (r.to(src_ids.device) for r in replay)
     if (allow_tau or tau_rule is not None) and (teacher is None or teacher_src is None):
         raise ValueError("decoding with <τ> needs a teacher and teacher_src")
     enc = student.encode(src_ids, src_mask)
@@ -101,10 +109,19 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
             here = flip_at == t
             if bool(here.any()):
                 a = torch.where(here, torch.where(a == tau, logits[:, :tau].argmax(dim=-1), torch.full_like(a, tau)), a)
+        replaying = None
+        if replay is not None and t < replay_tokens.shape[1]:
+            replaying = t < flip_at
+            a = torch.where(replaying, torch.where(replay_teacher[:, t], torch.full_like(a, tau),
+                                                   replay_tokens[:, t]), a)
         live = ~done
         is_tau = live & (a == tau)
         y = torch.where(live, a, torch.full_like(a, pad_id))
-        rows = is_tau.nonzero().flatten().tolist()
+        if replaying is not None:  # the teacher's tokens on the repeated path are known: no request
+            y = torch.where(live & replaying, replay_tokens[:, t], y)
+            rows = (is_tau & ~replaying).nonzero().flatten().tolist()
+        else:
+            rows = is_tau.nonzero().flatten().tolist()
         if rows:
             w, _ = teacher.next_tokens([teacher_src[i] for i in rows], [tokens[i, :t].tolist() for i in rows])
             y[rows] = torch.as_tensor(w, dtype=torch.long, device=y.device)

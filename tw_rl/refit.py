@@ -195,13 +195,14 @@ def call_advantages(student: Student, teacher, src_ids: torch.Tensor, src_mask: 
     """The Monte-Carlo advantage of a call at every state of ``base`` (the student's greedy paths from
     ``src_ids``): ``A[i, t] = R(call at t) − R(no call at t)``, ``R`` SPEC §3's return (the sum of the teacher's
     log-probs of the output tokens, γ = 1), the path after ``t`` decoded greedily by ``student`` (its own ``<τ>``
-    decisions included) in both branches. One branch is ``base`` itself; the other flips the decision at ``t``
-    (``decode(..., flip_at=)``): one extra decode per state, ``flip_batch`` rows at a time, each batch scored by
-    one ``teacher.score`` call. Returns ``[B, T]`` like ``base.tokens`` (0 beyond each row's length)."""
+    decisions included) in both branches. One branch is ``base`` itself; the other repeats ``base`` up to ``t`` and
+    flips the decision there (``decode(..., flip_at=, replay=)``): one extra decode per state, ``flip_batch`` rows
+    at a time, each batch scored by one ``teacher.score`` call. Returns ``[B, T]`` like ``base.tokens`` (0 beyond each row's length)."""
     B = len(teacher_src)
     outs = [base.tokens[j, :base.lengths[j]].tolist() for j in range(B)]
     r_base = torch.tensor([float(np.sum(r)) for r in teacher.score(teacher_src, outs)], dtype=torch.float64)
     called = torch.as_tensor(base.teacher_mask).bool()
+    base_tokens = torch.as_tensor(base.tokens)
     adv = torch.zeros(base.tokens.shape, dtype=torch.float32)
     rows = [(j, t) for j in range(B) for t in range(int(base.lengths[j]))]
     for s in range(0, len(rows), flip_batch):
@@ -210,7 +211,8 @@ def call_advantages(student: Student, teacher, src_ids: torch.Tensor, src_mask: 
         src = [teacher_src[j] for j in jj.tolist()]
         on = jj.to(src_ids.device)
         f = decode(student, src_ids[on], src_mask[on], max_len=max_len, eos_id=eos_id, teacher=teacher,
-                   teacher_src=src, start_id=start_id, pad_id=pad_id, allow_tau=allow_tau, flip_at=tt)
+                   teacher_src=src, start_id=start_id, pad_id=pad_id, allow_tau=allow_tau, flip_at=tt,
+                   replay=(base_tokens[jj], called[jj]))
         r_flip = torch.tensor([float(np.sum(r)) for r in
                                teacher.score(src, [f.tokens[i, :f.lengths[i]].tolist() for i in range(len(jj))])],
                               dtype=torch.float64)
