@@ -450,22 +450,14 @@ class RolloutGroup:
         # its iteration as ``seed``) draws what the uninterrupted run would have
         call_seed = self._calls if seed is None else int(seed)
         self._set_weights(weights, version)
-        restarts = reissued = 0
-        if self.local:
-            results = []
-            for w in self.workers:
-                if weights is not None:
-                    w.set_weights(self._weights, self.version)
-                results.append(w.sample(n_per_worker, seed=call_seed))
-        else:
-            results, restarts, reissued = self._on_all_workers(
-                "sample", [(n_per_worker, call_seed)] * self.num_workers, weights is not None)
-            for i, res in enumerate(results):
-                if res.stats.instance != self._instances[i]:  # restarted between calls: a new process
-                    restarts += 1
-                    self._instances[i] = res.stats.instance
-                    if res.stats.policy_version != self.version and self._weights is not None:
-                        self.workers[i].set_weights.remote(self._weights, self.version)  # for the next call
+        results, restarts, reissued = self._on_all_workers(
+            "sample", [(n_per_worker, call_seed)] * self.num_workers, weights is not None)
+        for i, res in enumerate(results):
+            if res.stats.instance != self._instances[i]:  # restarted between calls (Ray): a new process
+                restarts += 1
+                self._instances[i] = res.stats.instance
+                if res.stats.policy_version != self.version and self._weights is not None:
+                    self.workers[i].set_weights.remote(self._weights, self.version)  # for the next call
         self.restarts_total += restarts
         episodes = [e for r in results for e in r.episodes]
         tokens = sum(r.stats.tokens for r in results)
@@ -508,10 +500,18 @@ class RolloutGroup:
         return getattr(w, method).remote(*args)
 
     def _on_all_workers(self, method: str, args: list[tuple], with_weights: bool) -> tuple[list, int, int]:
-        """``worker_i.method(*args[i])`` on every Ray worker at once (after the current weights when
-        ``with_weights``). A worker that dies is restarted by Ray; once it answers again (within
-        ``restart_timeout_s``) its call is sent again after the current weights, up to ``max_reissues`` times.
-        Returns the results in worker order, the restarts seen and the calls sent again."""
+        """``worker_i.method(*args[i])`` on every worker (after the current weights when ``with_weights``): at once
+        on Ray, where a worker that dies is restarted by Ray and, once it answers again (within
+        ``restart_timeout_s``), its call is sent again after the current weights, up to ``max_reissues`` times; one
+        after the other in local mode. Returns the results in worker order, the restarts seen and the calls sent
+        again."""
+        if self.local:
+            results = []
+            for w, a in zip(self.workers, args):
+                if with_weights:
+                    w.set_weights(self._weights, self.version)
+                results.append(getattr(w, method)(*a))
+            return results, 0, 0
         pending = {self._remote(i, method, with_weights, args[i]): i for i in range(self.num_workers)}
         results: list[Any] = [None] * self.num_workers
         attempts, restarts = [0] * self.num_workers, 0
@@ -538,13 +538,6 @@ class RolloutGroup:
         ``max_reissues`` times)."""
         self._set_weights(weights, version)
         shares = [list(indices[i::self.num_workers]) for i in range(self.num_workers)]
-        if self.local:
-            parts = []
-            for w, share in zip(self.workers, shares):
-                if weights is not None:
-                    w.set_weights(self._weights, self.version)
-                parts.append(w.call_states(share, flip_batch))
-            return GateStates.concat(parts)
         results, restarts, _ = self._on_all_workers("call_states", [(share, flip_batch) for share in shares],
                                                      weights is not None)
         self.restarts_total += restarts
