@@ -235,7 +235,7 @@ def _learner_metrics(result: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------------
 def run_phase2(run, student, log, resume: bool):
     """``rl.iterations`` RLlib PPO iterations on the run's examples, teacher and phase-1 student, with the budget
-    multipliers updated between iterations; saves and returns the student (``models/final``)."""
+    multipliers updated between iterations; returns the student (the driver saves it)."""
     from tw_rl.budget import BudgetMultipliers
     from tw_rl.distributed import init_ray
     from tw_rl.metrics import Timer
@@ -270,6 +270,4 @@ def run_phase2(run, student, log, resume: bool):
         student.load_state_dict(module_student(algo).state_dict())
     finally:
         algo.stop()
-    student.eval()
-    student.save(run.dir / "models" / "final", run.tokenizer)
-    return student
+    return student  # the driver's phase2 saves it (models/final)
