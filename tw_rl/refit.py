@@ -101,8 +101,8 @@ def ridge(features: torch.Tensor, target: torch.Tensor, l2: float) -> tuple[torc
     return beta, float(y.mean() - mu @ beta)
 
 
-def fit_gate(states: GateStates, call_rate: float, l2: float, raw_usage_before: float = 0.0,
-             setting: str = "phase1.refit", examples_key: str = "phase1.refit_examples") -> GateFit:
+def fit_gate(states: GateStates, call_rate: float, l2: float, setting: str = "phase1.refit",
+             examples_key: str = "phase1.refit_examples") -> GateFit:
     """Fit the label of ``states`` and the threshold ``q`` above which a fraction ``call_rate`` of them lie. Raises
     ValueError (naming ``setting``) when the fit gives ``a ≥ 0`` (higher confidence predicting a *larger* KL or
     advantage), which the gate head cannot represent, or when there are too few states (raise ``examples_key``)."""
@@ -114,7 +114,7 @@ def fit_gate(states: GateStates, call_rate: float, l2: float, raw_usage_before: 
     if a >= 0:
         raise ValueError(f"{setting}: the fitted coefficient of the student's log-confidence is {a:.4g} ≥ 0, so "
                          f"the gate head cannot represent the fit; turn {setting} off")
-    fit = GateFit(w, a, c, 0.0, 0.0, len(states), raw_usage_before)
+    fit = GateFit(w, a, c, 0.0, 0.0, len(states), states.calls / max(len(states), 1))
     pred = fit.predict(states.x, states.log_conf)
     y = states.target.double()
     fit.r2 = float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-12))
@@ -230,7 +230,13 @@ def refit_gate(student: Student, teacher, examples: Sequence[Example], budgets: 
     levels = [float(b) for b in budgets if b > 0]
     states = collect_states(student, teacher, examples, levels, max_len=max_len, eos_id=eos_id, pad_id=pad_id,
                             start_id=start_id, batch_size=batch_size)
-    fit = fit_gate(states, call_rate=float(np.mean(levels)), l2=l2,
-                   raw_usage_before=states.calls / max(len(states), 1))
+    return write_fit(student, states, levels, l2)
+
+
+def write_fit(student: Student, states: GateStates, levels: Sequence[float], l2: float, **names) -> GateFit:
+    """Fit the label of ``states`` and write it into ``student``'s gate, with the raw call rate at the mean of the
+    positive budget ``levels`` (the calibrated offsets do the rest); ``names``: :func:`fit_gate`'s setting names
+    for its errors."""
+    fit = fit_gate(states, call_rate=float(np.mean(levels)), l2=l2, **names)
     write_gate(student, fit)
     return fit

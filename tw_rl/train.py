@@ -32,7 +32,7 @@ from tw_rl.models.factory import load_seq2seq
 from tw_rl.models.student import Student
 from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds, demo_episode, oracle_episode
 from tw_rl.pretrain import lr_at, pretrain
-from tw_rl.refit import fit_gate, refit_gate, write_gate
+from tw_rl.refit import refit_gate, write_fit
 from tw_rl.replay import ReplayBuffer
 from tw_rl.teacher import Teacher
 
@@ -252,10 +252,8 @@ def call_rounds(run: Run, student: Student, log: MetricsLogger, first_step: int 
             idx = rng.choice(len(run.train), size=min(cfg.rl.call_examples, len(run.train)), replace=False)
             with Timer(times, "call_rollouts"):  # greedy paths, one flipped path per state, teacher-scored
                 states = group.call_states(student.state_dict(), version=r, indices=idx.tolist())
-            fit = fit_gate(states, call_rate=float(np.mean(levels)), l2=cfg.rl.call_l2,
-                           raw_usage_before=states.calls / max(len(states), 1), setting="rl.call_learner=rollout",
-                           examples_key="rl.call_examples")
-            write_gate(student, fit)
+            fit = write_fit(student, states, levels, cfg.rl.call_l2, setting="rl.call_learner=rollout",
+                            examples_key="rl.call_examples")
             adv = states.target.double()
             log.log(first_step + r, {**{k.replace("refit/", "call/"): v for k, v in fit.as_dict().items()},
                                      "call/advantage_mean": float(adv.mean()),
