@@ -197,7 +197,8 @@ def call_advantages(student: Student, teacher, src_ids: torch.Tensor, src_mask: 
     log-probs of the output tokens, γ = 1), the path after ``t`` decoded greedily by ``student`` (its own ``<τ>``
     decisions included) in both branches. One branch is ``base`` itself; the other repeats ``base`` up to ``t`` and
     flips the decision there (``decode(..., flip_at=, replay=)``): one extra decode per state, ``flip_batch`` rows
-    at a time, each batch scored by one ``teacher.score`` call. Returns ``[B, T]`` like ``base.tokens`` (0 beyond each row's length)."""
+    at a time, each batch scored by one ``teacher.score`` call. Returns ``[B, T]`` like ``base.tokens`` (0 beyond
+    each row's length)."""
     B = len(teacher_src)
     outs = [base.tokens[j, :base.lengths[j]].tolist() for j in range(B)]
     r_base = torch.tensor([float(np.sum(r)) for r in teacher.score(teacher_src, outs)], dtype=torch.float64)
