@@ -416,12 +416,11 @@ def validate(cfg: Any, prefix: str = "") -> None:
         if cfg.learner.num_workers > 0 and cfg.algo != "pcl":
             raise ConfigError(f"learner.num_workers={cfg.learner.num_workers} (data-parallel learning) is built for "
                               f"algo=pcl only, not algo={cfg.algo!r}; set learner.num_workers=0")
-        if cfg.phase1.refit and cfg.student.tau_head != "gate":
-            raise ConfigError(f"phase1.refit=true needs student.tau_head=gate (the token head cannot represent the "
-                              f"refitted decision), not student.tau_head={cfg.student.tau_head!r}")
-        if cfg.rl.call_learner == "rollout" and cfg.student.tau_head != "gate":
-            raise ConfigError(f"rl.call_learner=rollout needs student.tau_head=gate (the token head cannot represent "
-                              f"the fitted decision), not student.tau_head={cfg.student.tau_head!r}")
+        for setting, on in (("phase1.refit=true", cfg.phase1.refit),
+                            ("rl.call_learner=rollout", cfg.rl.call_learner == "rollout")):
+            if on and cfg.student.tau_head != "gate":  # both write a fitted gate (tw_rl/refit.py)
+                raise ConfigError(f"{setting} needs student.tau_head=gate (the token head cannot represent the "
+                                  f"fitted decision), not student.tau_head={cfg.student.tau_head!r}")
         if cfg.rl.call_learner == "rollout" and not any(b > 0 for b in cfg.budgets):
             raise ConfigError(f"rl.call_learner=rollout needs a positive budget; budgets={list(cfg.budgets)}")
 
