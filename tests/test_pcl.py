@@ -270,12 +270,17 @@ class GRUStudent(nn.Module):
         self.gru = nn.GRU(hidden, hidden, batch_first=True)
         self.head = nn.Linear(hidden, vocab)
 
+    @property
+    def hidden_size(self) -> int:  # what a value head reads (PCLLearner with rl.value=learned)
+        return self.gru.hidden_size
+
     def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor, dec_tokens: torch.Tensor,
-                dec_teacher_mask: torch.Tensor) -> torch.Tensor:
+                dec_teacher_mask: torch.Tensor, return_hidden: bool = False):
         x = self.embed(dec_tokens) + dec_teacher_mask[..., None].float() * self.delta
         h, _ = self.gru(x)
         q = self.head(h)
-        return torch.cat([q, torch.full_like(q[..., :1], -1e9)], dim=-1)
+        q = torch.cat([q, torch.full_like(q[..., :1], -1e9)], dim=-1)
+        return (q, h) if return_hidden else q
 
 
 def test_padding_in_a_batch_does_not_change_an_episodes_residuals() -> None:

@@ -30,6 +30,10 @@ class BudgetMultipliers:
         self.lr = float(lr)
         self.lambdas = np.full(self.budgets.shape, float(init), dtype=np.float64)  # [K], always ≥ 0
 
+    def __contains__(self, budget: float) -> bool:
+        """Whether ``budget`` is a level of the grid (within 1e-6)."""
+        return bool(np.min(np.abs(self.budgets - float(budget))) <= _TOL)
+
     def level_index(self, budget: float) -> int:
         """Index of the grid level equal to ``budget`` (within 1e-6); ValueError if there is none."""
         i = int(np.argmin(np.abs(self.budgets - budget)))
@@ -44,14 +48,15 @@ class BudgetMultipliers:
             self.lambdas[i] = max(0.0, self.lambdas[i] + self.lr * (float(usage) - self.budgets[i]))
 
     def for_episodes(self, budgets: torch.Tensor) -> torch.Tensor:
-        """Per-episode multipliers: ``budgets [B]`` → ``λ [B]`` float32 on the same device."""
+        """Per-episode multipliers: ``budgets [B]`` → ``λ [B]`` float32 on the same device. A budget between two
+        levels gets the linear interpolation of their multipliers (``budget_sampling=continuous``: ``λ`` is a
+        piecewise-linear function of ``b``); one outside the grid's range is an error."""
         b = budgets.detach().cpu().to(torch.float64).numpy()
-        dist = np.abs(b[:, None] - self.budgets[None, :])  # [B, K]
-        idx = dist.argmin(axis=1)
-        bad = dist[np.arange(len(b)), idx] > _TOL
+        bad = (b < self.budgets[0] - _TOL) | (b > self.budgets[-1] + _TOL)
         if bad.any():
-            raise ValueError(f"budgets {b[bad].tolist()} are not levels of the grid {self.budgets.tolist()}")
-        return torch.as_tensor(self.lambdas[idx], dtype=torch.float32, device=budgets.device)
+            raise ValueError(f"budgets {b[bad].tolist()} lie outside the grid {self.budgets.tolist()}")
+        lam = np.interp(b, self.budgets, self.lambdas) if self.budgets.size > 1 else np.full(b.shape, self.lambdas[0])
+        return torch.as_tensor(lam, dtype=torch.float32, device=budgets.device)
 
     def as_metrics(self) -> dict[str, float]:
         """``{"lambda/0.2": λ_0.2, ...}``."""

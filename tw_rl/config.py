@@ -245,13 +245,25 @@ class RLConfig:
     alpha: float = param(1.0, "entropy temperature α", gt=0.0)
     gamma: float = param(1.0, "discount γ", gt=0.0, le=1.0)
     window: int = param(8, "multi-step window d (0: to the end of the sequence)", ge=0)
-    multi_step_weight: float = param(0.0, "mix: (1-w)·single-step + w·multi-step consistency (0 by default: the "
-                                           "multi-step term pushed greedy usage past the budgets, docs/design.md)",
-                                     ge=0.0, le=1.0)
-    value: str = param("zero", "the value in the consistency: zero (V ≡ 0, the exact soft optimum of SPEC §3 at "
-                               "α = 1 without calls; measured to keep phase 2 from unlearning phase 1) or soft "
-                               "(V = α·logsumexp(Q/α), SPEC §4's unified form); docs/design.md",
-                       choices=["zero", "soft"])
+    multi_step_weight: float = param(0.5, "mix: (1-w)·single-step + w·multi-step consistency over rl.window steps "
+                                           "(SPEC §4 uses both; with rl.value=zero the multi-step term pushed greedy "
+                                           "usage past the budgets, docs/design.md)", ge=0.0, le=1.0)
+    value: str = param("learned", "the value in the consistency: learned (a value head V_φ over the student's "
+                                  "decoder state with a Polyak target, SPEC §4's standard PCL; warm-started on "
+                                  "Monte-Carlo soft returns), zero (V ≡ 0, the exact soft optimum of SPEC §3 at "
+                                  "α = 1 without calls: no bootstrapping) or soft (V = α·logsumexp(Q/α), SPEC §4's "
+                                  "unified form); docs/design.md", choices=["learned", "zero", "soft"])
+    value_hidden: int = param(64, "rl.value=learned: hidden units of the value head's MLP (V_φ and V_C)", ge=1)
+    value_lr: float = param(1e-3, "rl.value=learned: learning rate of the value heads", gt=0.0)
+    value_warmup_steps: int = param(200, "rl.value=learned: steps regressing V_φ on the phase-1 student's Monte-Carlo "
+                                         "soft returns (and V_C on its usage) before the first PCL update", ge=0)
+    dual_estimator: str = param("auto", "the usage estimate of the dual ascent: count (mean usage of the "
+                                        "rl.dual_usage episodes), cost_value (the same with V_C(s_0) as a control "
+                                        "variate, averaged over every held-out prompt: lower variance; needs "
+                                        "rl.value=learned) or auto (cost_value with rl.value=learned, else count)",
+                                choices=["auto", "count", "cost_value"])
+    cost_batch_size: int = param(64, "rl.value=learned: greedy on-policy episodes per V_C update (one per "
+                                     "iteration, from the most recent rl.dual_usage episodes)", ge=1)
     target_update_rate: float = param(0.05, "Polyak rate of the target copy", gt=0.0, le=1.0)
     replay_capacity: int = param(4096, "on-policy episodes kept (demonstrations are never evicted)", ge=1)
     on_policy_fraction: float = param(0.5, "fraction of each batch drawn from on-policy episodes", ge=0.0, le=1.0)
@@ -356,6 +368,12 @@ class Config:
     budgets: list[float] = param(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                                  help="teacher budgets trained and evaluated", ge=0.0, le=1.0)
     budget_prompt: str = param("teacher budget {pct}%: ", "prefix of the student's input; {pct} = 100·b")
+    budget_sampling: str = param("grid", "budgets drawn in training (phase-1 traces, phase-2 rollouts and "
+                                         "demonstrations): grid (the levels of `budgets`) or continuous (every "
+                                         "whole percent between the grid's smallest and largest level, so that the "
+                                         "student reads any budget from its prompt; the multipliers are "
+                                         "interpolated between levels and the constraint is enforced at the "
+                                         "levels)", choices=["grid", "continuous"])
     num_threads: int = param(1, "torch threads in the driver process (phases 1, 2 and evaluation). 1 by default: "
                                 "during phase 2 the Ray teacher and rollout actors share the cores, and an "
                                 "oversubscribed torch thread pool runs small models many times slower", ge=1)
@@ -421,6 +439,13 @@ def validate(cfg: Any, prefix: str = "") -> None:
             if on and cfg.student.tau_head != "gate":  # both write a fitted gate (tw_rl/refit.py)
                 raise ConfigError(f"{setting} needs student.tau_head=gate (the token head cannot represent the "
                                   f"fitted decision), not student.tau_head={cfg.student.tau_head!r}")
+        if cfg.student.tau_head == "gate" and cfg.rl.alpha != 1.0:  # Student.head: Q(<τ>) = u + logsumexp_V Q
+            raise ConfigError(f"student.tau_head=gate is written for rl.alpha=1 (its <τ> probability is σ(u) only "
+                              f"then); rl.alpha={cfg.rl.alpha} with it would change the call rule silently: use "
+                              f"rl.alpha=1 or student.tau_head=token")
+        if cfg.rl.dual_estimator == "cost_value" and cfg.rl.value != "learned":
+            raise ConfigError(f"rl.dual_estimator=cost_value needs the cost value V_C of rl.value=learned, not "
+                              f"rl.value={cfg.rl.value!r}; set rl.dual_estimator=count")
         if cfg.rl.call_learner == "rollout" and not any(b > 0 for b in cfg.budgets):
             raise ConfigError(f"rl.call_learner=rollout needs a positive budget; budgets={list(cfg.budgets)}")
 
@@ -472,6 +497,16 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every field, defaults included)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
+
+
+def training_budgets(cfg: "Config") -> list[float]:
+    """The budgets training draws from (``budget_sampling``): the grid, or every whole percent from its smallest
+    to its largest level (grid levels included)."""
+    grid = sorted(float(b) for b in cfg.budgets)
+    if cfg.budget_sampling == "grid":
+        return grid
+    lo, hi = int(round(100 * grid[0])), int(round(100 * grid[-1]))
+    return sorted(set(grid) | {round(k / 100, 2) for k in range(lo, hi + 1)})
 
 
 def budget_prompt(cfg_prompt: str, budget: float) -> str:

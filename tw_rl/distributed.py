@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError
 
 from envs.token_mdp import Example, TeacherClient
 from tw_rl.batch import Episode
-from tw_rl.config import Config, RolloutConfig, TeacherConfig
+from tw_rl.config import Config, RolloutConfig, TeacherConfig, training_budgets
 from tw_rl.models.student import Student
 from tw_rl.refit import GateStates
 from tw_rl.rollout import RolloutResult, RolloutStats, RolloutWorker, StudentSource
@@ -371,7 +371,8 @@ class RolloutGroup:
     def __init__(self, student: StudentSource | str | Path, teacher: TeacherClient, examples: Sequence[Example],
                  budgets: Sequence[float], cfg: RolloutConfig, *, max_len: int, eos_id: int, seed: int,
                  local: bool = False, pad_id: int = 0, start_id: int = 0, max_reissues: int = 3,
-                 restart_timeout_s: float = 120.0, greedy_examples: Sequence[Example] | None = None):
+                 restart_timeout_s: float = 120.0, greedy_examples: Sequence[Example] | None = None,
+                 greedy_budgets: Sequence[float] | None = None):
         if isinstance(student, (str, Path)):
             student = RolloutWorker.student_loader(student)
         self.local = local or cfg.num_workers == 0
@@ -381,7 +382,7 @@ class RolloutGroup:
         self._owned_teacher: RemoteTeacher | None = None
         n = max(1, cfg.num_workers)
         common = dict(max_len=max_len, eos_id=eos_id, temperature=cfg.temperature, batch_size=cfg.envs_per_worker,
-                      greedy_fraction=cfg.greedy_fraction,
+                      greedy_fraction=cfg.greedy_fraction, greedy_budgets=list(greedy_budgets or budgets),
                       seed=seed, pad_id=pad_id, start_id=start_id)
         if self.local:  # each worker owns a replica, as under Ray (never the caller's module itself)
             self.workers = [RolloutWorker(copy.deepcopy(student) if isinstance(student, Student) else student,
@@ -411,7 +412,8 @@ class RolloutGroup:
                     greedy_examples: Sequence[Example] | None = None) -> "RolloutGroup":
         """The group a run configures: ``cfg.rollout`` workers, ``cfg.teacher`` replicas loaded from
         ``teacher_dir`` (Ray mode; ``teacher`` supplies ``|V|``, pad and start ids, and is used directly in local
-        mode), episodes of at most ``cfg.data.max_tgt_tokens`` over ``cfg.budgets``, seeded by ``cfg.seed``.
+        mode), episodes of at most ``cfg.data.max_tgt_tokens`` over the training budgets (``budget_sampling``; the
+        greedy rows at the grid's levels), seeded by ``cfg.seed``.
         :meth:`close` also stops the teacher actors it started.
         """
         local = cfg.rollout.num_workers == 0 if local is None else local
@@ -423,9 +425,9 @@ class RolloutGroup:
             owned = client = start_teacher(cfg.teacher, teacher_dir, teacher.vocab_size,
                                            teacher=teacher if teacher_dir is None else None,
                                            pad_id=teacher.pad_id, start_id=teacher.start_id)
-        group = cls(student, client, examples, cfg.budgets, cfg.rollout, max_len=cfg.data.max_tgt_tokens,
+        group = cls(student, client, examples, training_budgets(cfg), cfg.rollout, max_len=cfg.data.max_tgt_tokens,
                     eos_id=eos_id, seed=cfg.seed, local=local, pad_id=teacher.pad_id, start_id=teacher.start_id,
-                    greedy_examples=greedy_examples)
+                    greedy_examples=greedy_examples, greedy_budgets=cfg.budgets)
         group._owned_teacher = owned
         return group
 

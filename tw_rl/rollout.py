@@ -83,8 +83,8 @@ class RolloutWorker:
     ``student`` is a :class:`Student` or a picklable zero-argument factory returning one (e.g. the loader made by
     :meth:`from_student_dir`, so a Ray actor loads the weights from disk instead of receiving them pickled).
     ``teacher`` answers ``<τ>`` and scores outputs (a :class:`~tw_rl.teacher.Teacher` in local mode, a
-    ``RemoteTeacher`` under Ray). ``budgets`` is the grid drawn from uniformly; every example must have a
-    ``student_src`` for each. Randomness: a numpy generator for examples and budgets and a torch generator for
+    ``RemoteTeacher`` under Ray). ``budgets`` is the grid drawn from uniformly (``greedy_budgets``, if given, for
+    the greedy rows); every example must have a ``student_src`` for each. Randomness: a numpy generator for examples and budgets and a torch generator for
     actions, both seeded from ``(seed, worker_index)``; :meth:`sample` with ``seed=`` uses a fresh pair seeded
     from ``(seed, worker_index, call seed)`` instead, which makes a call reproducible even on a restarted worker.
     """
@@ -93,7 +93,7 @@ class RolloutWorker:
                  budgets: Sequence[float], max_len: int, eos_id: int, temperature: float, batch_size: int,
                  seed: int, worker_index: int = 0, num_threads: int | None = None, pad_id: int = 0,
                  start_id: int = 0, device: str = "cpu", greedy_fraction: float = 0.0,
-                 greedy_examples: Sequence[Example] | None = None):
+                 greedy_examples: Sequence[Example] | None = None, greedy_budgets: Sequence[float] | None = None):
         if num_threads is not None:  # under Ray, OMP_NUM_THREADS may say 1 whatever the actor's CPUs
             torch.set_num_threads(max(1, int(num_threads)))
         if not examples:
@@ -101,6 +101,8 @@ class RolloutWorker:
         if not budgets:
             raise ValueError("RolloutWorker needs at least one budget")
         self.budgets = [float(b) for b in budgets]
+        # the greedy rows' budgets (the levels the constraint is enforced at); default: the same as sampled rows'
+        self.greedy_budgets = [float(b) for b in (greedy_budgets or budgets)]
         for i, ex in enumerate(examples):
             missing = [b for b in self.budgets if b not in ex.student_src]
             if missing:
@@ -116,8 +118,9 @@ class RolloutWorker:
         # held-out inputs for the greedy rows (their usage drives the multipliers; they are not trained on)
         self.greedy_examples = list(greedy_examples) if greedy_examples else None
         for i, ex in enumerate(self.greedy_examples or []):
-            if any(b not in ex.student_src for b in self.budgets):
-                raise ValueError(f"greedy example {i} lacks student inputs for some of the budgets {self.budgets}")
+            if any(b not in ex.student_src for b in self.greedy_budgets):
+                raise ValueError(f"greedy example {i} lacks student inputs for some of the budgets "
+                                 f"{self.greedy_budgets}")
         self.max_len, self.eos_id, self.temperature, self.batch_size = max_len, eos_id, temperature, batch_size
         self.greedy_fraction = float(greedy_fraction)
         self.seed, self.worker_index, self.pad_id, self.start_id = seed, worker_index, pad_id, start_id
@@ -168,6 +171,8 @@ class RolloutWorker:
         budgets = [self.budgets[j] for j in rng.integers(len(self.budgets), size=n)]
         examples = [self.examples[i] for i in idx]
         n_greedy = int(round(self.greedy_fraction * n))
+        if n_greedy and self.greedy_budgets != self.budgets:
+            budgets[:n_greedy] = [self.greedy_budgets[j] for j in rng.integers(len(self.greedy_budgets), size=n_greedy)]
         if self.greedy_examples and n_greedy:
             held = rng.integers(len(self.greedy_examples), size=n_greedy)
             examples[:n_greedy] = [self.greedy_examples[i] for i in held]
@@ -211,7 +216,7 @@ class RolloutWorker:
         """Phase 2's call learner (``rl.call_learner=rollout``): greedy episodes of the training examples at
         ``indices``, example ``k`` at the ``k % L``-th positive budget of the grid, with the Monte-Carlo advantage
         of a call at every visited state (:func:`tw_rl.refit.collect_states` with ``target="advantage"``)."""
-        levels = [b for b in self.budgets if b > 0]
+        levels = [b for b in self.greedy_budgets if b > 0]
         if not levels:
             raise ValueError("the call learner needs a positive budget in the grid")
         return collect_states(self.student, self.teacher, [self.examples[int(i)] for i in indices], levels,

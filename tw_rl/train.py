@@ -22,7 +22,7 @@ from tw_rl.algos import get_algorithm
 from tw_rl.batch import Episode, EpisodeBatch
 from tw_rl.budget import BudgetMultipliers
 from tw_rl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from tw_rl.config import Config, save_config, to_yaml
+from tw_rl.config import Config, save_config, to_yaml, training_budgets
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
 from tw_rl.evaluate import evaluate, write_outputs, write_report
@@ -98,20 +98,21 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
     teacher_dir = cfg.teacher.name_or_path or summary["teacher"]["dir"]
     student_dir = cfg.student.name_or_path or summary["student"]["dir"]
     teacher_model, tok = load_seq2seq(teacher_dir, trust_remote_code=cfg.teacher.trust_remote_code)
+    sampled = training_budgets(cfg)  # the training inputs carry a prompt for every budget training draws
     prompt_len = max(len(tok(cfg.budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
-                     for b in cfg.budgets)
+                     for b in sampled)
 
-    def split(name: str, limit: int | None) -> list[Example]:
+    def split(name: str, limit: int | None, budgets: list[float] = cfg.budgets) -> list[Example]:
         pairs = load_split(cfg.data, name)[:limit]
         pairs = check_token_lengths(pairs, tok, cfg.data.max_src_tokens - prompt_len, cfg.data.max_tgt_tokens,
                                     cfg.data.on_error)
-        return make_examples(pairs, tok, cfg.budgets, cfg.budget_prompt)
+        return make_examples(pairs, tok, budgets, cfg.budget_prompt)
 
     return Run(cfg=cfg, dir=run_dir, tokenizer=tok,
                teacher=Teacher(teacher_model, vocab_size=len(tok), pad_id=tok.pad_token_id,
                                start_id=teacher_model.config.decoder_start_token_id),
                teacher_dir=str(teacher_dir), base_student_dir=str(student_dir),
-               train=split(cfg.data.train_split, cfg.phase1.num_examples),
+               train=split(cfg.data.train_split, cfg.phase1.num_examples, sampled),
                test=split(cfg.data.test_split, cfg.eval.max_examples),
                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                start_id=teacher_model.config.decoder_start_token_id,
@@ -154,7 +155,8 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
     done = out / "done.json"
     # phase 1 is cached: redone when its settings, δ or the <τ> head changed (ablations)
     settings = {**dataclasses.asdict(cfg), "use_delta": run.cfg.student.use_delta,
-                "tau_head": run.cfg.student.tau_head}
+                "tau_head": run.cfg.student.tau_head, "budgets": list(run.cfg.budgets),
+                "budget_prompt": run.cfg.budget_prompt, "budget_sampling": run.cfg.budget_sampling}
     if done.is_file():
         saved = json.loads(done.read_text())
         cached = Student.load(out)[0]
@@ -193,7 +195,7 @@ def behaviour_cloning(run: Run, student: Student, log: MetricsLogger) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cfg.lr, 0, cfg.final_lr_fraction)
         idx = rng.integers(len(refs), size=cfg.batch_size)
-        budgets = rng.choice(run.cfg.budgets, size=cfg.batch_size)
+        budgets = rng.choice(training_budgets(run.cfg), size=cfg.batch_size)
         eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id, cfg.oracle, thresholds.get(float(b)))
                for i, b in zip(idx, budgets)]
         batch = EpisodeBatch.collate(eps, run.pad_id)
@@ -297,19 +299,37 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stu
         init_ray()
     group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
                                      eos_id=run.eos_id, greedy_examples=run.validation or None)
+    critic = getattr(learner, "value", None) is not None  # rl.value=learned: V_φ and V_C (tw_rl/models/value.py)
+    prompts = start_prompts(run.validation or run.train[:500], cfg.budgets) if critic else None
+    recent: list[Episode] = []  # the latest greedy on-policy episodes: V_C's training data
     try:
         for it in tqdm(range(start, cfg.rl.iterations), desc=f"phase 2 ({cfg.algo})", unit="iter"):
             times: dict[str, float] = {}
             with Timer(times, "rollout"):  # sample: on-policy episodes, <τ> answered, rewards scored
                 episodes, rstats = group.sample(learner.student.state_dict(), version=it, seed=it)
             buffer.add([e for e in episodes if e.source != "greedy_heldout"])  # buffer (held-out inputs: never)
-            dual_usage = usage_by_budget(dual_episodes(episodes, cfg.rl.dual_usage))
+            dual = [e for e in dual_episodes(episodes, cfg.rl.dual_usage) if e.budget in multipliers]
+            dual_usage, dual_stats = usage_by_budget(dual), {}
+            if critic and it == 0:  # warm start: V_φ on MC soft returns, V_C on usage, before the first update
+                warm = EpisodeBatch.collate([e for e in episodes if e.source == "onpolicy"] or episodes, run.pad_id)
+                dual_stats.update(learner.warm_start(warm, multipliers.for_episodes(warm.budgets),
+                                                     EpisodeBatch.collate(dual, run.pad_id) if dual else None,
+                                                     cfg.rl.value_warmup_steps))
+            if critic and cfg.rl.dual_estimator in ("auto", "cost_value"):  # V_C(s_0) as a control variate (SPEC §5)
+                dual_usage, cv = cost_value_usage(learner, dual, prompts)
+                dual_stats.update(cv)
             multipliers.update(dual_usage)  # dual ascent (SPEC §5)
-            with Timer(times, "update"):  # update: PCL steps on the mixed buffer
-                for _ in range(cfg.rl.updates_per_iteration):
+            recent = (recent + dual)[-4 * cfg.rl.cost_batch_size:]
+            with Timer(times, "update"):  # update: PCL steps on the mixed buffer (and V_C on recent greedy episodes)
+                for u in range(cfg.rl.updates_per_iteration):
                     batch = EpisodeBatch.collate(buffer.sample(cfg.rl.batch_size, rng), run.pad_id)
-                    stats = learner.update(batch, multipliers.for_episodes(batch.budgets))
-            log.log(it, {**stats, **rstats.as_metrics(), **multipliers.as_metrics(), **times,
+                    cost_batch = None
+                    if critic and u == 0 and recent:
+                        pick = rng.choice(len(recent), size=min(cfg.rl.cost_batch_size, len(recent)), replace=False)
+                        cost_batch = EpisodeBatch.collate([recent[i] for i in pick], run.pad_id)
+                    stats = (learner.update(batch, multipliers.for_episodes(batch.budgets), cost_batch=cost_batch)
+                             if critic else learner.update(batch, multipliers.for_episodes(batch.budgets)))
+            log.log(it, {**stats, **rstats.as_metrics(), **multipliers.as_metrics(), **times, **dual_stats,
                          **{f"rollout/usage_{b:g}": u for b, u in usage_by_budget(episodes).items()},
                          **{f"dual/usage_{b:g}": u for b, u in dual_usage.items()},
                          "replay/demos": buffer.num_demos,
@@ -321,12 +341,50 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stu
         group.close()
         if hasattr(learner, "close"):
             learner.close()
+    if critic:  # saved beside the final student (deployment never reads it)
+        learner.value.save(run.dir / "models" / "final")
     return learner.student
+
+
+def start_prompts(examples: list[Example], budgets: list[float]) -> dict[float, list[list[int]]]:
+    """The student's input ids of ``examples`` at every grid level: the prompts whose ``V_C(s_0)`` average
+    estimates each level's usage (:func:`cost_value_usage`)."""
+    return {float(b): [e.student_src[b] for e in examples if b in e.student_src] for b in budgets}
+
+
+def cost_value_usage(learner, episodes: list[Episode], prompts: dict[float, list[list[int]]],
+                     chunk: int = 512) -> tuple[dict[float, float], dict[str, float]]:
+    """Each level's usage with the cost value as a control variate (SPEC §5):
+    ``û_b = mean_{prompts j} V_C(s_0^j, b) + mean_{episodes i at b} (u_i − V_C(s_0^i, b))`` — unbiased for the mean
+    usage over the prompts whatever ``V_C`` is, and of lower variance the better ``V_C(s_0)`` predicts ``u``.
+    Returns ``{b: û_b}`` (levels with episodes) and ``dual/*`` stats: the per-episode variance of ``u`` and of
+    ``u − V_C(s_0)`` and their ratio (the variance reduction of the estimate)."""
+    def v0(src: list[list[int]], b: float) -> np.ndarray:
+        out = []
+        for i in range(0, len(src), chunk):
+            ids, mask = pad_batch(src[i:i + chunk], learner.pad_id)
+            out.append(learner.start_cost_values(ids, mask, torch.full((len(ids),), b)).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    est, resid, raw = {}, [], []
+    by: dict[float, list[Episode]] = {}
+    for e in episodes:
+        by.setdefault(e.budget, []).append(e)
+    for b, eps in sorted(by.items()):
+        u = np.array([e.usage() for e in eps])
+        d = u - v0([e.src_ids.tolist() for e in eps], b)
+        pool = prompts.get(b) or [e.src_ids.tolist() for e in eps]
+        est[b] = float(np.clip(v0(pool, b).mean() + d.mean(), 0.0, 1.0))
+        resid.extend((d - d.mean()).tolist())
+        raw.extend((u - u.mean()).tolist())
+    var_u, var_d = float(np.mean(np.square(raw))) if raw else 0.0, float(np.mean(np.square(resid))) if resid else 0.0
+    return est, {"dual/var_count": var_u, "dual/var_control_variate": var_d,
+                 "dual/variance_ratio": var_d / var_u if var_u > 0 else 1.0}
 
 
 def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.Generator) -> list[Episode]:
     """Seeded, never-evicted off-policy paths: teacher outputs and oracle traces, at random budgets."""
-    budgets = rng.choice(run.cfg.budgets, size=len(refs))
+    budgets = rng.choice(training_budgets(run.cfg), size=len(refs))
     rank, thresholds = run.cfg.phase1.oracle, oracle_thresholds(run, refs)
     return ([oracle_episode(ex, r, float(b), tau_id, rank, thresholds.get(float(b)))
              for ex, r, b in zip(run.train, refs, budgets)]
@@ -335,7 +393,7 @@ def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.
 
 def oracle_thresholds(run: Run, refs: list[Reference]) -> dict[float, float]:
     """``phase1.quota=corpus``: the KL level per budget (:func:`tw_rl.oracle.corpus_thresholds`); else {}."""
-    return corpus_thresholds(refs, run.cfg.budgets) if run.cfg.phase1.quota == "corpus" else {}
+    return corpus_thresholds(refs, training_budgets(run.cfg)) if run.cfg.phase1.quota == "corpus" else {}
 
 
 def teacher_sources(examples: list[Example]) -> dict[tuple[int, ...], list[int]]:

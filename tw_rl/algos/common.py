@@ -16,9 +16,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
 
 
-def batch_logits(net: nn.Module, batch: EpisodeBatch, start_id: int, pad_id: int) -> torch.Tensor:
-    """The student's logits over ``V ∪ {<τ>}`` at every state ``s_0 … s_T`` of the batch: ``[B, T+1, A]``."""
+def batch_logits(net: nn.Module, batch: EpisodeBatch, start_id: int, pad_id: int, return_hidden: bool = False):
+    """The student's logits over ``V ∪ {<τ>}`` at every state ``s_0 … s_T`` of the batch: ``[B, T+1, A]``
+    (``return_hidden``: and the output layer's input ``[B, T+1, d]``, for a value head)."""
     dec_tokens, dec_teacher_mask = decoder_inputs(batch, start_id, pad_id)
+    if return_hidden:
+        return net(batch.src_ids, batch.src_mask, dec_tokens, dec_teacher_mask, return_hidden=True)
     return net(batch.src_ids, batch.src_mask, dec_tokens, dec_teacher_mask)
 
 

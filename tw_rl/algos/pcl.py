@@ -34,9 +34,10 @@ from tw_rl.algos.common import (batch_logits, clip_gradients, learner_state, loa
                                rollout_stats)
 from tw_rl.batch import EpisodeBatch
 from tw_rl.config import Config, RLConfig
+from tw_rl.models.value import V, V_COST, ValueHead
 
 
-VALUES = ("soft", "zero")
+VALUES = ("learned", "soft", "zero")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -74,7 +75,8 @@ def _window_matrix(T: int, window: int, gamma: float, device: torch.device) -> t
 
 def pcl_consistency(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor,
                     rewards: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor,
-                    alpha: float, gamma: float, window: int, value: str = "soft") -> torch.Tensor:
+                    alpha: float, gamma: float, window: int, value: str = "soft",
+                    v: Optional[torch.Tensor] = None, v_target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Window-``d`` path-consistency residuals of every step of every episode (SPEC §4).
 
     ``C_t = −V(s_t) + γ^d' V_target(s_{t+d'}) + Σ_{i<d'} γ^i (r_{t+i} − α log π(a_{t+i}|s_{t+i}))`` with
@@ -88,33 +90,40 @@ def pcl_consistency(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: 
         actions: ``[B, T]`` int64 ``a_t``; rewards: ``[B, T]`` ``r_t``; mask: ``[B, T]`` bool, a real step.
         lengths: ``[B]`` int64 episode lengths; terminated: ``[B]`` bool.
         window: ``d ≥ 1``, or 0 for to the end. ``window = 1`` is the single-step (soft Q-learning) form.
+        value: ``learned`` (``v``/``v_target [B, T+1]`` from a value head, SPEC §4's standard form), ``soft``
+            (``V = α logsumexp(Q/α)``, the unified form) or ``zero`` (``V ≡ 0``).
 
     Returns:
         ``[B, T]`` residuals, 0 on padding. Values at padding positions never depend on padded inputs.
     """
-    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value)
+    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value, v, v_target)
     return _residuals(v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma, window)
 
 
 def _values(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor,
-            alpha: float, value: str = "soft") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            alpha: float, value: str = "soft", v: Optional[torch.Tensor] = None,
+            v_target: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``V [B, T+1]`` (online), ``V_target [B, T+1]`` and ``α log π(a_t|s_t) [B, T]`` — computed once and shared
     by the single- and multi-step residuals (the logsumexp over the vocabulary is the costly part).
 
-    ``value="soft"``: ``V = α logsumexp(Q/α)`` (SPEC §4's unified parameterisation); ``value="zero"``: the policy is
-    still ``softmax(Q/α)`` but ``V ≡ 0`` (see :func:`pcl_consistency`)."""
+    ``value="learned"``: ``V`` and ``V_target`` are given (a value head and its Polyak copy) and
+    ``α log π = Q(s, a) − α logsumexp(Q/α)``; ``value="soft"``: ``V = α logsumexp(Q/α)`` (SPEC §4's unified
+    parameterisation); ``value="zero"``: the policy is still ``softmax(Q/α)`` but ``V ≡ 0``."""
     if value not in VALUES:
         raise ValueError(f"unknown value parameterisation {value!r}; known: {VALUES}")
     T = actions.shape[1]
     q = q.float()
-    v = soft_values(q, alpha)  # [B, T+1]
-    v_target = v if q_target is None else soft_values(q_target.float(), alpha)
+    soft = soft_values(q, alpha)  # [B, T+1]
     safe_actions = torch.where(mask, actions, torch.zeros_like(actions))  # pad ids may be out of range
     q_a = q[:, :T].gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    alpha_log_pi = q_a - v[:, :T]
+    alpha_log_pi = q_a - soft[:, :T]
+    if value == "learned":
+        if v is None or v_target is None:
+            raise ValueError("value='learned' needs the value head's v and v_target [B, T+1]")
+        return v.float(), v_target.float(), alpha_log_pi
     if value == "zero":  # V ≡ 0: the exact optimal soft value of SPEC §3 without calls (α = 1)
-        return torch.zeros_like(v), torch.zeros_like(v_target), alpha_log_pi
-    return v, v_target, alpha_log_pi
+        return torch.zeros_like(soft), torch.zeros_like(soft), alpha_log_pi
+    return soft, soft if q_target is None else soft_values(q_target.float(), alpha), alpha_log_pi
 
 
 def _residuals(v: torch.Tensor, v_target: torch.Tensor, alpha_log_pi: torch.Tensor, rewards: torch.Tensor,
@@ -142,13 +151,14 @@ def _residuals(v: torch.Tensor, v_target: torch.Tensor, alpha_log_pi: torch.Tens
 
 def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor, rewards: torch.Tensor,
              mask: torch.Tensor, lengths: torch.Tensor, terminated: torch.Tensor, alpha: float, gamma: float,
-             window: int, multi_step_weight: float, value: str = "soft") -> tuple[torch.Tensor, dict[str, float]]:
+             window: int, multi_step_weight: float, value: str = "soft", v: Optional[torch.Tensor] = None,
+             v_target: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``(1 − w)·single + w·multi``, each the mean over real steps of ``½ C_t²`` (SPEC §4).
 
     Arguments as in :func:`pcl_consistency`; ``w = multi_step_weight``. Returns the scalar loss and float stats
     (``loss/*``, ``rollout/entropy`` — the mean policy entropy over the batch's states — and ``value/*``).
     """
-    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value)
+    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value, v, v_target)
     args = (v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma)
     c_single = _residuals(*args, window=1)
     single = masked_mean(0.5 * c_single.pow(2), mask)
@@ -175,6 +185,36 @@ def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.T
     return loss, stats
 
 
+def usage_costs(batch: EpisodeBatch) -> torch.Tensor:
+    """Per-step cost of the usage constraint, ``c_t / len`` with ``c_t = 1[a_t = <τ>]`` (SPEC §5): its sum over an
+    episode is the episode's usage, so ``V_C(s_0)`` estimates the expected usage of a prompt. ``[B, T]``."""
+    c = (batch.teacher_mask & batch.mask).to(torch.float32)
+    return c / batch.lengths.clamp(min=1).to(torch.float32)[:, None]
+
+
+def cost_value_loss(vc: torch.Tensor, vc_target: torch.Tensor, batch: EpisodeBatch, window: int,
+                    multi_step_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The consistency of the cost value ``V_C`` (SPEC §5), as :func:`pcl_loss` with the cost in place of the
+    reward and no entropy term (γ = 1): ``C_t = −V_C(s_t) + V_C,target(s_{t+d'}) + Σ_{i<d'} c_{t+i}/len``.
+    ``vc``/``vc_target``: ``[B, T+1]``. Returns the loss and ``loss/cost_value``."""
+    zeros = torch.zeros_like(batch.teacher_logprobs, dtype=torch.float32)
+    args = (vc.float(), vc_target.float(), zeros, usage_costs(batch), batch.mask, batch.lengths, batch.terminated,
+            1.0)
+    single = masked_mean(0.5 * _residuals(*args, window=1).pow(2), batch.mask)
+    multi = (masked_mean(0.5 * _residuals(*args, window=window).pow(2), batch.mask)
+             if multi_step_weight > 0.0 and window != 1 else single)
+    loss = (1.0 - multi_step_weight) * single + multi_step_weight * multi
+    return loss, {"loss/cost_value": float(loss.detach())}
+
+
+def soft_returns(v_target: torch.Tensor, alpha_log_pi: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,
+                 lengths: torch.Tensor, terminated: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Monte-Carlo soft returns ``G_t = Σ_{k ≥ t} γ^(k−t) (r_k − α log π(a_k|s_k)) + γ^(len−t) V_target(s_len)``
+    (the last term only for truncated episodes): the regression target of the value head's warm start. ``[B, T]``."""
+    return _residuals(torch.zeros_like(v_target), v_target, alpha_log_pi, rewards, mask, lengths, terminated,
+                      gamma, window=0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the learner
 # --------------------------------------------------------------------------------------------------------------
@@ -183,17 +223,29 @@ class PCLLearner:
 
     ``student`` is any module with ``forward(src_ids [B,S], src_mask [B,S], dec_tokens [B,L],
     dec_teacher_mask [B,L]) -> logits [B,L,A]`` whose last action index ``A−1`` is ``<τ>``. The learner runs
-    on the device of the student's parameters.
+    on the device of the student's parameters. With ``rl.value=learned`` it also owns the critic heads
+    ``[V_φ, V_C]`` (:class:`tw_rl.models.value.ValueHead`, over the student's decoder state, which needs
+    ``forward(..., return_hidden=True)``) and their Polyak copy; ``value`` passes a head to continue from.
     """
 
-    def __init__(self, cfg: RLConfig, student: nn.Module, start_id: int, pad_id: int) -> None:
+    def __init__(self, cfg: RLConfig, student: nn.Module, start_id: int, pad_id: int,
+                 value: Optional[ValueHead] = None, max_len: int = 32) -> None:
         self.cfg = cfg
         self.student = student
         self.start_id, self.pad_id = start_id, pad_id
         self.target = copy.deepcopy(student)
         self.target.requires_grad_(False)
         self.target.eval()
-        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)  # logits are Q-values: no decay
+        groups = [{"params": [p for p in student.parameters()], "lr": cfg.lr}]
+        self.value: Optional[ValueHead] = None
+        if cfg.value == "learned":
+            d_model = (student.hidden_size if hasattr(student, "hidden_size")
+                       else student.model.get_input_embeddings().weight.shape[1])
+            self.value = (value if value is not None
+                          else ValueHead(d_model, cfg.value_hidden, max_len)).to(self.device)
+            self.value_target = copy.deepcopy(self.value).requires_grad_(False)
+            groups.append({"params": list(self.value.parameters()), "lr": cfg.value_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)  # logits are Q-values: no decay
         self.step = 0
 
     @property
@@ -204,10 +256,24 @@ class PCLLearner:
         """Soft Q-values ``[B, T+1, A]`` of every state of the batch under ``net``."""
         return batch_logits(net, batch, self.start_id, self.pad_id)
 
-    def update(self, batch: EpisodeBatch, lambdas: torch.Tensor) -> dict[str, float]:
-        """One gradient step on ``batch`` with per-episode multipliers ``lambdas [B]``; then the Polyak update."""
+    def _forward(self, net: nn.Module, head: Optional[ValueHead], batch: EpisodeBatch
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``Q [B, T+1, A]`` and, with a value head, ``[V_φ, V_C] [B, T+1, 2]``."""
+        if head is None:
+            return self.q_values(net, batch), None
+        q, h = batch_logits(net, batch, self.start_id, self.pad_id, return_hidden=True)
+        return q, head(h, batch.budgets)
+
+    def update(self, batch: EpisodeBatch, lambdas: torch.Tensor, cost_batch: Optional[EpisodeBatch] = None
+               ) -> dict[str, float]:
+        """One gradient step on ``batch`` with per-episode multipliers ``lambdas [B]``; then the Polyak update.
+        ``cost_batch`` (with a value head): greedy on-policy episodes whose usage trains ``V_C`` in the same step."""
         batch = batch.to(self.device)
         loss, stats = self.compute_loss(batch, lambdas)
+        if cost_batch is not None and self.value is not None:
+            cost, cost_stats = self.cost_loss(cost_batch.to(self.device))
+            loss = loss + cost
+            stats.update(cost_stats)
         grad_norm = self.apply_gradients(loss)
         stats.update(self.batch_stats(batch, grad_norm))
         return stats
@@ -218,18 +284,80 @@ class PCLLearner:
         Q-values (default: the student; :class:`tw_rl.parallel.DataParallelLearner` passes its DDP wrapper)."""
         cfg = self.cfg
         self.student.train()
-        q = self.q_values(self.student if net is None else net, batch)
+        q, values = self._forward(self.student if net is None else net, self.value, batch)
         with torch.no_grad():
-            q_target = self.q_values(self.target, batch)
+            q_target, target_values = self._forward(self.target, getattr(self, "value_target", None), batch)
         rewards = lagrangian_rewards(batch, lambdas)
-        return pcl_loss(q, q_target, batch.actions, rewards, batch.mask, batch.lengths, batch.terminated,
-                        cfg.alpha, cfg.gamma, cfg.window, cfg.multi_step_weight, cfg.value)
+        v = v_target = None
+        if values is not None:
+            v, v_target = values[..., V], target_values[..., V]
+        loss, stats = pcl_loss(q, q_target, batch.actions, rewards, batch.mask, batch.lengths, batch.terminated,
+                               cfg.alpha, cfg.gamma, cfg.window, cfg.multi_step_weight, cfg.value, v, v_target)
+        return loss, stats
+
+    def cost_loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The consistency loss of ``V_C`` on ``batch`` (:func:`cost_value_loss`); the student gets no gradient."""
+        with torch.no_grad():
+            _, h = batch_logits(self.student, batch, self.start_id, self.pad_id, return_hidden=True)
+            _, h_t = batch_logits(self.target, batch, self.start_id, self.pad_id, return_hidden=True)
+            vc_target = self.value_target(h_t, batch.budgets)[..., V_COST]
+        vc = self.value(h, batch.budgets)[..., V_COST]
+        return cost_value_loss(vc, vc_target, batch, self.cfg.window, self.cfg.multi_step_weight)
+
+    @torch.no_grad()
+    def start_cost_values(self, src_ids: torch.Tensor, src_mask: torch.Tensor, budgets: torch.Tensor
+                          ) -> torch.Tensor:
+        """``V_C(s_0)`` of prompts ``src_ids [N, S]`` at ``budgets [N]``: their estimated usage. ``[N]``."""
+        dev = self.device
+        dec = torch.full((src_ids.shape[0], 1), self.start_id, dtype=torch.long, device=dev)
+        self.student.eval()
+        _, h = self.student(src_ids.to(dev), src_mask.to(dev), dec, torch.zeros_like(dec, dtype=torch.bool),
+                            return_hidden=True)
+        return self.value(h, budgets.to(dev))[:, 0, V_COST]
+
+    def warm_start(self, batch: EpisodeBatch, lambdas: torch.Tensor, cost_batch: Optional[EpisodeBatch],
+                   steps: int) -> dict[str, float]:
+        """Regress ``V_φ`` on the Monte-Carlo soft returns of on-policy ``batch`` (and ``V_C`` on the remaining
+        usage of ``cost_batch``) for ``steps`` steps, the student fixed: the first PCL residuals are then about the
+        policy, not about an untrained value. Features are computed once. Returns the fit's first and last loss."""
+        if self.value is None or steps < 1:
+            return {}
+        cfg = self.cfg
+        with torch.no_grad():
+            batch = batch.to(self.device)
+            q, h = batch_logits(self.student, batch, self.start_id, self.pad_id, return_hidden=True)
+            _, _, alpha_log_pi = _values(q, None, batch.actions, batch.mask, cfg.alpha, "soft")
+            rewards = lagrangian_rewards(batch, lambdas)
+            g = soft_returns(torch.zeros(q.shape[:2], device=q.device), alpha_log_pi, rewards, batch.mask,
+                             batch.lengths, batch.terminated, cfg.gamma)
+            parts = [(h, batch.budgets, g, batch.mask, V)]
+            if cost_batch is not None:
+                cb = cost_batch.to(self.device)
+                _, hc = batch_logits(self.student, cb, self.start_id, self.pad_id, return_hidden=True)
+                zeros = torch.zeros_like(cb.teacher_logprobs)
+                gc = soft_returns(torch.zeros(hc.shape[:2], device=hc.device), zeros, usage_costs(cb), cb.mask,
+                                  cb.lengths, cb.terminated, 1.0)
+                parts.append((hc, cb.budgets, gc, cb.mask, V_COST))
+        opt = torch.optim.Adam(self.value.parameters(), lr=cfg.value_lr * 3)
+        first = last = 0.0
+        for k in range(steps):
+            loss = sum(masked_mean(0.5 * (self.value(hh, bb)[:, :-1, col] - gg).pow(2), mm)
+                       for hh, bb, gg, mm, col in parts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = float(loss.detach())
+            first = last if k == 0 else first
+        self.value_target.load_state_dict(self.value.state_dict())
+        return {"value/warm_start_loss_first": first, "value/warm_start_loss_last": last}
 
     def apply_gradients(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward, clip, AdamW step, Polyak update; returns the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_gradients(self.student, self.cfg.grad_clip)
+        if self.value is not None:
+            torch.nn.utils.clip_grad_norm_(self.value.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.polyak_update()
         self.step += 1
@@ -242,26 +370,36 @@ class PCLLearner:
     def polyak_update(self) -> None:
         """``θ_target ← (1 − ρ) θ_target + ρ θ`` with ``ρ = target_update_rate``; buffers are copied."""
         rate = self.cfg.target_update_rate
-        for tp, p in zip(self.target.parameters(), self.student.parameters()):
-            tp.lerp_(p, rate)
-        for tb, b in zip(self.target.buffers(), self.student.buffers()):
-            tb.copy_(b)
+        pairs = [(self.target, self.student)] + ([(self.value_target, self.value)] if self.value is not None else [])
+        for target, online in pairs:
+            for tp, p in zip(target.parameters(), online.parameters()):
+                tp.lerp_(p, rate)
+            for tb, b in zip(target.buffers(), online.buffers()):
+                tb.copy_(b)
 
     # ---- checkpointing: a flat dict of tensors (safetensors-ready) -------------------------------------------
+    def _nets(self) -> dict[str, nn.Module]:
+        nets = {"student": self.student, "target": self.target}
+        if self.value is not None:
+            nets.update(value=self.value, value_target=self.value_target)
+        return nets
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Student, target, AdamW moments and the step count as a flat ``name → tensor`` dict.
+        """Student, target, value heads, AdamW moments and the step count as a flat ``name → tensor`` dict.
 
         Tensors are cloned and contiguous, so tied weights do not share storage (safetensors refuses that).
         Optimiser hyperparameters are not stored: they come from the config.
         """
-        return learner_state({"student": self.student, "target": self.target}, self.optimizer, self.step)
+        return learner_state(self._nets(), self.optimizer, self.step)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_dict`."""
-        self.step = load_learner_state(state, {"student": self.student, "target": self.target}, self.optimizer)
+        self.step = load_learner_state(state, self._nets(), self.optimizer)
 
 
-def make_learner(cfg: RLConfig | Config, student: nn.Module, start_id: int, pad_id: int, **_) -> PCLLearner:
+def make_learner(cfg: RLConfig | Config, student: nn.Module, start_id: int, pad_id: int,
+                 value: Optional[ValueHead] = None, **_) -> PCLLearner:
     """The registry entry point (``tw_rl.algos.ALGORITHMS["pcl"]``); accepts the run config or its ``rl`` part."""
     rl = cfg.rl if isinstance(cfg, Config) else cfg
-    return PCLLearner(rl, student, start_id, pad_id)
+    max_len = cfg.data.max_tgt_tokens if isinstance(cfg, Config) else 32
+    return PCLLearner(rl, student, start_id, pad_id, value=value, max_len=max_len)

@@ -127,12 +127,24 @@ class Student(nn.Module):
         return self.model.get_encoder()(input_ids=src_ids, attention_mask=src_mask.long())
 
     def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor, dec_tokens: torch.Tensor,
-                dec_teacher_mask: torch.Tensor, encoder_outputs=None) -> torch.Tensor:
-        """Training forward: logits ``[B, L, |V|+1]`` for every decoder position (position t is state s_t)."""
-        out = self.model(input_ids=None if encoder_outputs is not None else src_ids,
-                         attention_mask=src_mask.long(), encoder_outputs=encoder_outputs,
-                         decoder_inputs_embeds=self.decoder_embeds(dec_tokens, dec_teacher_mask), use_cache=False)
-        return self.head(out.logits)
+                dec_teacher_mask: torch.Tensor, encoder_outputs=None, return_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Training forward: logits ``[B, L, |V|+1]`` for every decoder position (position t is state s_t).
+
+        ``return_hidden``: also the output layer's input ``h [B, L, d]`` at every position (the decoder state a
+        value head reads, :class:`tw_rl.models.value.ValueHead`)."""
+        captured: list[torch.Tensor] = []
+        hook = (self.model.get_output_embeddings().register_forward_hook(
+            lambda mod, args, out: captured.append(args[0])) if return_hidden else None)
+        try:
+            out = self.model(input_ids=None if encoder_outputs is not None else src_ids,
+                             attention_mask=src_mask.long(), encoder_outputs=encoder_outputs,
+                             decoder_inputs_embeds=self.decoder_embeds(dec_tokens, dec_teacher_mask), use_cache=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+        logits = self.head(out.logits)
+        return (logits, captured[-1]) if return_hidden else logits
 
     @staticmethod
     def new_cache() -> EncoderDecoderCache:

@@ -1,0 +1,288 @@
+"""PCL that bootstraps (rl.value=learned): the value head V_φ and the cost value V_C (SPEC §4, §5).
+
+Closed forms on a tabular token MDP with priced <τ> calls, and tiny learners that must recover known values."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.test_pcl import GRUStudent, HORIZON, PAD, START, VOCAB, depth_offsets, exact_kl, random_teacher, \
+    sample_episodes
+from tw_rl.algos.pcl import PCLLearner, cost_value_loss, lagrangian_rewards, pcl_consistency, pcl_loss, usage_costs
+from tw_rl.batch import Episode, EpisodeBatch
+from tw_rl.budget import BudgetMultipliers
+from tw_rl.config import Config, RLConfig, load_config, training_budgets
+from tw_rl.models.value import ValueHead
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a tabular token MDP with <τ>: the state is the sequence of (token, from_teacher) pairs
+# --------------------------------------------------------------------------------------------------------------
+TOK, H = 3, 3  # tokens 0..2, action 3 = <τ>
+TAU = TOK
+
+
+def teacher_table(rng: np.random.Generator) -> dict[tuple[int, ...], np.ndarray]:
+    """log π_T(· | X_out) for every output prefix of tokens (the teacher sees X_out only, SPEC §2)."""
+    table = {}
+    for k in range(H):
+        for p in itertools.product(range(TOK), repeat=k):
+            z = 1.5 * rng.normal(size=TOK)
+            table[p] = z - np.logaddexp.reduce(z)
+    return table
+
+
+def step(state: tuple, a: int, log_pt: dict, lam: float, b: float) -> tuple[tuple, float, int, float]:
+    """(next state, token, reward with the Lagrangian, log π_T of the token)."""
+    out = tuple(t for t, _ in state)
+    lp = log_pt[out]
+    if a == TAU:
+        w = int(np.argmax(lp))
+        return state + ((w, True),), float(lp[w]) - lam * (1 - b), w, float(lp[w])
+    return state + ((a, False),), float(lp[a]) - lam * (0 - b), a, float(lp[a])
+
+
+def soft_optimum(log_pt: dict, lam: float, b: float, alpha: float, gamma: float) -> tuple[dict, dict]:
+    """Exact Q*(s, ·) and V*(s) by soft value iteration over every reachable state; V* = 0 at depth H."""
+    q, v = {}, {}
+
+    def solve(state: tuple) -> float:
+        if len(state) == H:
+            v[state] = 0.0
+            return 0.0
+        qs = np.zeros(TOK + 1)
+        for a in range(TOK + 1):
+            nxt, r, _, _ = step(state, a, log_pt, lam, b)
+            qs[a] = r + gamma * solve(nxt)
+        q[state] = qs
+        v[state] = float(alpha * np.logaddexp.reduce(qs / alpha))
+        return v[state]
+
+    solve(())
+    return q, v
+
+
+def paths(log_pt: dict, lam: float, b: float, rng: np.random.Generator, n: int) -> list[tuple[Episode, list]]:
+    """``n`` episodes with uniformly random actions (any path: consistency holds off-policy) and their states."""
+    out = []
+    for _ in range(n):
+        state, states, actions, tokens, tlp = (), [()], [], [], []
+        for _ in range(H):
+            a = int(rng.integers(TOK + 1))
+            state, _, y, lp = step(state, a, log_pt, lam, b)
+            actions.append(a), tokens.append(y), tlp.append(lp), states.append(state)
+        # a <τ> whose teacher token is y is stored as action TAU, token y (Episode.teacher_mask = actions != tokens)
+        out.append((Episode(src_ids=np.array([0]), actions=np.array(actions), tokens=np.array(tokens),
+                            teacher_logprobs=np.array(tlp, np.float32), behavior_logprobs=np.zeros(H, np.float32),
+                            budget=b, terminated=True), states))
+    return out
+
+
+@pytest.mark.parametrize("alpha,gamma", [(1.0, 1.0), (0.7, 0.9)])
+def test_learned_value_residuals_vanish_at_the_soft_optimum_with_priced_calls(alpha, gamma) -> None:
+    """λ > 0: the optimum is not π_T and V* ≠ 0; with V = V* and Q = Q* every residual of every window is ~0 on
+    random paths, and clearly not with a perturbed value."""
+    rng = np.random.default_rng(0)
+    log_pt, lam, b = teacher_table(rng), 0.8, 0.2
+    q_star, v_star = soft_optimum(log_pt, lam, b, alpha, gamma)
+    assert max(abs(x) for x in v_star.values()) > 0.1  # priced calls: V* is not the zero of SPEC §3
+    eps = paths(log_pt, lam, b, rng, 16)
+    batch = EpisodeBatch.collate([e for e, _ in eps])
+    q = torch.tensor(np.stack([[q_star.get(s, np.zeros(TOK + 1)) for s in states] for _, states in eps]))
+    v = torch.tensor([[v_star[s] for s in states] for _, states in eps])
+    rewards = lagrangian_rewards(batch, torch.full((len(eps),), lam))
+    args = (batch.actions, rewards, batch.mask, batch.lengths, batch.terminated, alpha, gamma)
+    for window in (1, 2, 0):
+        c = pcl_consistency(q, None, *args, window=window, value="learned", v=v, v_target=v)
+        assert c.abs().max() < 1e-5, (window, c)
+        noisy = v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+        c_bad = pcl_consistency(q, None, *args, window=window, value="learned", v=noisy, v_target=noisy)
+        assert c_bad.abs().mean() > 0.05
+
+
+def _default_learner(seed: int = 0) -> tuple[PCLLearner, EpisodeBatch]:
+    off = depth_offsets(VOCAB, HORIZON)
+    log_pt = random_teacher(VOCAB, HORIZON, np.random.default_rng(7))
+    learner = PCLLearner(RLConfig(), GRUStudent(VOCAB, seed=seed), START, PAD, max_len=HORIZON)
+    batch = EpisodeBatch.collate(sample_episodes(learner.student, log_pt, 16, torch.Generator().manual_seed(0),
+                                                 off), pad_id=PAD)
+    with torch.no_grad():  # a value head that predicts something (a fresh one predicts 0 everywhere)
+        for head in (learner.value, learner.value_target):
+            torch.manual_seed(3)
+            nn.init.normal_(head.net[-1].weight, std=0.5)
+    return learner, batch
+
+
+def test_default_loss_bootstraps_target_gamma_and_window_change_it() -> None:
+    """The default PCL (rl.value=learned, multi-step mix) depends on the Polyak target, on γ and on the window —
+    with value=zero and single-step none of them would."""
+    assert RLConfig().value == "learned" and RLConfig().multi_step_weight > 0
+    learner, batch = _default_learner()
+    lam = torch.zeros(len(batch))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(learner.compute_loss(batch, lam)[0])
+
+    base = loss()
+    with torch.no_grad():
+        learner.value_target.net[-1].bias.add_(1.0)  # perturb the target network only
+    assert abs(loss() - base) > 1e-3
+    with torch.no_grad():
+        learner.value_target.net[-1].bias.sub_(1.0)
+    assert loss() == pytest.approx(base, abs=1e-7)
+    for change in (dict(gamma=0.5), dict(window=2)):
+        learner.cfg = RLConfig(**change)
+        assert abs(loss() - base) > 1e-4, change
+    learner.cfg = RLConfig()
+
+
+def test_value_head_recovers_the_soft_value_of_a_fixed_policy() -> None:
+    """Warm start = regression on Monte-Carlo soft returns: with α = 1 and rewards log π_T, the soft value of the
+    start state is −KL(π ‖ π_T) exactly (SPEC §3), which the head must recover."""
+    off = depth_offsets(VOCAB, HORIZON)
+    log_pt = random_teacher(VOCAB, HORIZON, np.random.default_rng(4), scale=1.5)
+    net = GRUStudent(VOCAB, seed=0)
+    learner = PCLLearner(RLConfig(value_lr=3e-3), net, START, PAD, max_len=HORIZON)
+    batch = EpisodeBatch.collate(sample_episodes(net, log_pt, 4096, torch.Generator().manual_seed(0), off),
+                                 pad_id=PAD)
+    stats = learner.warm_start(batch, torch.zeros(len(batch)), None, steps=400)
+    assert stats["value/warm_start_loss_last"] < stats["value/warm_start_loss_first"]
+    kl = exact_kl(net, log_pt, off)
+    with torch.no_grad():
+        _, h = net(batch.src_ids[:1], batch.src_mask[:1], torch.full((1, 1), START), torch.zeros(1, 1, dtype=bool),
+                   return_hidden=True)
+        v0 = float(learner.value(h, torch.zeros(1))[0, 0, 0])
+    assert kl > 0.5
+    assert v0 == pytest.approx(-kl, abs=0.1), (v0, -kl)
+
+
+def _calling_episodes(rng: np.random.Generator, n: int, budget: float, length: int = 6) -> list[Episode]:
+    """Episodes that call <τ> (action VOCAB) at each step with probability ``budget``: expected usage = budget."""
+    out = []
+    for _ in range(n):
+        tok = rng.integers(0, VOCAB, size=length)
+        act = np.where(rng.random(length) < budget, VOCAB, tok)
+        out.append(Episode(src_ids=np.array([0]), actions=act, tokens=tok,
+                           teacher_logprobs=np.zeros(length, np.float32), behavior_logprobs=np.zeros(length, np.float32),
+                           budget=budget, terminated=True))
+    return out
+
+
+def test_cost_value_learns_each_budgets_usage_by_consistency() -> None:
+    """V_C trained by its consistency (SPEC §5) on episodes that call at rate b recovers V_C(s_0) ≈ b per budget."""
+    rng = np.random.default_rng(0)
+    net = GRUStudent(VOCAB, seed=0)
+    learner = PCLLearner(RLConfig(value_lr=1e-2, target_update_rate=0.2), net, START, PAD, max_len=8)
+    for _ in range(500):
+        eps = _calling_episodes(rng, 32, 0.1) + _calling_episodes(rng, 32, 0.4)
+        cb = EpisodeBatch.collate(eps, pad_id=PAD)
+        loss, _ = learner.cost_loss(cb)
+        learner.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        learner.optimizer.step()
+        learner.polyak_update()
+    src, mask = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool)
+    v0 = learner.start_cost_values(src, mask, torch.tensor([0.1, 0.4]))
+    assert v0.tolist() == pytest.approx([0.1, 0.4], abs=0.04), v0
+    # the per-step cost sums to each episode's usage
+    cb = EpisodeBatch.collate(_calling_episodes(rng, 4, 0.3), pad_id=PAD)
+    assert usage_costs(cb).sum(1).tolist() == pytest.approx(
+        [float(m.sum()) / 6 for m in cb.teacher_mask], abs=1e-6)
+
+
+def test_cost_value_control_variate_is_unbiased_and_cuts_variance() -> None:
+    """û_b = mean_prompts V_C(s_0) + mean_episodes (u − V_C(s_0)): with a V_C that predicts per-prompt usage the
+    variance ratio is small; with V_C ≡ 0 it is the plain count."""
+    from tw_rl.train import cost_value_usage
+
+    class Fake:
+        pad_id = 0
+
+        def __init__(self, table):
+            self.table = table
+
+        def start_cost_values(self, ids, mask, budgets):
+            return torch.tensor([self.table.get(int(r[0]), 0.0) for r in ids], dtype=torch.float64)
+
+    rng = np.random.default_rng(1)
+    rates = {p: float(rng.uniform(0.05, 0.6)) for p in range(2, 40)}  # prompt id → its usage
+    eps = []
+    for p in rng.choice(list(rates), size=12):
+        n = 20
+        calls = int(round(rates[p] * n))
+        act = np.array([VOCAB] * calls + [0] * (n - calls))
+        eps.append(Episode(src_ids=np.array([p]), actions=act, tokens=np.zeros(n, dtype=np.int64),
+                           teacher_logprobs=np.zeros(n, np.float32), behavior_logprobs=np.zeros(n, np.float32),
+                           budget=0.2, terminated=True))
+    prompts = {0.2: [[p] for p in rates]}
+    est, stats = cost_value_usage(Fake({p: r for p, r in rates.items()}), eps, prompts)
+    truth = float(np.mean([round(r * 20) / 20 for r in rates.values()]))
+    assert est[0.2] == pytest.approx(truth, abs=0.03)
+    assert stats["dual/variance_ratio"] < 0.05
+    est0, stats0 = cost_value_usage(Fake({}), eps, prompts)
+    assert est0[0.2] == pytest.approx(np.mean([e.usage() for e in eps]))
+    assert stats0["dual/variance_ratio"] == pytest.approx(1.0)
+
+
+def test_value_head_save_load_round_trip(tmp_path) -> None:
+    head = ValueHead(8, hidden=5, max_len=10)
+    with torch.no_grad():
+        head.net[-1].weight.normal_()
+    head.save(tmp_path)
+    back = ValueHead.load(tmp_path)
+    h, b = torch.randn(2, 3, 8), torch.tensor([0.1, 0.3])
+    assert torch.equal(head(h, b), back(h, b))
+    with pytest.raises(FileNotFoundError, match="no value head"):
+        ValueHead.load(tmp_path / "missing")
+
+
+def test_learned_value_state_dict_round_trip_gives_identical_next_update(tmp_path) -> None:
+    a, batch = _default_learner(seed=0)
+    lam = torch.full((len(batch),), 0.3)
+    a.update(batch, lam)
+    b, _ = _default_learner(seed=5)
+    b.load_state_dict(a.state_dict())
+    assert any(k.startswith("value.") for k in a.state_dict())
+    assert a.update(batch, lam) == b.update(batch, lam)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# budgets off the grid
+# --------------------------------------------------------------------------------------------------------------
+def test_multipliers_interpolate_between_levels_and_refuse_outside() -> None:
+    m = BudgetMultipliers([0.0, 0.2, 0.5], lr=1.0, init=0.0)
+    m.update({0.2: 1.2, 0.5: 0.5})  # λ_0.2 = 1.0, λ_0.5 = 0.0
+    lam = m.for_episodes(torch.tensor([0.2, 0.1, 0.35, 0.5]))
+    assert lam.tolist() == pytest.approx([1.0, 0.5, 0.5, 0.0])
+    assert 0.2 in m and 0.15 not in m
+    with pytest.raises(ValueError, match="outside the grid"):
+        m.for_episodes(torch.tensor([0.6]))
+
+
+def test_continuous_budget_sampling_covers_every_percent() -> None:
+    cfg = load_config(None, ["budget_sampling=continuous", "budgets=[0,0.1,0.5]"])
+    bs = training_budgets(cfg)
+    assert len(bs) == 51 and bs[0] == 0.0 and bs[-1] == 0.5 and 0.15 in bs and 0.1 in bs
+    assert training_budgets(Config()) == Config().budgets
+
+
+def test_gate_head_refuses_alpha_other_than_one() -> None:
+    from tw_rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rl.alpha") as e:
+        load_config(None, ["student.tau_head=gate", "rl.alpha=0.5"])
+    assert "student.tau_head" in str(e.value)
+    with pytest.raises(ConfigError, match="rl.dual_estimator"):
+        load_config(None, ["rl.value=zero", "rl.dual_estimator=cost_value"])
