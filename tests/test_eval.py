@@ -6,6 +6,7 @@ import json
 import math
 import re
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -72,10 +73,42 @@ def test_report_schema_and_files(run):
     validate_report(report)
     assert [r["budget"] for r in report["tw"]] == [r["budget"] for r in report["tw_hard_cap"]] == cfg.budgets
     assert report["teacher_only"]["usage_mean"] == report["teacher_only"]["calls_per_token"] == 1.0
-    assert report["student_only"]["calls_per_token"] == report["tw"][0]["usage_mean"] == 0.0
-    for row in report["baselines"]["random"] + report["baselines"]["confidence"] + report["baselines"]["confidence_base"]:
-        tw = next(r for r in report["tw"] if r["budget"] == row["budget"])
-        assert row["usage_target"] == tw["usage_mean"]
+    assert report["student_only"]["usage_mean"] == report["student_only"]["calls_per_token"] == 0.0
+    lines = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    for r in report["tw"] + report["oracle"]:  # usage and calls/token are the teacher's tokens in the outputs
+        own = [x for x in lines if x["method"] == r["method"] and x["budget"] == r["budget"]]
+        assert len(own) == report["n_examples"]
+        assert r["usage_mean"] == pytest.approx(np.mean([len(x["teacher_tokens"]) / len(x["tokens"]) for x in own]),
+                                                abs=1e-4)
+        assert r["calls_per_token"] == pytest.approx(sum(len(x["teacher_tokens"]) for x in own)
+                                                     / sum(len(x["tokens"]) for x in own), abs=1e-4)
+        if r["budget"] > 0:
+            assert r["usage_mean"] > 0, r
+    # the baselines' target: Training Wheels' usage on the validation split (the driver's: eval.max_examples inputs)
+    model = run["model"]
+    validation = model.load_examples(cfg.data.validation_split, cfg.eval.max_examples)
+    calibrated = report["baselines"]["random"] + report["baselines"]["confidence"] + \
+        report["baselines"]["confidence_base"] + report["oracle"]
+    assert len(calibrated) == 4 * len(cfg.budgets)
+    for row in calibrated:
+        b = row["budget"]
+        dec = model.decode(validation, b)
+        assert row["usage_target"] == pytest.approx(np.mean(
+            [dec.teacher_mask[i, :n].sum() / n for i, n in enumerate(dec.lengths)]), abs=1e-4)
+        assert row["usage_target_split"] == "validation"
+        assert (row["calibration_steps"] == 0) == (row["usage_target"] == 0)  # a target of 0 needs no search
+    assert any(r["usage_target"] > 0 for r in calibrated)
+    for row in report["oracle"]:
+        assert row["deployable"] is False and row["latency_ms"] is None and "vs_tw" in row
+        assert row["loop"] == "tw_rl.decoding.decode"
+    every = [report["student_only"], report["teacher_only"], *report["tw"], *report["tw_hard_cap"],
+             *report["tw_uncalibrated"], *report["phase1_only"], *calibrated, *report["baselines"]["speculative"]]
+    assert {r["method"]: r["loop"] for r in every} == {
+        "student": "tw_rl.decoding.decode", "teacher": "tw_rl.decoding.decode_teacher",
+        **{m: "tw_rl.decoding.decode" for m in ("tw", "tw_hard_cap", "tw_uncalibrated", "phase1", "random",
+                                                "confidence", "confidence_base", "oracle")},
+        "speculative": "transformers.generate(assistant_model=...)",
+        "speculative_lenient": "tw_rl.baselines.speculative_greedy"}
     spec, lossless, lossy = report["baselines"]["speculative"]
     assert spec["implementation"] == "hf_assisted" and [lossless["lenience"], lossy["lenience"]] == [1.0, 0.2]
     for s in (spec, lossless):
@@ -89,16 +122,16 @@ def test_report_schema_and_files(run):
     assert md.startswith("# tw-rl report") and report["signatures"]["bleu"] in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     # header; student, teacher, 3 speculative; per budget: TW, + hard cap, offset 0, random, confidence (trained
-    # and phase-0 student), phase 1
-    assert len(table) == 1 + 5 + len(cfg.budgets) * 7
+    # and phase-0 student), oracle, phase 1
+    assert len(table) == 1 + 5 + len(cfg.budgets) * 8
+    assert sum("oracle caller (not deployable)" in line for line in table) == len(cfg.budgets)
     png = (out / "quality_vs_cost.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
-    lines = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
     methods = {(r["method"], r["budget"]) for r in lines}
     assert {("student", None), ("teacher", None), ("speculative", None)} | {
-        (m, b) for m in ("tw", "tw_hard_cap", "random", "confidence", "confidence_base") for b in cfg.budgets} \
-        == methods
+        (m, b) for m in ("tw", "tw_hard_cap", "random", "confidence", "confidence_base", "oracle")
+        for b in cfg.budgets} == methods
     assert len(lines) == len(methods) * report["n_examples"]
     for r in lines:
         assert set(r) >= {"source", "reference", "output", "tokens", "teacher_tokens"}
@@ -112,6 +145,9 @@ def test_report_schema_and_files(run):
         validate_report(broken)
     broken = dict(report, tw=[dict(report["tw"][0], usage_mean=1.5)])
     with pytest.raises(ValueError, match="tw/0/usage_mean"):
+        validate_report(broken)
+    broken = dict(report, oracle=[dict(report["oracle"][0], deployable=True)])
+    with pytest.raises(ValueError, match="oracle/0/deployable"):
         validate_report(broken)
     assert "baselines" in REPORT_SCHEMA["required"]
 
@@ -387,9 +423,20 @@ def test_driver_calibrates_and_evaluation_uses_the_offsets(run):
         if b > 0:
             assert r["trace"][0][0] == 0.0 and r["usage_before"] == r["trace"][0][1]
             assert abs(r["usage"] - b) == pytest.approx(min(abs(u - b) for _, u in r["trace"]), abs=1e-4)
+    # the raw rows are the student with offset 0 and the tw rows the student with its offsets: their usage on the
+    # test split is what decoding the test split that way counts
+    from tw_rl.evaluate import run as run_method, training_wheels, usages
+
+    model, test = run["model"], run["test"]
     raw = {r["budget"]: r for r in report["tw_uncalibrated"]}
-    for r in report["tw"]:  # b = 0: no calls either way; the raw rows are the student with offset 0
-        assert raw[r["budget"]]["usage_mean"] == 0.0 if r["budget"] == 0 else True
+    moved = 0
+    for r in report["tw"]:
+        b = r["budget"]
+        for row, bias in ((r, None), (raw[b], 0.0)):
+            outs = run_method(lambda ex: training_wheels(model, ex, b, tau_bias=bias), test, 16)
+            assert row["usage_mean"] == pytest.approx(np.mean(usages(outs)), abs=1e-4)
+        moved += b > 0 and r["usage_mean"] != raw[b]["usage_mean"]
+    assert moved  # the offsets changed usage somewhere
 
 
 def test_calibration_hits_the_budget_on_validation_and_round_trips(run, tmp_path):
@@ -446,6 +493,48 @@ def test_confidence_fallback_on_the_phase0_student_spans_student_to_teacher(run)
     assert model.base_student.get_output_embeddings().weight.shape[0] == model.student.tau_id  # base left as is
 
 
+def test_student_and_teacher_alone_in_tw_rls_loop_equal_hugging_face_generate(run):
+    """The rows are timed in tw-rl's own loops (decode, decode_teacher); their outputs are Hugging Face greedy
+    generate's, token for token."""
+    from tw_rl.evaluate import run as run_method, student_alone, teacher_alone
+    from tw_rl.examples import pad_batch
+
+    model, test = run["model"], run["test"]
+    student, teacher = run_method(partial(student_alone, model), test, 16), run_method(partial(teacher_alone, model),
+                                                                                       test, 16)
+    ids, mask = pad_batch([e.teacher_src for e in test], model.pad_id)
+    out = model.base_student.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=model.max_len,
+                                      do_sample=False, num_beams=1)
+    hf = [r[:r.index(model.eos_id) + 1] if model.eos_id in r else r for r in out[:, 1:].tolist()]
+    assert student.tokens == hf and not any(m.any() for m in student.teacher_mask)
+    assert teacher.tokens == model.teacher.generate([e.teacher_src for e in test], model.max_len, model.eos_id)
+    assert all(m.all() for m in teacher.teacher_mask) and teacher.teacher_passes == [len(t) for t in teacher.tokens]
+    assert student.tokens != teacher.tokens and np.mean([len(t) for t in teacher.tokens]) > 3
+
+
+def test_oracle_on_the_trained_run(run):
+    """The oracle row's student and setting are the confidence row's; its lowest threshold writes the teacher's
+    output, its highest the student's; the report's row is what decoding the test split at its threshold gives."""
+    from tw_rl.evaluate import confidence_baseline, oracle_baseline, run as run_method, teacher_alone, usages
+
+    model, test, report = run["model"], run["test"], run["report"]
+    lowest = run_method(oracle_baseline(model, 0.2, -math.inf), test, 16)
+    assert lowest.tokens == run_method(partial(teacher_alone, model), test, 16).tokens
+    assert 0 < np.mean(usages(lowest)) < 1  # the student agrees with the teacher at some steps: no call there
+    highest = run_method(oracle_baseline(model, 0.2, math.inf), test, 16)
+    never = run_method(confidence_baseline(model, 0.2, 0.0), test, 16)
+    assert highest.tokens == never.tokens and sum(highest.teacher_passes) == 0
+    for row in report["oracle"]:
+        th = math.inf if row["threshold"] is None else row["threshold"]
+        outs = run_method(oracle_baseline(model, row["budget"], th), test, 16)
+        assert row["usage_mean"] == pytest.approx(np.mean(usages(outs)), abs=1e-3)
+        assert row["calls_per_token"] == pytest.approx(sum(outs.teacher_passes) / sum(map(len, outs.tokens)),
+                                                       abs=1e-3)
+        assert sum(outs.teacher_passes) == sum(m.sum() for m in outs.teacher_mask)  # calls only, no look-ups
+        # calibrated like the others: within calibrate()'s tolerance, or the search ran out (a target it can't reach)
+        assert abs(row["validation_usage"] - row["usage_target"]) <= 0.01 + 1e-9 or row["calibration_steps"] == 20
+
+
 def test_paired_bootstrap_tells_a_real_difference_from_none():
     from tw_rl.evaluate import paired_bootstrap
 
@@ -466,7 +555,8 @@ def test_report_compares_every_baseline_to_training_wheels(run):
     md = (run["dir"] / "report.md").read_text()
     for tw in report["tw"]:
         assert tw["bleu_ci95"] >= 0
-    rows = report["baselines"]["random"] + report["baselines"]["confidence"] + report["baselines"]["confidence_base"]
+    rows = report["baselines"]["random"] + report["baselines"]["confidence"] + report["baselines"]["confidence_base"] \
+        + report["oracle"]
     assert rows and all("vs_tw" in r for r in rows)
     for r in rows:
         tw = next(t for t in report["tw"] if t["budget"] == r["budget"])

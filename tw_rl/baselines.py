@@ -7,6 +7,10 @@
 - **Confidence fallback** (:func:`confidence_fallback`, as in Big Little Decoder): call when the student's top
   probability over ``V`` (``<τ>`` excluded, renormalised) is below a threshold; :func:`calibrate_threshold` finds
   the threshold that gives a target usage on validation data, by bisection.
+- **Oracle caller** (:class:`OracleCalls`; not deployable: it reads the teacher's distribution at every step):
+  call where the student's greedy token differs from the teacher's greedy token ``w*`` for the same prefix and the
+  teacher's log-prob gain ``log π_T(w*) − log π_T(student's token)`` exceeds a threshold, calibrated like the
+  others. Its look-ups (:class:`tw_rl.decoding.TeacherSteps`) are not teacher calls; only its ``<τ>`` are.
 - **Speculative decoding** (:func:`speculative_generate`): Hugging Face assisted generation
   (``generate(..., assistant_model=draft)``, greedy, lossless) with the teacher as target and the phase-0 student
   as draft **[choice: the Training Wheels student's input carries a budget prompt and its output layer an extra
@@ -14,8 +18,9 @@
   teacher reads and shares the teacher's vocabulary]**. Its cost is the teacher's forward passes, counted with a
   forward hook (:class:`ForwardCounter`).
 
-Rules are :data:`tw_rl.decoding.TauRule` callables for ``decode(..., tau_rule=...)``; decode with
-``allow_tau=False`` so that only the rule decides when the teacher is called.
+Rules are :data:`tw_rl.decoding.TauRule` callables (the oracle: a :class:`tw_rl.decoding.PrefixRule`) for
+``decode(..., tau_rule=...)``; decode with ``allow_tau=False`` so that only the rule decides when the teacher is
+called.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import math
+
 import torch
 
-from tw_rl.decoding import TauRule
+from tw_rl.decoding import TauRule, TeacherSteps
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -49,6 +56,44 @@ def confidence_fallback(threshold: float, tau_id: int) -> TauRule:
         return torch.softmax(logits[:, :tau_id].float(), dim=-1).amax(dim=-1) < threshold
 
     return rule
+
+
+class OracleCalls:
+    """Not deployable: force ``<τ>`` where the student's greedy token ``v = argmax_{V} logits`` differs from the
+    teacher's greedy token ``w* = argmax π_T(· | x, X_out)`` and ``gain = log π_T(w*) − log π_T(v) > threshold``.
+
+    A :class:`tw_rl.decoding.PrefixRule` for one batch: ``steps`` (a fresh :class:`tw_rl.decoding.TeacherSteps` on
+    the batch's bare sources, rows in the batch's order) follows the decoded prefix one token per step, so every
+    step costs one KV-cached teacher position per row on top of the student's; those look-ups count nothing. At
+    ``threshold = −inf`` the rule calls at every disagreement, so the output is the teacher's greedy output; at
+    ``+inf`` it never calls. Lowering the threshold calls where the teacher gains most first. ``gains`` keeps, per
+    step, ``(student token [B], teacher token [B], gain [B])`` for inspection.
+    """
+
+    reads_prefix = True
+
+    def __init__(self, threshold: float, tau_id: int, steps: TeacherSteps, keep_gains: bool = False):
+        self.threshold, self.tau_id, self.steps = float(threshold), int(tau_id), steps
+        self.gains: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = [] if keep_gains else None
+
+    def __call__(self, t: int, logits: torch.Tensor, calls: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        if t != self.steps.steps:
+            raise ValueError(f"OracleCalls: step {t}, but the teacher has been fed {self.steps.steps} positions: "
+                             "use one rule per decode")
+        logp = self.steps.step(None if t == 0 else prefix[:, -1])  # [B, |V|]
+        own = logits[:, :self.tau_id].argmax(dim=-1).to(logp.device)
+        best, w = logp.max(dim=-1)
+        gain = best - logp.gather(1, own[:, None]).squeeze(1)
+        if self.gains is not None:
+            self.gains.append((own.cpu(), w.cpu(), gain.cpu()))
+        return ((own != w) & (gain > self.threshold)).to(logits.device)
+
+
+def oracle_threshold(x: float) -> float:
+    """The gain threshold ``−log x`` for the calibration knob ``x ∈ [0, 1]`` (:func:`calibrate_threshold`
+    searches ``[0, 1]`` with usage non-decreasing in ``x``): the oracle calls where ``π_T(v) / π_T(w*) < x``; 0:
+    never (``+inf``); 1: at every disagreement with a positive gain."""
+    return math.inf if x <= 0.0 else -math.log(x)
 
 
 @dataclass

@@ -2,19 +2,29 @@
 
 Rows (``report.json``; every row has the same metrics):
 
-- ``student_only`` / ``teacher_only``: the phase-0 student / the teacher alone, greedy, on the bare source.
+- ``student_only`` / ``teacher_only``: the phase-0 student / the teacher alone, greedy, on the bare source, each
+  in tw-rl's own decoding loop (:meth:`TrainedModel.decode_base` without a rule, ``<τ>`` never allowed;
+  :func:`tw_rl.decoding.decode_teacher`), the loop that decodes Training Wheels.
 - ``tw`` / ``tw_hard_cap``: the trained student deciding its own ``<τ>`` calls at each budget, without / with the
   inference-time hard cap (SPEC §5), with the student's calibrated ``<τ>`` offset of each budget
   (tw_rl/calibration.py). ``tw_uncalibrated`` (when the student is calibrated): the same student with offset 0.
   ``phase1_only``: the phase-1 student the same way (from the driver only).
 - ``baselines.random``: the trained student at the same budget prompt, its own ``<τ>`` masked, the teacher called
-  at random steps (:func:`tw_rl.baselines.random_calls`) at the rate that gives the ``tw`` row's usage on the
-  validation split (calibrated: calls shorten or lengthen outputs, so the rate is not exactly the usage).
+  at random steps (:func:`tw_rl.baselines.random_calls`) at the rate that gives, on the validation split, the
+  usage Training Wheels has on the validation split at that budget (calibrated: calls shorten or lengthen
+  outputs, so the rate is not exactly the usage). The target is Training Wheels' *validation* usage (decoded
+  greedily with the ``tw`` row's settings, :func:`tw_validation_usage`), so the test split chooses no knob.
 - ``baselines.confidence``: the same student calling when its top ``V`` probability is below a threshold
-  calibrated on the validation split to the ``tw`` row's usage (:func:`tw_rl.baselines.calibrate_threshold`).
+  calibrated on the validation split to the same target (:func:`tw_rl.baselines.calibrate_threshold`).
   ``baselines.confidence_base``: the same rule on the phase-0 student (bare source, no Training Wheels training at
   all): Big Little Decoder's fallback on the plain small model — the simplest way to spend the same teacher tokens.
-  All three report ``usage_target`` (the ``tw`` usage), ``validation_usage`` and their own usage on the test split.
+  All three report ``usage_target`` (Training Wheels' validation usage; ``usage_target_split: "validation"``),
+  ``validation_usage`` (their own, at the calibrated knob) and their own usage on the test split.
+- ``oracle`` (top level, one row per budget; ``deployable: false``): the ``confidence`` row's student and setting,
+  calling where its greedy token differs from the teacher's greedy token for the same prefix and the teacher's
+  log-prob gain exceeds a threshold calibrated to the same target (:class:`tw_rl.baselines.OracleCalls`). It reads
+  the teacher's distribution at every step; those look-ups are not counted (usage and calls/token count its
+  ``<τ>`` only), and the row is not timed (not an operating point anyone can deploy). ``gap_closed`` on the row.
 - ``baselines.speculative``: speculative decoding, teacher as target, phase-0 student as draft: first Hugging Face
   assisted generation (lossless), then draft-and-verify decoding at each ``eval.spec_lenience`` (1: lossless,
   smaller: lossy; :func:`tw_rl.baselines.speculative_greedy`). ``matches_teacher``: the fraction of outputs equal
@@ -30,9 +40,13 @@ Metrics:
 - ``calls_per_token``: teacher forward passes / output tokens over the corpus, a pass over ``k`` rows counting
   ``k`` (Training Wheels and the baselines: one per ``<τ>``; teacher alone: one per token; speculative decoding:
   one per verification round).
-- ``vs_tw`` on every random, confidence, confidence_base and phase-1 row: its BLEU minus the Training Wheels row's
-  at the same budget and the p-value of a paired bootstrap test of that difference (sacrebleu, ``eval.
-  bootstrap_samples`` resamples, seeded); ``bleu_ci95`` on every Training Wheels row: its 95 % CI half-width.
+- ``loop`` on every row: the loop that decoded and timed it (``tw_rl.decoding.decode``,
+  ``tw_rl.decoding.decode_teacher``, Hugging Face ``generate`` with an assistant model, or
+  ``tw_rl.baselines.speculative_greedy``).
+- ``vs_tw`` on every random, confidence, confidence_base, oracle and phase-1 row: its BLEU minus the Training
+  Wheels row's at the same budget and the p-value of a paired bootstrap test of that difference (sacrebleu,
+  ``eval.bootstrap_samples`` resamples, seeded); ``bleu_ci95`` on every Training Wheels row: its 95 % CI
+  half-width.
 - ``gap_closed`` per budget: ``(Q_tw(b) − Q_student) / (Q_teacher − Q_student)`` with Q = BLEU (ROUGE-L for
   summarization).
 - ``latency_ms``: median wall time of decoding one pre-tokenized input at batch size 1 (``eval.latency_examples``
@@ -51,6 +65,7 @@ which of them the teacher produced).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -64,9 +79,9 @@ import torch
 from tqdm.auto import tqdm
 
 from envs.token_mdp import Example
-from tw_rl.baselines import Calibration, calibrate_threshold, confidence_fallback, random_calls, \
-    speculative_generate, speculative_greedy
-from tw_rl.decoding import Decoded
+from tw_rl.baselines import Calibration, OracleCalls, calibrate_threshold, confidence_fallback, oracle_threshold, \
+    random_calls, speculative_generate, speculative_greedy
+from tw_rl.decoding import Decoded, TeacherSteps, decode_teacher
 from tw_rl.examples import pad_batch
 from tw_rl.models.student import Student
 
@@ -159,21 +174,26 @@ class Outputs:
 Method = Callable[[Sequence[Example]], Outputs]
 
 
-@torch.no_grad()
+LOOP = "tw_rl.decoding.decode"  # the ``loop`` of every row decoded by the student's KV-cached loop
+LOOP_TEACHER = "tw_rl.decoding.decode_teacher"
+LOOP_HF_ASSISTED = "transformers.generate(assistant_model=...)"
+LOOP_DRAFT_VERIFY = "tw_rl.baselines.speculative_greedy"
+
+
 def student_alone(model: "TrainedModel", examples: Sequence[Example]) -> Outputs:
-    """The phase-0 student, greedy ``generate`` on the bare source."""
-    base = model.base_student
-    ids, mask = pad_batch([e.teacher_src for e in examples], model.pad_id)
-    out = base.generate(input_ids=ids.to(model.device), attention_mask=mask.long().to(model.device),
-                        max_new_tokens=model.max_len, do_sample=False, num_beams=1)
-    # rows without EOS ran to max_new_tokens: only rows that ended early are padded, after their EOS
-    rows = [r[:r.index(model.eos_id) + 1] if model.eos_id in r else r for r in out[:, 1:].tolist()]
-    return Outputs(rows, [np.zeros(len(r), dtype=bool) for r in rows], [0] * len(rows))
+    """The phase-0 student, greedy on the bare source, in :func:`tw_rl.decoding.decode` (``<τ>`` masked, no rule:
+    :meth:`TrainedModel.decode_base`) — the loop Training Wheels is decoded and timed with."""
+    return Outputs.from_decoded(model.decode_base(examples))
 
 
 def teacher_alone(model: "TrainedModel", examples: Sequence[Example]) -> Outputs:
-    return Outputs.all_teacher(model.teacher.generate([e.teacher_src for e in examples], model.max_len,
-                                                      model.eos_id))
+    """The teacher, greedy on the bare source, in :func:`tw_rl.decoding.decode_teacher` (the same KV-cached loop,
+    one teacher position per step; :meth:`Teacher.generate` goes through Hugging Face ``generate``)."""
+    teacher = model.teacher
+    ids, mask = pad_batch([e.teacher_src for e in examples], model.pad_id, teacher.device)
+    return Outputs.from_decoded(decode_teacher(teacher.model, ids, mask, max_len=model.max_len, eos_id=model.eos_id,
+                                               vocab_size=teacher.vocab_size, start_id=teacher.start_id,
+                                               pad_id=model.pad_id))
 
 
 def training_wheels(model: "TrainedModel", examples: Sequence[Example], budget: float,
@@ -191,6 +211,21 @@ def random_baseline(model: "TrainedModel", budget: float, rate: float, seed: int
 def confidence_baseline(model: "TrainedModel", budget: float, threshold: float) -> Method:
     rule = confidence_fallback(threshold, model.student.tau_id)
     return lambda examples: Outputs.from_decoded(model.decode(examples, budget, rule=rule))
+
+
+def oracle_rule(model: "TrainedModel", examples: Sequence[Example], threshold: float) -> OracleCalls:
+    """:class:`tw_rl.baselines.OracleCalls` for one batch: the teacher stepped along the batch's bare sources."""
+    teacher = model.teacher
+    ids, mask = pad_batch([e.teacher_src for e in examples], model.pad_id, teacher.device)
+    steps = TeacherSteps(teacher.model, ids, mask, teacher.vocab_size, teacher.start_id)
+    return OracleCalls(threshold, model.student.tau_id, steps)
+
+
+def oracle_baseline(model: "TrainedModel", budget: float, threshold: float) -> Method:
+    """The trained student at ``budget``'s prompt, its own ``<τ>`` masked (as :func:`confidence_baseline`), calling
+    where the oracle's gain exceeds ``threshold`` (a fresh rule per batch: it follows that batch's prefixes)."""
+    return lambda examples: Outputs.from_decoded(model.decode(examples, budget,
+                                                              rule=oracle_rule(model, examples, threshold)))
 
 
 def base_confidence_baseline(model: "TrainedModel", threshold: float) -> Method:
@@ -312,16 +347,20 @@ class _Evaluation:
     rows: dict[tuple[str, float | None], dict] = field(default_factory=dict)
 
     def row(self, method: str, make: Callable[[], Method], budget: float | None = None,
-            keep_outputs: bool = True, sequential: bool = False, **extra) -> tuple[dict, Outputs]:
-        """``sequential``: the method decodes one input at a time whatever the batch (see :func:`timings`)."""
+            keep_outputs: bool = True, sequential: bool = False, loop: str = LOOP, timed: bool = True,
+            **extra) -> tuple[dict, Outputs]:
+        """``sequential``: the method decodes one input at a time whatever the batch (see :func:`timings`);
+        ``loop``: the decoding loop the method runs (the row's ``loop``); ``timed=False``: no latency or
+        throughput (they stay None)."""
         if self.bar is not None:
             self.bar.set_postfix_str(method + (f" b={budget:g}" if budget is not None else ""))
         outs = run(make(), self.test, self.model.cfg.eval.batch_size)
         hyps = detok(self.model.tokenizer, outs.tokens)
         row = {"method": method, **({"budget": budget} if budget is not None else {}),
-               **score(outs, self.test, self.model.tokenizer, self.task, hyps), **extra,
+               **score(outs, self.test, self.model.tokenizer, self.task, hyps), **extra, "loop": loop,
                "latency_ms": None, "throughput_seq_s": None}
-        self.jobs.append((row, make, sequential))
+        if timed:
+            self.jobs.append((row, make, sequential))
         self.hyps[(method, budget)] = hyps
         self.rows[(method, budget)] = row
         if keep_outputs:
@@ -375,19 +414,20 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
              budgets: Sequence[float] | None = None, phase1_student: Student | None = None, split: str = "test",
              progress: bool = True) -> tuple[dict, list[dict]]:
     """Every row of the module docstring on ``test`` at ``budgets`` (default: the trained grid); the random-call
-    rate and the confidence threshold are calibrated on ``validation``. Returns the report (``report.json``) and the
-    ``outputs.jsonl`` records."""
+    rate, the confidence thresholds and the oracle's threshold are calibrated on ``validation`` to Training Wheels'
+    usage there. Returns the report (``report.json``) and the ``outputs.jsonl`` records."""
     cfg = model.cfg
     budgets = [model.check_budget(b) for b in (cfg.budgets if budgets is None else budgets)]
     task = resolve_task(cfg)
+    main = "rougeL" if task == "summarization" else "bleu"
     test = list(test)
     n_rows = 2 + 2 * len(budgets) + (len(budgets) if phase1_student is not None else 0) \
         + (len(budgets) if model.student.tau_bias else 0) \
-        + (3 * len(budgets) + 1 + len(cfg.eval.spec_lenience) if cfg.eval.baselines else 0)
+        + (4 * len(budgets) + 1 + len(cfg.eval.spec_lenience) if cfg.eval.baselines else 0)
     with tqdm(total=n_rows + 1, desc="eval", unit="step", disable=not progress) as bar:
         ev = _Evaluation(model, test, task, bar=bar)
         student_row, _ = ev.row("student", lambda: partial(student_alone, model))
-        teacher_row, teacher_outs = ev.row("teacher", lambda: partial(teacher_alone, model))
+        teacher_row, teacher_outs = ev.row("teacher", lambda: partial(teacher_alone, model), loop=LOOP_TEACHER)
         tw = [ev.row("tw", lambda b=b: partial(training_wheels, model, budget=b), b)[0] for b in budgets]
         capped = [ev.row("tw_hard_cap", lambda b=b: partial(training_wheels, model, budget=b, hard_cap=True), b)[0]
                   for b in budgets]
@@ -401,12 +441,17 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
             p1 = model.with_student(phase1_student)
             report["phase1_only"] = [ev.row("phase1", lambda b=b: partial(training_wheels, p1, budget=b), b,
                                             keep_outputs=False)[0] for b in budgets]
-        report["baselines"] = (baselines(ev, tw, validation, teacher_outs) if cfg.eval.baselines
-                               else {"random": [], "confidence": [], "speculative": None})
+        if cfg.eval.baselines:
+            bar.set_postfix_str("Training Wheels on validation")
+            targets = {b: tw_validation_usage(model, validation, b) for b in budgets}
+            report["baselines"] = baselines(ev, budgets, targets, validation, teacher_outs)
+            report["oracle"] = oracle_rows(ev, budgets, targets, validation, (student_row[main], teacher_row[main]),
+                                           main)
+        else:
+            report["baselines"] = {"random": [], "confidence": [], "speculative": None}
         if cfg.eval.bootstrap_samples > 0:
             compare_to_tw(ev, budgets, [e.reference for e in test], cfg.eval.bootstrap_samples)
         ev.time()
-    main = "rougeL" if task == "summarization" else "bleu"
     report["gap_closed"] = gap_closed(tw, student_row[main], teacher_row[main], main)
     report["signatures"] = signatures(task)
     report["latency"] = {"batch_size": 1, "examples": min(len(test), cfg.eval.latency_examples),
@@ -415,7 +460,7 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
     return report, ev.records
 
 
-COMPARED = ("random", "confidence", "confidence_base", "phase1")  # the rows tested against Training Wheels
+COMPARED = ("random", "confidence", "confidence_base", "oracle", "phase1")  # rows tested against Training Wheels
 
 
 def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]], references: Sequence[str],
@@ -450,44 +495,85 @@ def compare_to_tw(ev: _Evaluation, budgets: Sequence[float], references: Sequenc
             ev.rows[(m, b)]["vs_tw"] = result
 
 
-def baselines(ev: _Evaluation, tw: list[dict], validation: Sequence[Example], teacher_outs: Outputs) -> dict:
-    """Random calls and confidence fallback at each ``tw`` row's usage (their rate and threshold calibrated on
-    ``validation``); speculative decoding."""
+def tw_validation_usage(model: "TrainedModel", validation: Sequence[Example], budget: float) -> float:
+    """Training Wheels' mean usage on ``validation`` at ``budget`` (greedy, the ``tw`` row's settings: the
+    calibrated ``<τ>`` offset, no hard cap): the usage every baseline is calibrated to, so that the test split
+    chooses no baseline's knob."""
+    if not validation:
+        if budget == 0:
+            return 0.0  # the student never calls at b = 0 (TrainedModel.decode)
+        raise ValueError("calibrating a baseline to the Training Wheels usage needs validation examples "
+                         "(data.validation_split); or set eval.baselines=false")
+    outs = run(partial(training_wheels, model, budget=budget), validation, model.cfg.eval.batch_size)
+    return round(float(np.mean(usages(outs))), 4)
+
+
+def _target(target: float, cal: Calibration) -> dict:
+    """The calibration fields every calibrated row carries."""
+    return {"validation_usage": round(cal.usage, 4), "calibration_steps": cal.evaluations, "usage_target": target,
+            "usage_target_split": "validation"}
+
+
+def baselines(ev: _Evaluation, budgets: Sequence[float], targets: dict[float, float], validation: Sequence[Example],
+              teacher_outs: Outputs) -> dict:
+    """Random calls and confidence fallback at each budget, their rate and threshold calibrated on ``validation`` to
+    ``targets[b]`` (Training Wheels' validation usage, :func:`tw_validation_usage`); speculative decoding."""
     model, cfg = ev.model, ev.model.cfg
     rand, conf, conf_base = [], [], []
-    for k, r in enumerate(tw):
-        b, target, seed = r["budget"], r["usage_mean"], cfg.seed + 7919 * (k + 1)
+    for k, b in enumerate(budgets):
+        target, seed = targets[b], cfg.seed + 7919 * (k + 1)
         cal = calibrate(lambda rate, b=b, s=seed: random_baseline(model, b, rate, s), validation, target,
                         cfg.eval.batch_size)
         row, _ = ev.row("random", lambda b=b, rate=cal.threshold, s=seed: random_baseline(model, b, rate, s), b,
-                        rate=round(cal.threshold, 6), validation_usage=round(cal.usage, 4),
-                        calibration_steps=cal.evaluations, usage_target=target)
+                        rate=round(cal.threshold, 6), **_target(target, cal))
         rand.append(row)
         cal = calibrate(lambda th, b=b: confidence_baseline(model, b, th), validation, target, cfg.eval.batch_size)
         row, _ = ev.row("confidence", lambda b=b, th=cal.threshold: confidence_baseline(model, b, th), b,
-                        threshold=round(cal.threshold, 6), validation_usage=round(cal.usage, 4),
-                        calibration_steps=cal.evaluations, usage_target=target)
+                        threshold=round(cal.threshold, 6), **_target(target, cal))
         conf.append(row)
         cal = calibrate(lambda th: base_confidence_baseline(model, th), validation, target, cfg.eval.batch_size)
         row, _ = ev.row("confidence_base", lambda th=cal.threshold: base_confidence_baseline(model, th), b,
-                        threshold=round(cal.threshold, 6), validation_usage=round(cal.usage, 4),
-                        calibration_steps=cal.evaluations, usage_target=target, student="phase-0")
+                        threshold=round(cal.threshold, 6), **_target(target, cal), student="phase-0")
         conf_base.append(row)
     spec = []
     for lenience in [None, *cfg.eval.spec_lenience]:  # None: Hugging Face assisted generation
         if lenience is None:
             row, outs = ev.row("speculative", lambda: partial(speculative, model), sequential=True,
-                               draft="phase-0 student", implementation="hf_assisted", lossless=True)
+                               loop=LOOP_HF_ASSISTED, draft="phase-0 student", implementation="hf_assisted",
+                               lossless=True)
         else:
             row, outs = ev.row("speculative_lenient", lambda l=lenience: partial(speculative_lenient, model,
                                                                                  lenience=l),
-                               keep_outputs=False, sequential=True, draft="phase-0 student",
-                               implementation="draft_verify",
+                               keep_outputs=False, sequential=True, loop=LOOP_DRAFT_VERIFY,
+                               draft="phase-0 student", implementation="draft_verify",
                                lenience=lenience, draft_tokens=cfg.eval.spec_draft_tokens, lossless=lenience == 1.0)
         row["matches_teacher"] = round(float(np.mean([a == b for a, b in zip(outs.tokens, teacher_outs.tokens)]))
                                        if outs.tokens else 1.0, 4)
         spec.append(row)
     return {"random": rand, "confidence": conf, "confidence_base": conf_base, "speculative": spec}
+
+
+def oracle_rows(ev: _Evaluation, budgets: Sequence[float], targets: dict[float, float],
+                validation: Sequence[Example], student_teacher: tuple[float, float], metric: str = "bleu"
+                ) -> list[dict]:
+    """The oracle caller at each budget (:func:`oracle_baseline`), its gain threshold calibrated on ``validation``
+    to ``targets[b]``; ``student_teacher`` = (Q_student, Q_teacher) for its ``gap_closed``. Not timed."""
+    model, cfg = ev.model, ev.model.cfg
+    rows = []
+    for b in budgets:
+        # the knob x ∈ [0, 1] is exp(−threshold): usage rises with x, as calibrate() expects
+        cal = calibrate(lambda x, b=b: oracle_baseline(model, b, oracle_threshold(x)), validation, targets[b],
+                        cfg.eval.batch_size)
+        threshold = oracle_threshold(cal.threshold)
+        row, _ = ev.row("oracle", lambda b=b, th=threshold: oracle_baseline(model, b, th), b, timed=False,
+                        threshold=round(threshold, 6) if math.isfinite(threshold) else None,
+                        threshold_ratio=round(cal.threshold, 8), **_target(targets[b], cal), deployable=False,
+                        note="calls where the student's greedy token differs from the teacher's greedy token and "
+                             "log π_T(w*) − log π_T(student's token) > threshold; the teacher's distribution is "
+                             "read at every step and those look-ups are not counted as calls; not timed")
+        row["gap_closed"] = gap_of(row[metric], *student_teacher)
+        rows.append(row)
+    return rows
 
 
 def calibrate(make: Callable[[float], Method], validation: Sequence[Example], target: float, batch_size: int,
@@ -516,16 +602,22 @@ def gap_closed(tw_rows: list[dict], student_score: float, teacher_score: float, 
                ) -> dict[str, float | None]:
     """``(Q_tw(b) − Q_student) / (Q_teacher − Q_student)`` for every budget, Q = ``metric`` (None when the teacher is
     not better than the student: there is no gap to close)."""
+    return {f"{r['budget']:g}": gap_of(r[metric], student_score, teacher_score) for r in tw_rows}
+
+
+def gap_of(score: float, student_score: float, teacher_score: float) -> float | None:
+    """``(Q − Q_student) / (Q_teacher − Q_student)``; None without a gap."""
     gap = teacher_score - student_score
-    return {f"{r['budget']:g}": round((r[metric] - student_score) / gap, 4) if gap > 0 else None for r in tw_rows}
+    return round((score - student_score) / gap, 4) if gap > 0 else None
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # the report's schema and files
 # ------------------------------------------------------------------------------------------------------------------
 _METRICS = ("bleu", "chrf", "usage_mean", "usage_p95", "calls_per_token", "latency_ms", "throughput_seq_s")
-_ROW = {"type": "object", "required": ["method", *_METRICS],
-        "properties": {"method": {"type": "string"}, "bleu": {"type": "number", "minimum": 0},
+_ROW = {"type": "object", "required": ["method", "loop", *_METRICS],
+        "properties": {"method": {"type": "string"}, "loop": {"type": "string"},
+                       "bleu": {"type": "number", "minimum": 0},
                        "chrf": {"type": "number", "minimum": 0},
                        **{k: {"type": "number", "minimum": 0, "maximum": 100} for k in ("rouge1", "rouge2", "rougeL")},
                        "usage_mean": {"type": "number", "minimum": 0, "maximum": 1},
@@ -539,6 +631,7 @@ _ROW = {"type": "object", "required": ["method", *_METRICS],
                                  "properties": {"bleu_delta": {"type": "number"},
                                                 "p_value": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}}}}
 _BUDGET_ROWS = {"type": "array", "items": {"allOf": [_ROW, {"required": ["budget"]}]}}
+_CALIBRATED = ["budget", "validation_usage", "usage_target", "usage_target_split", "calibration_steps"]
 REPORT_SCHEMA = {
     "type": "object",
     "required": ["n_examples", "split", "task", "student_only", "teacher_only", "tw", "tw_hard_cap", "baselines",
@@ -549,13 +642,15 @@ REPORT_SCHEMA = {
         "student_only": _ROW, "teacher_only": _ROW, "tw": _BUDGET_ROWS, "tw_hard_cap": _BUDGET_ROWS,
         "phase1_only": _BUDGET_ROWS, "tw_uncalibrated": _BUDGET_ROWS,
         "baselines": {"type": "object", "required": ["random", "confidence", "speculative"], "properties": {
-            "random": {"type": "array", "items": {"allOf": [_ROW, {"required": [
-                "budget", "rate", "validation_usage", "usage_target"]}]}},
-            "confidence": {"type": "array", "items": {"allOf": [_ROW, {"required": [
-                "budget", "threshold", "validation_usage", "usage_target"]}]}},
+            "random": {"type": "array", "items": {"allOf": [_ROW, {"required": ["rate", *_CALIBRATED]}]}},
+            "confidence": {"type": "array", "items": {"allOf": [_ROW, {"required": ["threshold", *_CALIBRATED]}]}},
             "confidence_base": {"type": "array", "items": {"allOf": [_ROW, {"required": [
-                "budget", "threshold", "validation_usage", "usage_target"]}]}},
+                "threshold", *_CALIBRATED]}]}},
             "speculative": {"anyOf": [{"type": "null"}, _ROW, {"type": "array", "items": _ROW}]}}},
+        "oracle": {"type": "array", "items": {"allOf": [_ROW, {
+            "required": ["threshold", "threshold_ratio", "deployable", "gap_closed", *_CALIBRATED],
+            "properties": {"deployable": {"const": False}, "threshold": {"type": ["number", "null"], "minimum": 0},
+                           "gap_closed": {"type": ["number", "null"]}}}]}},
         "gap_closed": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
         "signatures": {"type": "object", "required": ["bleu", "chrf"],
                        "additionalProperties": {"type": "string"}},
@@ -601,7 +696,15 @@ _NAMES = {"student": "student alone", "teacher": "teacher alone", "speculative":
           "tw": "**Training Wheels**", "tw_hard_cap": "Training Wheels + hard cap",
           "tw_uncalibrated": "Training Wheels, <τ> offset 0", "random": "random calls",
           "confidence": "confidence fallback", "confidence_base": "confidence fallback, phase-0 student",
-          "phase1": "phase 1 only (no RL)"}
+          "oracle": "oracle caller (not deployable)", "phase1": "phase 1 only (no RL)"}
+
+
+def _calibrated(r: dict) -> str:
+    """The note on a calibrated row: what it reached on validation, and the target."""
+    target = r.get("usage_target")
+    split = r.get("usage_target_split", "test")
+    return f"validation usage {r['validation_usage']:g}" + (
+        f", target {target:g} = Training Wheels' {split} usage" if target is not None else "")
 
 
 def _fmt(v: Any) -> str:
@@ -644,6 +747,7 @@ def markdown(report: dict) -> str:
         line(s, f"{how}; draft: {s.get('draft', '')}; same output as teacher: {s.get('matches_teacher', '–')}")
     by_budget = ({r["budget"]: r for r in bl.get("random", [])}, {r["budget"]: r for r in bl.get("confidence", [])},
                  {r["budget"]: r for r in bl.get("confidence_base", [])})
+    oracle = {r["budget"]: r for r in report.get("oracle", [])}
     capped = {r["budget"]: r for r in report.get("tw_hard_cap", [])}
     p1 = {r["budget"]: r for r in report.get("phase1_only", [])}
     raw = {r["budget"]: r for r in report.get("tw_uncalibrated", [])}
@@ -663,13 +767,19 @@ def markdown(report: dict) -> str:
             line(raw[b])
         if b in by_budget[0]:
             rr = by_budget[0][b]
-            line(rr, f"rate {rr['rate']:.4g} (validation usage {rr['validation_usage']:g})")
+            line(rr, f"rate {rr['rate']:.4g} ({_calibrated(rr)})")
         if b in by_budget[1]:
             c = by_budget[1][b]
-            line(c, f"threshold {c['threshold']:.4g} (validation usage {c['validation_usage']:g})")
+            line(c, f"threshold {c['threshold']:.4g} ({_calibrated(c)})")
         if b in by_budget[2]:
             c = by_budget[2][b]
-            line(c, f"threshold {c['threshold']:.4g} (validation usage {c['validation_usage']:g})")
+            line(c, f"threshold {c['threshold']:.4g} ({_calibrated(c)})")
+        if b in oracle:
+            o = oracle[b]
+            gain = "never calls" if o["threshold"] is None else f"gain threshold {o['threshold']:.4g} nats"
+            closed = f"; gap closed {o['gap_closed']:g}" if o.get("gap_closed") is not None else ""
+            line(o, f"calls where its token ≠ the teacher's, {gain} ({_calibrated(o)}); reads the teacher at every "
+                    f"step (not counted), not timed{closed}")
         if b in p1:
             line(p1[b])
     lines.append("")
@@ -699,7 +809,8 @@ def plot(report: dict, path: Path) -> Path:
               ("random calls (same usage)", bl.get("random", []), dict(color="C3", marker="x", ls=":")),
               ("confidence fallback (same usage)", bl.get("confidence", []), dict(color="C2", marker="^", ls="-.")),
               ("confidence fallback, phase-0 student", bl.get("confidence_base", []),
-               dict(color="C4", marker="v", ls="-."))]
+               dict(color="C4", marker="v", ls="-.")),
+              ("oracle caller (not deployable)", report.get("oracle", []), dict(color="C5", marker="P", ls=":"))]
     points = [("student alone", report["student_only"], dict(color="k", marker="s")),
               ("teacher alone", report["teacher_only"], dict(color="k", marker="*", ms=14))]
     points += [("speculative decoding (HF assisted, lossless)", s, dict(color="C1", marker="D", ms=9))
