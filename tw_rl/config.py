@@ -341,7 +341,7 @@ class EvalConfig:
                                   "evaluation reports both, with and without the cap")
     baselines: bool = param(True, "also evaluate random calls, confidence fallback (calibrated on the validation "
                                   "split) and speculative decoding (SPEC §7)")
-    latency_examples: int = param(8, "inputs timed one at a time (batch size 1) for every row; 0: no latency or "
+    latency_examples: int = param(64, "inputs timed one at a time (batch size 1) for every row; 0: no latency or "
                                      "throughput", ge=0)
     latency_repeats: int = param(3, "timed repeats of each input (latency is the median) and of the throughput batch",
                                  ge=1)
