@@ -58,16 +58,20 @@ def test_trainable_all_moves_the_whole_student(base, tmp_path):
     assert len(changed_parameters(out)) > 10
 
 
-def test_rllib_ppo_rejects_trainable_tau(base, tmp_path):
-    with pytest.raises(ValueError, match="rl.trainable='tau' is not supported by algo='rllib_ppo'"):
-        run(base, tmp_path, "algo=rllib_ppo")
+def test_rllib_ppo_refuses_an_explicit_trainable_tau_before_anything_runs(tmp_path):
+    from tw_rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algo=rllib_ppo .*rl.trainable='tau' .*set rl.trainable=all or leave it"):
+        load_config(None, FAST + [f"out_dir={tmp_path}", "algo=rllib_ppo", "rl.trainable=tau"])
+    assert not any(tmp_path.iterdir())  # refused at config load: nothing was written
 
 
 def test_rllib_ppo_trains_two_rllib_iterations_through_the_driver(base, tmp_path):
+    """``algo=rllib_ppo`` alone (rl.trainable=all comes from the algorithm's requirements) runs through phase 2."""
     from tw_rl.distributed import shutdown_ray
 
     try:
-        out, report = run(base, tmp_path, "algo=rllib_ppo", "rl.trainable=all", "rllib.episodes_per_iteration=4",
+        out, report = run(base, tmp_path, "algo=rllib_ppo", "rllib.episodes_per_iteration=4",
                           "rllib.minibatch_size=64")
     finally:
         shutdown_ray()

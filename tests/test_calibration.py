@@ -48,8 +48,15 @@ def test_decode_adds_the_offset_to_the_tau_logit(toy):
         return out, np.mean([out.teacher_mask[i, :n].mean() for i, n in enumerate(out.lengths)])
 
     base, u0 = usage(None)
+    assert 0 < u0 < 1  # the toy student calls at some steps at b = 0.2, not all
     same, _ = usage(0.0)
     assert np.array_equal(base.actions, same.actions) and np.array_equal(base.tokens, same.tokens)
     assert usage(100.0)[1] == 1.0 and usage(-100.0)[1] == 0.0  # every step calls / no step calls
-    grid = [usage(k)[1] for k in (-8.0, -4.0, 0.0, 4.0, 8.0)]
-    assert grid[2] == u0 and any(0 < u < 1 for u in grid)  # the offset moves usage in between
+    grid = [usage(k)[1] for k in (-8.0, -4.0, -1.0, 0.0, 1.0, 4.0, 8.0)]
+    assert grid[3] == u0 and all(a <= b for a, b in zip(grid, grid[1:]))  # usage rises with the offset
+    assert grid[0] < u0 < grid[-1]  # both ways
+    # the offset moves the <τ> logit alone: κ = −100 decodes exactly as the student with <τ> masked
+    out, _ = usage(-100.0)
+    plain = decode(student, ids, mask, allow_tau=False, **kw)
+    assert np.array_equal(out.tokens, plain.tokens) and np.array_equal(out.actions, plain.actions)
+    assert not np.array_equal(out.tokens, base.tokens)  # and the toy's own calls changed its outputs

@@ -1,5 +1,8 @@
 """Typed config: YAML + overrides merge onto the defaults; every error names the key and what is allowed."""
 
+from functools import reduce
+from pathlib import Path
+
 import pytest
 
 from tw_rl.cli import build_parser, main
@@ -97,3 +100,51 @@ def test_eval_overrides_may_follow_the_budget_list():
     with pytest.raises(SystemExit):  # what argparse alone does with the same words
         build_parser().parse_args(argv)
     assert overrides_last(["generate", "--run", "r", "x=1"]) == ["generate", "--run", "r", "x=1"]
+
+
+SMOKE = Path(__file__).resolve().parent.parent / "launch" / "configs" / "smoke.yaml"
+
+
+def test_every_algorithm_runs_with_algo_alone():
+    """``algo=NAME`` alone gives a config the algorithm runs with: what it needs (tw_rl.algos.REQUIRES) is applied
+    where the user left it unset — rllib_ppo trains the whole student — and the others keep the defaults."""
+    from tw_rl.algos import ALGORITHMS, requirements
+
+    for name in ALGORITHMS:
+        for path in (None, SMOKE):
+            cfg = load_config(path, [f"algo={name}"])
+            assert all(reduce(getattr, k.split("."), cfg) == v for k, (v, _) in requirements(name).items()), name
+    assert load_config(SMOKE, ["algo=rllib_ppo"]).rl.trainable == "all"
+    assert load_config(SMOKE).rl.trainable == "tau" and load_config(SMOKE, ["algo=gkd"]).rl.trainable == "tau"
+    assert load_config(SMOKE, ["algo=rllib_ppo", "rl.trainable=all"]).rl.trainable == "all"  # explicit, agreeing
+
+
+def test_algorithm_defaults_follow_an_algo_set_in_the_file(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("algo: rllib_ppo\n")
+    assert load_config(y).rl.trainable == "all"
+    y.write_text("algo: rllib_ppo\nrl:\n  trainable: tau\n")
+    with pytest.raises(ConfigError, match=r"algo=rllib_ppo .*rl.trainable='tau' \(from .*c.yaml\) conflicts"):
+        load_config(y)
+
+
+@pytest.mark.parametrize("overrides", [["algo=rllib_ppo", "rl.trainable=tau"], ["rl.trainable=tau", "algo=rllib_ppo"]])
+def test_an_explicit_setting_that_conflicts_with_the_algorithm_names_both_keys(overrides):
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, overrides)
+    msg = str(e.value)
+    assert "algo=rllib_ppo" in msg and "rl.trainable='tau'" in msg and "set rl.trainable=all or leave it unset" in msg
+
+
+def test_learner_workers_are_for_pcl_only():
+    assert load_config(None, ["learner.num_workers=2"]).learner.num_workers == 2
+    with pytest.raises(ConfigError, match=r"algo=gkd .*algo=pcl only.*learner.num_workers=2 .*conflicts"):
+        load_config(None, ["algo=gkd", "learner.num_workers=2"])
+
+
+def test_validate_refuses_a_config_built_against_its_algorithm():
+    from tw_rl.config import RLConfig, validate
+
+    with pytest.raises(ConfigError, match="algo=rllib_ppo .*rl.trainable='tau' conflicts"):
+        validate(Config(algo="rllib_ppo"))
+    validate(Config(algo="rllib_ppo", rl=RLConfig(trainable="all")))

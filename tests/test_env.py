@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from envs.token_mdp import TokenMDPBatch, TokenMDPEnv
+from tests.conftest import TOY_BUDGETS, check_toy, greedy_reference, toy_properties
 from tw_rl.decoding import decode
 
 MAX_LEN, MAX_SRC = 8, 10
@@ -111,17 +112,52 @@ def _student_inputs(toy, budget, idx):
     return ids, mask
 
 
-def test_budget_zero_with_tau_masked_is_plain_greedy(toy):
+def test_toy_pair_is_informative(toy):
+    """The shared toy pair (tests/conftest.py) does what the tests that use it need: greedy outputs that differ across
+    inputs and end with EOS, no calls at b = 0, calls on some but not all steps at b > 0, more at the larger budget."""
+    props = toy_properties(toy, MAX_LEN)
+    check_toy(props, len(toy["examples"]))
+    assert [props[b]["rows_calling"] for b in TOY_BUDGETS] == [0, len(toy["examples"]), len(toy["examples"])]
+
+
+@pytest.mark.parametrize("budget", TOY_BUDGETS)
+def test_greedy_decoding_equals_a_first_principles_argmax(toy, budget):
+    """The KV-cached decoder at temperature 0, teacher calls included, equals the argmax of full forwards without
+    caches, the teacher's token taken from its model's own full forward."""
     idx = list(range(len(toy["examples"])))
-    ids, mask = _student_inputs(toy, 0.0, idx)
+    ids, mask = _student_inputs(toy, budget, idx)
+    out = decode(toy["student"], ids, mask, max_len=MAX_LEN, eos_id=toy["eos"], teacher=toy["teacher"],
+                 teacher_src=[toy["examples"][i].teacher_src for i in idx])
+    for k in idx:
+        ex = toy["examples"][k]
+        actions, tokens, called = greedy_reference(toy["student"], toy["teacher"].model, ex.student_src[budget],
+                                                   ex.teacher_src, MAX_LEN, toy["eos"])
+        n = out.lengths[k]
+        assert out.actions[k, :n].tolist() == actions and out.tokens[k, :n].tolist() == tokens
+        assert out.teacher_mask[k, :n].tolist() == called
+        assert bool(out.terminated[k]) == (tokens[-1] == toy["eos"])
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.5])
+def test_tau_masked_is_plain_greedy(toy, budget):
+    """allow_tau=False is Hugging Face greedy generation with <τ> suppressed — also at b = 0.5, where the student's
+    own argmax would often be <τ>."""
+    idx = list(range(len(toy["examples"])))
+    ids, mask = _student_inputs(toy, budget, idx)
     out = decode(toy["student"], ids, mask, max_len=MAX_LEN, eos_id=toy["eos"], allow_tau=False)
     ref = toy["student"].model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=MAX_LEN,
                                         do_sample=False, num_beams=1, suppress_tokens=[toy["V"]])
+    outs = []
     for k in idx:
         want = ref[k, 1:].tolist()
         want = want[:want.index(toy["eos"]) + 1] if toy["eos"] in want else want
-        assert out.tokens[k, :out.lengths[k]].tolist() == want
-        assert not out.teacher_mask[k].any()
+        outs.append(tuple(out.tokens[k, :out.lengths[k]].tolist()))
+        assert list(outs[-1]) == want
+        assert not out.teacher_mask[k].any() and (out.actions[k, :out.lengths[k]] != toy["V"]).all()
+    assert len(set(outs)) >= 3 and out.terminated.mean() >= 0.5  # varied outputs that end: the comparison bites
+    unmasked = decode(toy["student"], ids, mask, max_len=MAX_LEN, eos_id=toy["eos"], teacher=toy["teacher"],
+                      teacher_src=[toy["examples"][i].teacher_src for i in idx])
+    assert unmasked.teacher_mask.any() == (budget > 0)  # at b = 0.5 the mask is what keeps <τ> out
 
 
 def test_sampled_decoding_matches_env_trajectories(toy):
@@ -173,6 +209,8 @@ def test_per_row_temperature_zero_rows_are_greedy(toy):
     tsrc = [toy["examples"][i].teacher_src for i in idx]
     args = dict(max_len=MAX_LEN, eos_id=toy["eos"], teacher=toy["teacher"], teacher_src=tsrc)
     greedy = decode(toy["student"], ids, mask, **args)
+    calls = sum(int(greedy.teacher_mask[k, :greedy.lengths[k]].sum()) for k in idx)
+    assert 0 < calls < int(greedy.lengths.sum())  # the greedy rows call the teacher at some steps, not all
     temps = torch.tensor([0.0, 1.0] * (len(idx) // 2))
     mixed = decode(toy["student"], ids, mask, temperature=temps, generator=torch.Generator().manual_seed(1), **args)
     sampled_rows_differ = False
@@ -180,7 +218,11 @@ def test_per_row_temperature_zero_rows_are_greedy(toy):
         a = mixed.tokens[k, :mixed.lengths[k]].tolist()
         b = greedy.tokens[k, :greedy.lengths[k]].tolist()
         if temps[k] == 0:
-            assert a == b and mixed.actions[k, :mixed.lengths[k]].tolist() == greedy.actions[k, :greedy.lengths[k]].tolist()
+            ex = toy["examples"][k]
+            ref_actions, ref_tokens, _ = greedy_reference(toy["student"], toy["teacher"].model, ex.student_src[0.5],
+                                                          ex.teacher_src, MAX_LEN, toy["eos"])
+            assert a == b == ref_tokens
+            assert mixed.actions[k, :mixed.lengths[k]].tolist() == ref_actions
         else:
             sampled_rows_differ |= a != b
     assert sampled_rows_differ

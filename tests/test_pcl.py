@@ -159,29 +159,128 @@ def sequence_logprob(log_pi: np.ndarray, y: tuple[int, ...], n_actions: int, off
     return float(sum(log_pi[prefix_id(y[:t], n_actions, off), a] for t, a in enumerate(y)))
 
 
+def _table_paths(log_pt: np.ndarray, A: int, H: int, rng: np.random.Generator) -> EpisodeBatch:
+    """On-policy (π_T) and uniform off-policy paths, full-length (terminated) and shorter (truncated)."""
+    off = depth_offsets(A, H)
+    episodes = [mdp_episode(sample_path(log_pt, 1.0, n, A, off, rng, on_policy), log_pt, A, off, n == H)
+                for on_policy in (True, False) for n in (H, H, 2, 1)]
+    return EpisodeBatch.collate(episodes, pad_id=0)
+
+
+def _brute_force_soft_values(log_pt: np.ndarray, A: int, H: int, alpha: float) -> np.ndarray:
+    """``V*(s) = α log Σ_y π_T(y|s)^{1/α}`` over every completion ``y`` of the prefix ``s`` (0 at the horizon):
+    the closed form of SPEC §3 by enumeration, with no Bellman recursion."""
+    off = depth_offsets(A, H)
+    v = np.zeros(int(off[-1]))
+    for p in all_prefixes(A, H - 1):
+        tails = itertools.product(range(A), repeat=H - len(p))
+        v[prefix_id(p, A, off)] = alpha * np.logaddexp.reduce(
+            [(sequence_logprob(log_pt, p + y, A, off) - sequence_logprob(log_pt, p, A, off)) / alpha for y in tails])
+    return v
+
+
+def _q_from_values(log_pt: np.ndarray, v: np.ndarray, A: int, H: int) -> np.ndarray:
+    """``Q*(s, a) = r(s, a) + V*(s·a)`` with ``r = log π_T`` (rows of depth-H states stay 0)."""
+    off = depth_offsets(A, H)
+    q = np.zeros_like(log_pt)
+    for p in all_prefixes(A, H - 1):
+        s = prefix_id(p, A, off)
+        q[s] = [log_pt[s, a] + v[prefix_id(p + (a,), A, off)] for a in range(A)]
+    return q
+
+
+def _sequence_logprobs(net: nn.Module, A: int, H: int, alpha: float) -> torch.Tensor:
+    """log π(y) of every full-length sequence under ``net``'s policy ``log π(a|s) = (Q(s,a) − V(s))/α``, V from
+    tw_rl's soft_values; through the learner's data path (episodes → batch → decoder_inputs → net)."""
+    seqs = list(itertools.product(range(A), repeat=H))
+    batch = EpisodeBatch.collate([mdp_episode(y, np.zeros((int(depth_offsets(A, H)[-1]), A)), A,
+                                              depth_offsets(A, H), True) for y in seqs], pad_id=0)
+    with torch.no_grad():
+        q = net(batch.src_ids, batch.src_mask, *decoder_inputs(batch, start_id=A, pad_id=0))
+    v = soft_values(q[:, :H], alpha)
+    return ((q[:, :H].gather(-1, batch.actions[..., None]).squeeze(-1) - v) / alpha).sum(1).double()
+
+
 def test_closed_form_alpha_one_gives_zero_value_and_teacher_policy() -> None:
+    """α = 1, no calls (SPEC §3): Q*(s, a) = log π_T(a|s) + V*(s·a) with V* ≡ 0. tw_rl's soft value of that Q is 0
+    at every state, its policy is π_T, and PCL's residuals (both value forms, every window), the learner's loss and
+    its gradient all vanish there, on on- and off-policy paths; at another policy they do not."""
     A, H = 3, 3
-    log_pt = random_teacher(A, H, np.random.default_rng(1))
-    q_star, v_star = soft_value_iteration(log_pt, A, H, alpha=1.0, gamma=1.0)
-    assert np.abs(v_star).max() < 1e-12  # V* ≡ 0 (SPEC §3)
+    rng = np.random.default_rng(1)
+    log_pt = random_teacher(A, H, rng)
+    v_star = _brute_force_soft_values(log_pt, A, H, alpha=1.0)
+    assert np.abs(v_star).max() < 1e-12  # the closed form: V* ≡ 0
+    q_star = torch.tensor(_q_from_values(log_pt, v_star, A, H), dtype=torch.float32)
     n_inner = int(depth_offsets(A, H)[H])  # states with actions left
-    log_pi_star = q_star - v_star[:, None]  # (Q* − V*)/α with α = 1
-    np.testing.assert_allclose(log_pi_star[:n_inner], log_pt[:n_inner], atol=1e-12)
+    assert soft_values(q_star[:n_inner], 1.0).abs().max() < 1e-5  # tw_rl's V(s) = logsumexp Q(s, ·) = V*(s)
+    net = PrefixTable(q_star, A, H)
+    seq_t = torch.tensor([sequence_logprob(log_pt, y, A, depth_offsets(A, H))
+                          for y in itertools.product(range(A), repeat=H)], dtype=torch.float64)
+    torch.testing.assert_close(_sequence_logprobs(net, A, H, 1.0), seq_t, atol=1e-5, rtol=0)  # π = π_T
+
+    batch = _table_paths(log_pt, A, H, rng)
+    dec_tokens, dec_tmask = decoder_inputs(batch, start_id=A, pad_id=0)
+    r = lagrangian_rewards(batch, torch.zeros(len(batch)))
+    args = (batch.actions, r, batch.mask, batch.lengths, batch.terminated, 1.0, 1.0)
+    q = net(batch.src_ids, batch.src_mask, dec_tokens, dec_tmask)
+    for value in ("soft", "zero"):
+        for window in (1, 2, 0):
+            c = pcl_consistency(q, q, *args, window=window, value=value)
+            assert c[batch.mask].abs().max().item() < 1e-5, (value, window)
+        learner = PCLLearner(rl_config(value=value), net, start_id=A, pad_id=0)
+        loss, _ = learner.compute_loss(batch, torch.zeros(len(batch)))
+        (grad,) = torch.autograd.grad(loss, net.table)
+        assert loss.item() < 1e-10 and grad.abs().max().item() < 1e-5, value  # a fixed point of the learner
+
+    other = PrefixTable(q_star + 0.5 * torch.randn(q_star.shape, generator=torch.Generator().manual_seed(0)), A, H)
+    for value in ("soft", "zero"):
+        loss, _ = PCLLearner(rl_config(value=value), other, start_id=A, pad_id=0).compute_loss(
+            batch, torch.zeros(len(batch)))
+        assert loss.item() > 1e-2, value
 
 
 def test_closed_form_general_alpha_is_tempered_teacher() -> None:
+    """General α (SPEC §3): the optimum is π_T^{1/α} renormalised over whole sequences, with V*(s_0) = α log Z.
+    Built from the closed form by enumeration (no value iteration): tw_rl's soft_values is the backup V* of Q*, its
+    policy gives every sequence the tempered probability and PCL's residuals vanish on any path; and the PCL learner,
+    trained from a zero table on uniformly random (off-policy) paths only, reaches that tempered teacher."""
     A, H, alpha = 3, 3, 0.5
     off = depth_offsets(A, H)
-    log_pt = random_teacher(A, H, np.random.default_rng(2))
-    q_star, v_star = soft_value_iteration(log_pt, A, H, alpha=alpha, gamma=1.0)
-    log_pi_star = (q_star - v_star[:, None]) / alpha
+    rng = np.random.default_rng(2)
+    log_pt = random_teacher(A, H, rng)
     seqs = list(itertools.product(range(A), repeat=H))
     tempered = np.array([sequence_logprob(log_pt, y, A, off) / alpha for y in seqs])  # log π_T(y)^{1/α}
     log_z = np.logaddexp.reduce(tempered)
-    optimum = np.array([sequence_logprob(log_pi_star, y, A, off) for y in seqs])
-    np.testing.assert_allclose(optimum, tempered - log_z, atol=1e-10)  # π* ∝ π_T^{1/α} over sequences
-    assert v_star[0] == pytest.approx(alpha * log_z, abs=1e-10)
-    assert abs(v_star[0]) > 0.1  # not trivially the α = 1 case
+    target = torch.tensor(tempered - log_z)
+    v_star = _brute_force_soft_values(log_pt, A, H, alpha)
+    assert v_star[0] == pytest.approx(alpha * log_z, abs=1e-10) and abs(v_star[0]) > 0.1  # not the α = 1 case
+    q_star = torch.tensor(_q_from_values(log_pt, v_star, A, H), dtype=torch.float32)
+    n_inner = int(off[H])
+    torch.testing.assert_close(soft_values(q_star[:n_inner], alpha).double(), torch.tensor(v_star[:n_inner]),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(_sequence_logprobs(PrefixTable(q_star, A, H), A, H, alpha), target, atol=1e-5, rtol=0)
+    batch = _table_paths(log_pt, A, H, rng)
+    q = PrefixTable(q_star, A, H)(batch.src_ids, batch.src_mask, *decoder_inputs(batch, start_id=A, pad_id=0))
+    args = (batch.actions, lagrangian_rewards(batch, torch.zeros(len(batch))), batch.mask, batch.lengths,
+            batch.terminated, alpha, 1.0)
+    for window in (1, 2, 0):
+        assert pcl_consistency(q, q, *args, window=window)[batch.mask].abs().max().item() < 1e-5, window
+
+    # the learner: soft PCL on every full path, drawn uniformly (π_T never samples), from Q = 0 (the uniform policy)
+    net = PrefixTable(torch.zeros_like(q_star), A, H)
+    learner = PCLLearner(rl_config(lr=0.05, alpha=alpha, value="soft", grad_clip=100.0, target_update_rate=0.2),
+                         net, start_id=A, pad_id=0)
+    uniform = EpisodeBatch.collate([mdp_episode(y, log_pt, A, off, True) for y in seqs], pad_id=0)
+
+    def kl_to_tempered() -> float:
+        log_pi = _sequence_logprobs(net, A, H, alpha)
+        return float((target.exp() * (target - log_pi)).sum())
+
+    kl0 = kl_to_tempered()
+    for _ in range(400):
+        learner.update(uniform, torch.zeros(len(uniform)))
+    kl1 = kl_to_tempered()
+    assert kl0 > 0.3 and kl1 < 1e-3 * kl0, (kl0, kl1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from envs.token_mdp import TokenMDPEnv
-from tests.conftest import tiny_t5
+from tests.conftest import greedy_reference, tiny_t5
 from tw_rl.batch import EpisodeBatch
 from tw_rl.models.student import Student
 from tw_rl.rollout import RolloutWorker
@@ -118,19 +118,27 @@ def test_seeding_per_worker(toy):
 
 
 def test_temperature_zero_is_greedy(toy):
-    """Temperature 0: each row is the student's greedy path; a row that never picked <τ> is plain generate."""
-    student = other_student(toy)
-    res = RolloutWorker(student, toy["teacher"], toy["examples"], [0.0], max_len=MAX_LEN, eos_id=toy["eos"],
-                        temperature=0.0, batch_size=12, seed=0).sample()
+    """Temperature 0: each row is the student's greedy path (the argmax of full forwards, the teacher's argmax on
+    a call); a row that never picked <τ> is plain generate."""
+    student = copy.deepcopy(toy["student"])
+    res = RolloutWorker(student, toy["teacher"], toy["examples"], BUDGETS, max_len=MAX_LEN, eos_id=toy["eos"],
+                        temperature=0.0, batch_size=24, seed=0).sample()
+    src_of = {tuple(ex.student_src[b]): ex for ex in toy["examples"] for b in BUDGETS}
+    for e in res.episodes:
+        actions, tokens, called = greedy_reference(student, toy["teacher"].model, e.src_ids.tolist(),
+                                                   src_of[tuple(e.src_ids.tolist())].teacher_src, MAX_LEN, toy["eos"])
+        assert (e.actions.tolist(), e.tokens.tolist(), e.teacher_mask.tolist()) == (actions, tokens, called)
+        assert e.terminated == (tokens[-1] == toy["eos"]) and (e.behavior_logprobs <= 0).all()
+        assert e.teacher_mask.any() == (e.budget > 0)  # the toy calls at b > 0 only
     plain = [e for e in res.episodes if not e.teacher_mask.any()]
-    assert plain, "some greedy rows of this student should never call the teacher"
+    assert plain and len(plain) < len(res.episodes)
+    assert len({tuple(e.tokens.tolist()) for e in plain}) >= 3
     for e in plain:
         gen = student.model.generate(input_ids=torch.as_tensor(e.src_ids)[None], max_new_tokens=MAX_LEN,
                                      do_sample=False, num_beams=1)[0, 1:].tolist()
         if toy["eos"] in gen:
             gen = gen[:gen.index(toy["eos"]) + 1]
         assert e.tokens.tolist() == gen
-        assert (e.behavior_logprobs <= 0).all()
 
 
 def test_from_student_dir(toy, tmp_path):
@@ -189,6 +197,19 @@ def test_greedy_rows_decode_held_out_inputs(toy):
     assert all(tuple(e.src_ids.tolist()) in src_of(train) for e in eps[10:])
     again = worker.sample(seed=3).episodes
     assert [e.tokens.tolist() for e in again[:10]] == [e.tokens.tolist() for e in eps[:10]]
+    # greedy rows are the temperature-0 path (argmax of full forwards); sampled rows are not all their greedy path
+    teacher_src = {tuple(ex.student_src[b]): ex.teacher_src for ex in toy["examples"] for b in BUDGETS}
+    sampled_differ = 0
+    for k, e in enumerate(eps):
+        src = e.src_ids.tolist()
+        actions, tokens, called = greedy_reference(worker.student, toy["teacher"].model, src, teacher_src[tuple(src)],
+                                                   MAX_LEN, toy["eos"])
+        if k < 10:
+            assert (e.actions.tolist(), e.tokens.tolist(), e.teacher_mask.tolist()) == (actions, tokens, called)
+        else:
+            sampled_differ += e.actions.tolist() != actions
+    assert sampled_differ >= 3, sampled_differ
+    assert any(e.teacher_mask.any() for e in eps[:10])  # the greedy rows include calls
 
 
 def test_dual_usage_follows_the_chosen_episodes():

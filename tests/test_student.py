@@ -136,6 +136,8 @@ def test_gate_head_with_a_constant_gate_is_the_confidence_rule(toy):
     rule = decode(gate, ids, mask, allow_tau=False, tau_rule=confidence_fallback(theta, gate.tau_id), **kw)
     assert np.array_equal(own.teacher_mask, rule.teacher_mask) and np.array_equal(own.tokens, rule.tokens)
     assert 0 < own.teacher_mask.sum() < own.lengths.sum()  # the rule fires at some steps, not all
+    assert len({tuple(r[:n]) for r, n in zip(own.tokens.tolist(), own.lengths)}) >= 3  # on varied outputs
+    assert c[0] < theta < c[-1] and c[-1] - c[0] > 0.1  # the confidences spread around the threshold
 
 
 def test_gate_head_save_load(tmp_path):

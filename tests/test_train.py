@@ -61,12 +61,36 @@ def test_report_schema_and_files(tiny_run):
         for r in report[key]:
             assert set(r) >= {"budget", "bleu", "chrf", "usage_mean", "usage_p95", "calls_per_token"}
             assert 0.0 <= r["usage_mean"] <= r["usage_p95"] + 1e-9 <= 1.0 + 1e-9
-    assert report["tw"][0]["usage_mean"] == 0.0  # b = 0 makes no calls
+    # the calibrated student calls more at the larger budget (b = 0: test_budget_zero_masks_tau_even_where_it_would_win)
+    usage = {r["budget"]: r["usage_mean"] for r in report["tw"]}
+    assert usage[0.2] <= usage[0.5] and 0.0 < usage[0.5] < 1.0, usage
+    validation = {c["budget"]: c["usage"] for c in report["calibration"]["final"]}  # where it was calibrated
+    assert all(abs(validation[b] - b) <= 0.1 for b in (0.2, 0.5)), validation
     assert "0.2" in report["gap_closed"] and report["wall_time_s"] > 0
     assert (out / "report.md").read_text().startswith("# tw-rl report")
     assert (out / "config.yaml").is_file()
     for d in ("teacher", "student", "phase1", "final"):
         assert any((out / "models" / d).glob("*.safetensors")), d
+
+
+def test_budget_zero_masks_tau_even_where_it_would_win(tiny_run):
+    """b = 0 never calls because decoding masks <τ> there, whatever the student prefers: with an offset that makes
+    <τ> every step's argmax, b = 0.2 calls at every step while b = 0 decodes exactly as the student alone."""
+    from tw_rl.api import load
+    from tw_rl.decoding import decode
+    from tw_rl.examples import pad_batch
+
+    cfg, out, _ = tiny_run
+    model = load(out)
+    examples = model.load_examples(cfg.data.test_split, limit=8)
+    forced = model.decode(examples, 0.2, tau_bias=100.0)
+    assert all(forced.teacher_mask[k, :n].all() for k, n in enumerate(forced.lengths))
+    zero = model.decode(examples, 0.0, tau_bias=100.0)
+    assert not zero.teacher_mask.any()
+    ids, mask = pad_batch([e.student_src[0.0] for e in examples], model.pad_id)
+    alone = decode(model.student, ids, mask, max_len=model.max_len, eos_id=model.eos_id, start_id=model.start_id,
+                   pad_id=model.pad_id, allow_tau=False)
+    assert np.array_equal(zero.tokens, alone.tokens) and np.array_equal(zero.lengths, alone.lengths)
 
 
 def test_metrics_cover_every_namespace(tiny_run):

@@ -425,15 +425,16 @@ def validate(cfg: Any, prefix: str = "") -> None:
                                                    f"<= {hi}" if hi is not None else ""] if s)
                     raise ConfigError(f"{key}={v!r} is out of range; allowed: {rng}")
     if prefix == "":
-        from tw_rl.algos import ALGORITHMS  # the registry is the list of allowed learners
+        from tw_rl.algos import ALGORITHMS, requirements  # the registry is the list of allowed learners
 
         if cfg.algo not in ALGORITHMS:
             raise ConfigError(f"algo={cfg.algo!r} is unknown; allowed values: {sorted(ALGORITHMS)}")
         if not cfg.budgets:
             raise ConfigError("budgets=[] is empty; give at least one budget in [0, 1]")
-        if cfg.learner.num_workers > 0 and cfg.algo != "pcl":
-            raise ConfigError(f"learner.num_workers={cfg.learner.num_workers} (data-parallel learning) is built for "
-                              f"algo=pcl only, not algo={cfg.algo!r}; set learner.num_workers=0")
+        for key, (value, why) in requirements(cfg.algo).items():  # load_config applied them where left unset
+            current = _get(cfg, key)
+            if current != value:
+                raise ConfigError(_conflict(cfg.algo, why, key, current, value))
         for setting, on in (("phase1.refit=true", cfg.phase1.refit),
                             ("rl.call_learner=rollout", cfg.rl.call_learner == "rollout")):
             if on and cfg.student.tau_head != "gate":  # both write a fitted gate (tw_rl/refit.py)
@@ -448,6 +449,36 @@ def validate(cfg: Any, prefix: str = "") -> None:
                               f"rl.value={cfg.rl.value!r}; set rl.dual_estimator=count")
         if cfg.rl.call_learner == "rollout" and not any(b > 0 for b in cfg.budgets):
             raise ConfigError(f"rl.call_learner=rollout needs a positive budget; budgets={list(cfg.budgets)}")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _conflict(algo: str, why: str, key: str, current: Any, value: Any, where: str = "") -> str:
+    return f"algo={algo} {why}; {key}={current!r}{where} conflicts; set {key}={value} or leave it unset"
+
+
+_UNSET = object()
+
+
+def _apply_algorithm_requirements(merged: DictConfig, sources: list[tuple[str, DictConfig]]) -> None:
+    """The settings the chosen algorithm needs (``tw_rl.algos.requirements``), in place: a key that no source (the
+    YAML file, an override) sets takes the algorithm's value; one set explicitly to another value is a
+    :class:`ConfigError` naming both keys and where the value came from."""
+    from tw_rl.algos import ALGORITHMS, requirements
+
+    algo = merged.algo
+    if algo not in ALGORITHMS:
+        return  # validate names the unknown algorithm
+    for key, (value, why) in requirements(algo).items():
+        setters = [name for name, src in sources if OmegaConf.select(src, key, default=_UNSET) is not _UNSET]
+        if not setters:
+            OmegaConf.update(merged, key, value)
+        elif (current := OmegaConf.select(merged, key)) != value:
+            raise ConfigError(_conflict(algo, why, key, current, value, f" (from {setters[-1]})"))
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -465,8 +496,10 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Merge ``path`` (YAML) and ``overrides`` (``key.sub=value``) onto the defaults, then validate."""
+    """Merge ``path`` (YAML) and ``overrides`` (``key.sub=value``) onto the defaults, apply the settings the chosen
+    ``algo`` needs where neither sets them (``tw_rl.algos.REQUIRES``), then validate."""
     merged: DictConfig = OmegaConf.structured(Config)
+    sources: list[tuple[str, DictConfig]] = []
     try:
         if path is not None:
             p = Path(path)
@@ -474,15 +507,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"config file {p} does not exist")
             file_cfg = OmegaConf.load(p)
             merged = OmegaConf.merge(merged, file_cfg)
+            sources.append((str(p), file_cfg))
     except OmegaConfBaseException as e:
         raise _explain(e, str(path)) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            item_cfg = OmegaConf.from_dotlist([item])
+            merged = OmegaConf.merge(merged, item_cfg)
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from None
+        sources.append((f"override {item}", item_cfg))
+    _apply_algorithm_requirements(merged, sources)
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, Config)
     validate(cfg)
