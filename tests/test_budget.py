@@ -28,8 +28,10 @@ def test_for_episodes_maps_budgets_to_levels() -> None:
     lam = m.for_episodes(torch.tensor([0.5, 0.0, 0.2, 0.2 + 1e-7, 0.3], dtype=torch.float32))
     torch.testing.assert_close(lam, torch.tensor([0.6, 0.1, 0.3, 0.3, 0.4]))
     assert lam.dtype == torch.float32
-    with pytest.raises(ValueError, match="not levels"):
-        m.for_episodes(torch.tensor([0.25]))
+    # between two levels: the linear interpolation of their multipliers (budget_sampling=continuous)
+    torch.testing.assert_close(m.for_episodes(torch.tensor([0.25])), torch.tensor([0.35]))
+    with pytest.raises(ValueError, match="outside the grid"):
+        m.for_episodes(torch.tensor([float(max(GRID)) + 0.1]))
     with pytest.raises(ValueError):
         m.update({0.15: 0.3})
 

@@ -297,11 +297,18 @@ def test_bad_inputs_give_clear_errors(run, capsys, monkeypatch):
 
     model = run["model"]
     ok = run["test"][0].text
-    for budget, words in ((1.5, "outside [0, 1]"), (-0.1, "outside [0, 1]"), (float("nan"), "outside [0, 1]"),
-                          (0.3, "was not trained"), ("a lot", "not a number")):
+    for budget, words in ((1.5, "outside [0, 0.5]"), (-0.1, "outside [0, 0.5]"), (float("nan"), "outside [0, 0.5]"),
+                          (0.6, "outside [0, 0.5]"), ("a lot", "not a number")):
         with pytest.raises(InputError, match=re.escape(words)) as e:
             model.generate([ok], budget=budget)
         assert "[0.0, 0.2, 0.5]" in str(e.value)
+    # a budget between the trained levels is read from the prompt, with the levels' offsets interpolated
+    [g] = model.generate([ok], budget=0.3)
+    assert g.tokens and model.check_budget(0.3) == 0.3 and model.check_budget(0.2 + 1e-12) == 0.2
+    [ex], _ = model.examples([ok], [0.3])
+    assert model.student_src(ex, 0.3) == ex.student_src[0.3]
+    ex.student_src.pop(0.3)  # an example tokenized for other budgets gets its prompt from its text
+    assert model.student_src(ex, 0.3) == model.examples([ok], [0.3])[0][0].student_src[0.3]
     long_text = " ".join([ok] * 20)
     decoded = []
     monkeypatch.setattr(model, "decode", lambda *a, **k: decoded.append(1))

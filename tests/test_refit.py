@@ -105,8 +105,20 @@ def test_write_gate_needs_the_gate_head(toy):
 
 
 def test_refit_on_a_tiny_student_changes_only_the_tau_decision(toy):
+    """A random teacher and student on random inputs, where the fit's confidence coefficient comes out negative
+    (its sign is a property of the data; on the trained toy pair it is positive and the refit refuses)."""
+    from envs.token_mdp import Example
+    from tests.conftest import EOS, tiny_t5
+    from tw_rl.teacher import Teacher
+
     student = _gate_student(seed=7)
-    teacher, examples = toy["teacher"], toy["examples"] * 20
+    teacher = Teacher(tiny_t5(V, d_model=32, seed=1), vocab_size=V)
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for _ in range(6):
+        src = torch.randint(2, V, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist() + [EOS]
+        examples.append(Example(teacher_src=src, student_src={b: [2 + int(10 * b)] + src for b in (0.0, 0.2, 0.5)}))
+    examples = examples * 20
     before = {k: v.clone() for k, v in student.state_dict().items()}
     states = collect_states(student, teacher, examples, [0.2, 0.5], max_len=8, eos_id=toy["eos"])
     assert len(states) > 50 and torch.isfinite(states.target).all() and (states.target >= -1e-5).all()

@@ -156,18 +156,22 @@ class TrainedModel:
 
     # ----------------------------------------------------------------------------------------------------------
     def check_budget(self, budget: float) -> float:
-        """The grid's value for ``budget``; :class:`InputError` naming the grid otherwise."""
+        """``budget`` as a float in ``[0, largest trained level]`` (a grid level exactly when it is one, within
+        1e-9); :class:`InputError` naming the range otherwise. A budget between levels is read from the prompt like
+        any other (the student was trained with ``budget_sampling=continuous`` or must interpolate); its optional
+        ``<τ>`` trim is interpolated between the levels' offsets (:meth:`Student.tau_bias_for`)."""
         try:
             b = float(budget)
         except (TypeError, ValueError):
-            raise InputError(f"budget={budget!r} is not a number; available budgets: {self.budgets}") from None
-        if not (0.0 <= b <= 1.0):  # also NaN
-            raise InputError(f"budget={budget!r} is outside [0, 1]; available budgets: {self.budgets}")
+            raise InputError(f"budget={budget!r} is not a number; trained budgets: {self.budgets}") from None
+        top = max(self.budgets)
+        if not (0.0 <= b <= top + 1e-9):  # also NaN
+            raise InputError(f"budget={budget!r} is outside [0, {top:g}], the range the student was trained on "
+                             f"(levels {self.budgets})")
         for g in self.budgets:
             if abs(g - b) < 1e-9:
                 return g
-        raise InputError(f"budget={budget!r} was not trained; available budgets: {self.budgets} (the student "
-                         f"obeys only the budgets of its training grid)")
+        return b
 
     def examples(self, texts: Sequence[str], budgets: Sequence[float] | None = None, truncate: bool = False,
                  references: Sequence[str] | None = None) -> tuple[list[Example], list[bool]]:
@@ -230,21 +234,34 @@ class TrainedModel:
                                     self.cfg.data.on_error)
         return make_examples(pairs, self.tokenizer, self.budgets, self.cfg.budget_prompt)
 
+    def student_src(self, example: Example, budget: float) -> list[int]:
+        """The student's input ids of ``example`` at ``budget``: the stored ones, or (a budget the example was not
+        tokenized for) ``prompt(budget) + text`` tokenized as :func:`tw_rl.examples.make_examples` does."""
+        ids = example.student_src.get(budget)
+        if ids is not None:
+            return ids
+        if not example.text:
+            raise InputError(f"the example has no text to prompt at budget {budget:g} (it was tokenized for "
+                             f"{sorted(example.student_src)})")
+        return self.tokenizer(budget_prompt(self.cfg.budget_prompt, budget) + example.text,
+                              add_special_tokens=True)["input_ids"]
+
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, examples: Sequence[Example], budget: float, hard_cap: bool = False,
-               rule: TauRule | None = None, tau_bias: float | None = None) -> Decoded:
+               rule: TauRule | None = None, tau_bias: float | None = None, zero_guard: bool = True) -> Decoded:
         """Greedy decoding of one batch by the student at ``budget``. With ``rule`` the student's own ``<τ>`` is
-        masked and only the rule calls the teacher (baselines); ``budget = 0`` never calls otherwise. The hard
+        masked and only the rule calls the teacher (baselines); at ``budget = 0`` ``<τ>`` is masked too (a
+        deploy-time guard; ``zero_guard=False`` lets the raw student decide, to measure whether it obeys). The hard
         cap forbids ``<τ>`` once a row's calls reach ``ceil(b · max_len)`` (SPEC §5). ``tau_bias`` is the offset
         on the ``<τ>`` logit; None: the student's calibrated offset for ``budget`` (tw_rl/calibration.py)."""
-        ids, mask = pad_batch([e.student_src[budget] for e in examples], self.pad_id)
+        ids, mask = pad_batch([self.student_src(e, budget) for e in examples], self.pad_id)
         cap = (torch.full((len(examples),), math.ceil(budget * self.max_len), device=self.device)
                if hard_cap else None)
         bias = self.student.tau_bias_for(budget) if tau_bias is None else float(tau_bias)
         return decode(self.student, ids.to(self.device), mask.to(self.device), max_len=self.max_len,
                       eos_id=self.eos_id, teacher=self.teacher, teacher_src=[e.teacher_src for e in examples],
-                      start_id=self.start_id, pad_id=self.pad_id, allow_tau=budget > 0 and rule is None,
+                      start_id=self.start_id, pad_id=self.pad_id, allow_tau=(budget > 0 or not zero_guard) and rule is None,
                       call_cap=cap, tau_rule=rule,
                       tau_bias=torch.full((len(examples),), bias, device=self.device) if bias else None)
 

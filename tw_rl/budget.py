@@ -19,7 +19,7 @@ _TOL = 1e-6
 class BudgetMultipliers:
     """``λ_b`` for every budget level ``b`` of the grid, updated by projected dual ascent (SPEC §5)."""
 
-    def __init__(self, budgets: Iterable[float], lr: float, init: float) -> None:
+    def __init__(self, budgets: Iterable[float], lr: float, init: float, equality: bool = False) -> None:
         self.budgets = np.array(sorted(float(b) for b in budgets), dtype=np.float64)  # [K]
         if self.budgets.size == 0:
             raise ValueError("budgets is empty")
@@ -28,7 +28,8 @@ class BudgetMultipliers:
         if lr < 0 or init < 0:
             raise ValueError(f"lr={lr} and init={init} must be >= 0")
         self.lr = float(lr)
-        self.lambdas = np.full(self.budgets.shape, float(init), dtype=np.float64)  # [K], always ≥ 0
+        self.equality = bool(equality)  # usage = b: λ_b unprojected (except at b = 0, where usage ≥ 0 = b anyway)
+        self.lambdas = np.full(self.budgets.shape, float(init), dtype=np.float64)  # [K], ≥ 0 unless equality
 
     def __contains__(self, budget: float) -> bool:
         """Whether ``budget`` is a level of the grid (within 1e-6)."""
@@ -42,10 +43,12 @@ class BudgetMultipliers:
         return i
 
     def update(self, usage_by_budget: dict[float, float]) -> None:
-        """``λ_b ← max(0, λ_b + η (usage_b − b))`` for each level in ``usage_by_budget``; others unchanged."""
+        """``λ_b ← max(0, λ_b + η (usage_b − b))`` for each level in ``usage_by_budget`` (``equality``: without the
+        projection at levels b > 0, the multiplier of the constraint usage = b); others unchanged."""
         for b, usage in usage_by_budget.items():
             i = self.level_index(b)
-            self.lambdas[i] = max(0.0, self.lambdas[i] + self.lr * (float(usage) - self.budgets[i]))
+            step = self.lambdas[i] + self.lr * (float(usage) - self.budgets[i])
+            self.lambdas[i] = step if self.equality and self.budgets[i] > 0 else max(0.0, step)
 
     def for_episodes(self, budgets: torch.Tensor) -> torch.Tensor:
         """Per-episode multipliers: ``budgets [B]`` → ``λ [B]`` float32 on the same device. A budget between two

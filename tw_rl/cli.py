@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     p = sub.add_parser("eval", help=_HELP["eval"], description=_HELP["eval"])
     p.add_argument("--run", type=Path, help="the run directory (written by tw-rl train or tw-rl demo)")
-    p.add_argument("--budgets", type=float, nargs="+", help="evaluate these budgets of the trained grid "
-                   "(default: the whole grid)")
+    p.add_argument("--budgets", type=float, nargs="+", help="evaluate these budgets, any in [0, the largest "
+                   "trained level], e.g. 0.15 0.25 (default: the trained grid)")
     p.add_argument("--data", help="evaluate on other data: a directory of split files (data.kind=files), "
                    "hf:NAME[:CONFIG] (a Hugging Face dataset) or embedded (default: the run's data)")
     p.add_argument("--split", help="the split to evaluate (default: the run's data.test_split); the confidence "
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the run's config, e.g. calibration.tolerance=0.01 calibration.max_examples=200")
     p = sub.add_parser("generate", help=_HELP["generate"], description=_HELP["generate"])
     p.add_argument("--run", type=Path, help="the run directory (written by tw-rl train or tw-rl demo)")
-    p.add_argument("--budget", type=float, default=0.2, help="teacher budget, one of the run's trained budgets "
-                   "(default 0.2)")
+    p.add_argument("--budget", type=float, default=0.2, help="teacher budget, any in [0, the largest trained "
+                   "level] (default 0.2); the student reads it from its prompt")
     p.add_argument("--hard-cap", action="store_true", help="forbid <τ> once calls reach ceil(b·max_len)")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than data.max_src_tokens to their "
                    "first tokens instead of refusing them")

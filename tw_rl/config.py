@@ -134,8 +134,10 @@ class StudentConfig:
     tau_head: str = param("token", "how <τ> is scored: token (one more row of the output layer, SPEC §4 as written) "
                                    "or gate (Q(<τ>) = u(s) + logsumexp_V Q: a learned call gate over the student's "
                                    "own next-token distribution). Measured at b = 0.2: gate +5.9 BLEU on the demo "
-                                   "after phase 1 (demo.yaml sets it), −1.1 on Multi30K; docs/design.md",
-                          choices=["token", "gate"])
+                                   "after phase 1, −1.1 on Multi30K; docs/design.md) or prompt_gate (the gate plus "
+                                   "an attention read-out of the input, so the call rule can follow the budget the "
+                                   "prompt states; demo.yaml sets it)",
+                          choices=["token", "gate", "prompt_gate"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,13 +264,17 @@ class RLConfig:
                                         "variate, averaged over every held-out prompt: lower variance; needs "
                                         "rl.value=learned) or auto (cost_value with rl.value=learned, else count)",
                                 choices=["auto", "count", "cost_value"])
-    cost_batch_size: int = param(64, "rl.value=learned: greedy on-policy episodes per V_C update (one per "
-                                     "iteration, from the most recent rl.dual_usage episodes)", ge=1)
+    cost_batch_size: int = param(64, "rl.value=learned: greedy on-policy episodes per V_C update (with every "
+                                     "learner step, drawn from the iteration's rl.dual_usage episodes)", ge=1)
     target_update_rate: float = param(0.05, "Polyak rate of the target copy", gt=0.0, le=1.0)
     replay_capacity: int = param(4096, "on-policy episodes kept (demonstrations are never evicted)", ge=1)
     on_policy_fraction: float = param(0.5, "fraction of each batch drawn from on-policy episodes", ge=0.0, le=1.0)
     lambda_lr: float = param(0.5, "dual ascent step η_λ", ge=0.0)
     lambda_init: float = param(0.0, "initial multipliers", ge=0.0)
+    budget_constraint: str = param("upper", "the constraint per budget level: upper (mean usage ≤ b, SPEC §5: λ_b ≥ 0) "
+                                            "or equal (mean usage = b: λ_b may turn negative and pay the student "
+                                            "to spend a budget it would leave unused; b = 0 stays an upper bound)",
+                                   choices=["upper", "equal"])
     dual_usage: str = param("heldout", "whose usage drives the dual ascent: the greedy episodes on held-out inputs "
                                        "(data.validation_split; never trained on), the greedy episodes on training "
                                        "inputs, or all on-policy episodes (docs/design.md)",
@@ -343,7 +349,7 @@ class EvalConfig:
                                   "split) and speculative decoding (SPEC §7)")
     latency_examples: int = param(64, "inputs timed one at a time (batch size 1) for every row; 0: no latency or "
                                      "throughput", ge=0)
-    latency_repeats: int = param(3, "timed repeats of each input (latency is the median) and of the throughput batch",
+    latency_repeats: int = param(1, "timed repeats of each input (latency is the median) and of the throughput batch",
                                  ge=1)
     throughput_batch_size: int = param(32, "batch size of the throughput measurement (sequences/s)", ge=1)
     spec_lenience: list[float] = param(factory=lambda: [1.0, 0.5, 0.2, 0.1],
@@ -440,8 +446,9 @@ def validate(cfg: Any, prefix: str = "") -> None:
             if on and cfg.student.tau_head != "gate":  # both write a fitted gate (tw_rl/refit.py)
                 raise ConfigError(f"{setting} needs student.tau_head=gate (the token head cannot represent the "
                                   f"fitted decision), not student.tau_head={cfg.student.tau_head!r}")
-        if cfg.student.tau_head == "gate" and cfg.rl.alpha != 1.0:  # Student.head: Q(<τ>) = u + logsumexp_V Q
-            raise ConfigError(f"student.tau_head=gate is written for rl.alpha=1 (its <τ> probability is σ(u) only "
+        if cfg.student.tau_head in ("gate", "prompt_gate") and cfg.rl.alpha != 1.0:  # Student.head: Q(<τ>) = u + logsumexp_V Q
+            raise ConfigError(f"student.tau_head={cfg.student.tau_head} is written for rl.alpha=1 (its <τ> "
+                              f"probability is σ(u) only "
                               f"then); rl.alpha={cfg.rl.alpha} with it would change the call rule silently: use "
                               f"rl.alpha=1 or student.tau_head=token")
         if cfg.rl.dual_estimator == "cost_value" and cfg.rl.value != "learned":
@@ -537,13 +544,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def training_budgets(cfg: "Config") -> list[float]:
-    """The budgets training draws from (``budget_sampling``): the grid, or every whole percent from its smallest
-    to its largest level (grid levels included)."""
+    """The budgets training draws from, uniformly (``budget_sampling``): the grid, or every whole percent from its
+    smallest to its largest level with the grid's levels repeated so that they carry about half of the draws (the
+    constraint is enforced at the levels, and b = 0 would otherwise be one draw in 51)."""
     grid = sorted(float(b) for b in cfg.budgets)
     if cfg.budget_sampling == "grid":
         return grid
     lo, hi = int(round(100 * grid[0])), int(round(100 * grid[-1]))
-    return sorted(set(grid) | {round(k / 100, 2) for k in range(lo, hi + 1)})
+    between = sorted({round(k / 100, 2) for k in range(lo, hi + 1)} - set(grid))
+    return sorted(between + grid * max(1, round(len(between) / len(grid))))
 
 
 def budget_prompt(cfg_prompt: str, budget: float) -> str:

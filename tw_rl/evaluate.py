@@ -197,9 +197,11 @@ def teacher_alone(model: "TrainedModel", examples: Sequence[Example]) -> Outputs
 
 
 def training_wheels(model: "TrainedModel", examples: Sequence[Example], budget: float,
-                    hard_cap: bool = False, tau_bias: float | None = None) -> Outputs:
-    """``tau_bias=None``: the student's calibrated ``<τ>`` offset for ``budget``; 0.0: the raw student."""
-    return Outputs.from_decoded(model.decode(examples, budget, hard_cap=hard_cap, tau_bias=tau_bias))
+                    hard_cap: bool = False, tau_bias: float | None = None, zero_guard: bool = True) -> Outputs:
+    """``tau_bias=None``: the student's calibrated ``<τ>`` offset for ``budget``; 0.0 with ``zero_guard=False``:
+    the raw student, ``<τ>`` not masked even at b = 0 (whether it obeys by itself)."""
+    return Outputs.from_decoded(model.decode(examples, budget, hard_cap=hard_cap, tau_bias=tau_bias,
+                                             zero_guard=zero_guard))
 
 
 def random_baseline(model: "TrainedModel", budget: float, rate: float, seed: int) -> Method:
@@ -433,10 +435,11 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
                   for b in budgets]
         report: dict[str, Any] = {"n_examples": len(test), "split": split, "task": task, "student_only": student_row,
                                   "teacher_only": teacher_row, "tw": tw, "tw_hard_cap": capped}
-        if model.student.tau_bias:  # calibrated: also the raw student (offset 0), to show what calibration did
+        if model.student.tau_bias:  # calibrated: also the raw student (offset 0, no b = 0 mask), as it reads its prompt
             report["tw_uncalibrated"] = [
-                ev.row("tw_uncalibrated", lambda b=b: partial(training_wheels, model, budget=b, tau_bias=0.0), b,
-                       keep_outputs=False)[0] for b in budgets]
+                ev.row("tw_uncalibrated", lambda b=b: partial(training_wheels, model, budget=b, tau_bias=0.0,
+                                                              zero_guard=False), b,
+                       keep_outputs=False, zero_guard=False)[0] for b in budgets]
         if phase1_student is not None:
             p1 = model.with_student(phase1_student)
             report["phase1_only"] = [ev.row("phase1", lambda b=b: partial(training_wheels, p1, budget=b), b,

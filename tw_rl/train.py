@@ -98,7 +98,7 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
     teacher_dir = cfg.teacher.name_or_path or summary["teacher"]["dir"]
     student_dir = cfg.student.name_or_path or summary["student"]["dir"]
     teacher_model, tok = load_seq2seq(teacher_dir, trust_remote_code=cfg.teacher.trust_remote_code)
-    sampled = training_budgets(cfg)  # the training inputs carry a prompt for every budget training draws
+    sampled = sorted(set(training_budgets(cfg)))  # training inputs carry a prompt for every budget training draws
     prompt_len = max(len(tok(cfg.budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
                      for b in sampled)
 
@@ -287,7 +287,8 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stu
     else:
         learner = algo.make_learner(cfg, student, run.start_id, run.pad_id, teacher=run.teacher,
                                     teacher_src=teacher_sources(run.train))
-    multipliers = BudgetMultipliers(cfg.budgets, cfg.rl.lambda_lr, cfg.rl.lambda_init)
+    multipliers = BudgetMultipliers(cfg.budgets, cfg.rl.lambda_lr, cfg.rl.lambda_init,
+                                    equality=cfg.rl.budget_constraint == "equal")
     buffer = ReplayBuffer(cfg.rl.replay_capacity, cfg.rl.on_policy_fraction)
     if cfg.rl.demonstrations:  # false: on-policy only (ablation)
         buffer.add_demos(demonstrations(run, references(run), student.tau_id, rng))
@@ -301,7 +302,7 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stu
                                      eos_id=run.eos_id, greedy_examples=run.validation or None)
     critic = getattr(learner, "value", None) is not None  # rl.value=learned: V_φ and V_C (tw_rl/models/value.py)
     prompts = start_prompts(run.validation or run.train[:500], cfg.budgets) if critic else None
-    recent: list[Episode] = []  # the latest greedy on-policy episodes: V_C's training data
+    recent: list[Episode] = []  # this iteration's greedy on-policy episodes: V_C's training data
     try:
         for it in tqdm(range(start, cfg.rl.iterations), desc=f"phase 2 ({cfg.algo})", unit="iter"):
             times: dict[str, float] = {}
@@ -319,12 +320,12 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stu
                 dual_usage, cv = cost_value_usage(learner, dual, prompts)
                 dual_stats.update(cv)
             multipliers.update(dual_usage)  # dual ascent (SPEC §5)
-            recent = (recent + dual)[-4 * cfg.rl.cost_batch_size:]
+            recent = dual  # V_C trains on this iteration's greedy episodes (so that --resume replays it exactly)
             with Timer(times, "update"):  # update: PCL steps on the mixed buffer (and V_C on recent greedy episodes)
                 for u in range(cfg.rl.updates_per_iteration):
                     batch = EpisodeBatch.collate(buffer.sample(cfg.rl.batch_size, rng), run.pad_id)
                     cost_batch = None
-                    if critic and u == 0 and recent:
+                    if critic and recent:
                         pick = rng.choice(len(recent), size=min(cfg.rl.cost_batch_size, len(recent)), replace=False)
                         cost_batch = EpisodeBatch.collate([recent[i] for i in pick], run.pad_id)
                     stats = (learner.update(batch, multipliers.for_episodes(batch.budgets), cost_batch=cost_batch)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -20,11 +21,31 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, 
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 TAU_TOKEN = "<τ>"
-TAU_HEADS = ("token", "gate")
+TAU_HEADS = ("token", "gate", "prompt_gate")
+GATES = ("gate", "prompt_gate")
 TRAINABLE = ("all", "tau")
 GATE_BIAS_INIT = -3.0
 _META = "tw_student.json"
 _DELTA = "tw_delta.safetensors"
+
+
+class PromptReader(nn.Module):
+    """The part of the ``prompt_gate`` head that reads the input: one attention query over the encoder's states
+    (the budget prompt is part of the input), pooled and projected to a scalar added to the gate ``u(s)``:
+    ``r(x, b) = w · Σ_j softmax_j(q · e_j / √d) e_j``. Both start at zero (uniform pooling, no effect), so a fresh
+    head behaves as the plain gate; behaviour cloning and PCL then teach it how the budget should move the gate."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(d_model))
+        self.weight = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, enc: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """``enc [B, S, d]``, ``src_mask [B, S]`` → ``[B]``."""
+        scores = (enc.float() @ self.query) / enc.shape[-1] ** 0.5
+        scores = scores.masked_fill(~src_mask.bool(), float("-inf"))
+        pooled = (torch.softmax(scores, dim=-1).unsqueeze(-1) * enc.float()).sum(1)
+        return pooled @ self.weight
 
 
 class Student(nn.Module):
@@ -38,10 +59,11 @@ class Student(nn.Module):
             raise ValueError(f"tau_head={tau_head!r} is unknown; known: {TAU_HEADS}")
         self.tau_head = tau_head
         # the gate head's learnable bias (the token head has none): starts the student calling rarely, σ(−3) ≈ 0.05
-        self.gate_bias = nn.Parameter(torch.tensor(float(gate_bias))) if tau_head == "gate" else None
+        self.gate_bias = nn.Parameter(torch.tensor(float(gate_bias))) if tau_head in GATES else None
         self.model = model
         self.tau_id = int(tau_id)
         d_model = model.get_input_embeddings().weight.shape[1]
+        self.reader = PromptReader(d_model) if tau_head == "prompt_gate" else None
         self.delta = nn.Parameter(delta.clone() if delta is not None else torch.zeros(d_model))
         self.use_delta = use_delta
         self.tau_only = False  # set_trainable("tau"): only the <τ> decision learns
@@ -63,6 +85,8 @@ class Student(nn.Module):
             self.model.get_output_embeddings().weight.requires_grad_(True)
             if self.gate_bias is not None:
                 self.gate_bias.requires_grad_(True)
+            if self.reader is not None:
+                self.reader.requires_grad_(True)
 
     def mask_grads(self) -> None:
         """With ``set_trainable("tau")``: zero the gradient of every output-layer row but ``<τ>``'s."""
@@ -75,11 +99,12 @@ class Student(nn.Module):
         return self.tau_id + 1
 
     def tau_bias_for(self, budget: float) -> float:
-        """The calibrated ``<τ>`` logit offset at ``budget`` (0 when the level has none)."""
-        for b, k in self.tau_bias.items():
-            if abs(b - budget) < 1e-6:
-                return k
-        return 0.0
+        """The calibrated ``<τ>`` logit offset at ``budget``: the level's own, linearly interpolated between the two
+        calibrated levels around an off-grid budget, the nearest level's beyond them; 0 when none is calibrated."""
+        if not self.tau_bias:
+            return 0.0
+        levels = sorted(self.tau_bias)
+        return float(np.interp(float(budget), levels, [self.tau_bias[b] for b in levels]))
 
     @property
     def config(self):
@@ -99,7 +124,7 @@ class Student(nn.Module):
             model.get_output_embeddings().weight[tau_id].zero_()
         return cls(model, tau_id, use_delta=use_delta, tau_head=tau_head)
 
-    def head(self, logits: torch.Tensor) -> torch.Tensor:
+    def head(self, logits: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The model's output-layer logits ``[..., |V|+1]`` → the soft Q-values over ``V ∪ {<τ>}``.
 
         ``token`` head: unchanged — ``<τ>`` is one more row of the output layer (SPEC §4). ``gate`` head:
@@ -108,11 +133,15 @@ class Student(nn.Module):
         advantage. The policy then factorises as ``π(<τ>|s) = σ(u(s))``, ``π(v|s) = (1 − σ(u)) · softmax_V(Q)_v``,
         and greedy acting calls iff ``u(s) > log max_v softmax_V(Q)_v``: with ``u`` constant this is exactly the
         confidence-threshold rule, so the head can only add to what the student's own confidence knows
-        (docs/design.md, "The <τ> head")."""
+        (docs/design.md, "The <τ> head"). ``prompt_gate``: the same gate plus the :class:`PromptReader`'s reading
+        of the input, ``prompt [B]`` (broadcast over positions), so that the call rule can depend on the budget the
+        prompt states."""
         if self.tau_head == "token":
             return logits
         v = logits[..., :self.tau_id]
         tau = logits[..., self.tau_id:] + self.gate_bias + torch.logsumexp(v.float(), dim=-1, keepdim=True).to(v.dtype)
+        if prompt is not None:
+            tau = tau + prompt.reshape(prompt.shape[0], *([1] * (tau.dim() - 1))).to(tau.dtype)
         return torch.cat([v, tau], dim=-1)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -143,8 +172,11 @@ class Student(nn.Module):
         finally:
             if hook is not None:
                 hook.remove()
-        logits = self.head(out.logits)
+        logits = self.head(out.logits, self._read(out.encoder_last_hidden_state, src_mask))
         return (logits, captured[-1]) if return_hidden else logits
+
+    def _read(self, enc: torch.Tensor | None, src_mask: torch.Tensor) -> torch.Tensor | None:
+        return None if self.reader is None or enc is None else self.reader(enc, src_mask)
 
     @staticmethod
     def new_cache() -> EncoderDecoderCache:
@@ -156,7 +188,8 @@ class Student(nn.Module):
         out = self.model(encoder_outputs=encoder_outputs, attention_mask=src_mask.long(),
                          decoder_inputs_embeds=self.decoder_embeds(tokens[:, None], teacher_mask[:, None]),
                          cache=cache, use_cache=True)
-        return self.head(out.logits[:, -1])
+        enc = getattr(encoder_outputs, "last_hidden_state", None)
+        return self.head(out.logits[:, -1], self._read(enc if enc is not None else encoder_outputs[0], src_mask))
 
     # ----------------------------------------------------------------------------------------------------------
     def save(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
@@ -169,6 +202,8 @@ class Student(nn.Module):
         extra = {"delta": self.delta.detach().contiguous().cpu()}
         if self.gate_bias is not None:
             extra["gate_bias"] = self.gate_bias.detach().reshape(1).contiguous().cpu()
+        if self.reader is not None:
+            extra.update({f"reader.{k}": v.detach().contiguous().cpu() for k, v in self.reader.state_dict().items()})
         save_file(extra, str(d / _DELTA))
         self.save_meta(d)
 
@@ -189,5 +224,11 @@ class Student(nn.Module):
         extra = load_file(str(d / _DELTA))
         tau_bias = {float(b): float(k) for b, k in meta.get("tau_bias", {}).items()}
         gate_bias = float(extra["gate_bias"]) if "gate_bias" in extra else GATE_BIAS_INIT
-        return cls(model, meta["tau_id"], delta=extra["delta"], use_delta=meta["use_delta"], tau_bias=tau_bias,
-                   tau_head=meta.get("tau_head", "token"), gate_bias=gate_bias), tokenizer
+        student = cls(model, meta["tau_id"], delta=extra["delta"], use_delta=meta["use_delta"], tau_bias=tau_bias,
+                      tau_head=meta.get("tau_head", "token"), gate_bias=gate_bias)
+        if student.reader is not None:
+            missing = [k for k in student.reader.state_dict() if f"reader.{k}" not in extra]
+            if missing:
+                raise ValueError(f"{d / _DELTA} lacks the prompt reader's weights {missing} (tau_head=prompt_gate)")
+            student.reader.load_state_dict({k[len("reader."):]: v for k, v in extra.items() if k.startswith("reader.")})
+        return student, tokenizer
