@@ -304,7 +304,7 @@ def test_bad_inputs_give_clear_errors(run, capsys, monkeypatch):
         assert "[0.0, 0.2, 0.5]" in str(e.value)
     # a budget between the trained levels is read from the prompt, with the levels' offsets interpolated
     [g] = model.generate([ok], budget=0.3)
-    assert g.tokens and model.check_budget(0.3) == 0.3 and model.check_budget(0.2 + 1e-12) == 0.2
+    assert g.token_ids and model.check_budget(0.3) == 0.3 and model.check_budget(0.2 + 1e-12) == 0.2
     [ex], _ = model.examples([ok], [0.3])
     assert model.student_src(ex, 0.3) == ex.student_src[0.3]
     ex.student_src.pop(0.3)  # an example tokenized for other budgets gets its prompt from its text
@@ -327,7 +327,7 @@ def test_bad_inputs_give_clear_errors(run, capsys, monkeypatch):
     assert not model.generate([ok], budget=0.2, truncate=True)[0].truncated
 
     assert main(["generate", "--run", str(run["dir"]), "--budget", "2", ok]) == 2
-    assert "outside [0, 1]" in capsys.readouterr().err
+    assert "outside [0, 0.5]" in capsys.readouterr().err
     assert main(["generate", "--run", str(run["dir"]), ""]) == 2
     assert "input 0: the text is empty" in capsys.readouterr().err
     assert main(["eval"]) == 2 and "--run DIR is required" in capsys.readouterr().err
