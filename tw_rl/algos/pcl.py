@@ -236,8 +236,9 @@ class PCLLearner:
         self.target = copy.deepcopy(student)
         self.target.requires_grad_(False)
         self.target.eval()
-        groups = [{"params": [p for p in student.parameters()], "lr": cfg.lr}]
+        groups = [{"params": list(student.parameters()), "lr": cfg.lr}]
         self.value: Optional[ValueHead] = None
+        self.value_target: Optional[ValueHead] = None
         if cfg.value == "learned":
             d_model = (student.hidden_size if hasattr(student, "hidden_size")
                        else student.model.get_input_embeddings().weight.shape[1])
@@ -286,7 +287,7 @@ class PCLLearner:
         self.student.train()
         q, values = self._forward(self.student if net is None else net, self.value, batch)
         with torch.no_grad():
-            q_target, target_values = self._forward(self.target, getattr(self, "value_target", None), batch)
+            q_target, target_values = self._forward(self.target, self.value_target, batch)
         rewards = lagrangian_rewards(batch, lambdas)
         v = v_target = None
         if values is not None:
