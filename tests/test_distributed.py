@@ -6,6 +6,7 @@ and loaded inside the actors.
 
 import asyncio
 import copy
+import os
 import threading
 import time
 
@@ -15,6 +16,7 @@ import ray
 import torch
 
 from tests.conftest import tiny_t5
+from tests.listeners import descendants, is_loopback, listeners as tcp_listeners
 from tw_rl.config import Config, RolloutConfig, TeacherConfig
 from tw_rl.distributed import (DynamicBatcher, RemoteTeacher, RolloutGroup, TeacherActor, TeacherServer,
                                start_teacher)
@@ -269,3 +271,23 @@ def test_call_states_on_ray_equal_a_local_group_and_survive_a_dead_worker(ray_cl
         torch.testing.assert_close(states.x, want.x)
         torch.testing.assert_close(states.target, want.target, atol=1e-4, rtol=1e-4)
     assert float(want.target.abs().max()) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the local Ray: loopback only, token authentication set explicitly
+# ---------------------------------------------------------------------------------------------------------------
+def test_local_ray_listens_on_loopback_only_and_requires_a_token(ray_cluster, toy):
+    actor = TeacherActor.options(num_cpus=0.5).remote(teacher=toy["teacher"])
+    ray.get(actor.stats.remote())  # a worker process is up (its core worker listens too)
+    listeners = tcp_listeners(descendants(os.getpid()))
+    names = " ".join(n for _, n in listeners)
+    if "gcs_server" not in names or "raylet" not in names:  # ss shows no owner for sockets it may not inspect
+        pytest.skip(f"`ss -ltnp` did not attribute Ray's sockets to its processes: {listeners}")
+    assert len(listeners) >= 4, listeners
+    outside = [(a, n) for a, n in listeners if not is_loopback(a)]
+    assert not outside, f"the local Ray listens beyond loopback: {outside}"
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert os.environ["RAY_AUTH_MODE"] == "token" and get_authentication_mode() == AuthenticationMode.TOKEN
+    assert len(os.environ.get("RAY_AUTH_TOKEN", "")) >= 32 or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    ray.kill(actor, no_restart=True)

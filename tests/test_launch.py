@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from tw_rl.config import load_config
-from tw_rl.launch import LOOPBACK, free_port, head_command, submit_command
+from tests.listeners import descendants, is_loopback, listeners
+from tw_rl.launch import LOOPBACK, free_port, head_command, head_env, private_token_file, submit_command
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,6 +61,7 @@ def head():
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env = head_env(LOOPBACK, env)  # what `tw-rl head` runs ray start with
     dashboard_port = free_port()
     ports = {name: free_port() for name in ("ray-client-server-port", "node-manager-port", "object-manager-port",
                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -83,7 +85,7 @@ def head():
                 pytest.fail(f"the head did not answer within {HEAD_TIMEOUT_S} s: "
                             f"{(Path(temp_dir) / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
-        yield {"address": address, "env": env, "token": token, "cmd": cmd, "temp_dir": temp_dir}
+        yield {"address": address, "env": env, "token": token, "cmd": cmd, "temp_dir": temp_dir, "pid": proc.pid}
     finally:
         for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):  # ray start --block outlives SIGTERM
             try:
@@ -112,6 +114,30 @@ def test_head_listens_on_loopback_only(head):
     assert f"--dashboard-host={LOOPBACK}" in cmd and f"--node-ip-address={LOOPBACK}" in cmd
     public = head_command(public_dashboard=True)
     assert "--dashboard-host=0.0.0.0" in public  # only when asked for
+    # what it says: every service of the head (GCS, raylet, dashboard, agents, workers) bound to loopback
+    deadline = time.monotonic() + 30  # the job server answers before the raylet listens
+    while True:
+        found = listeners(descendants(head["pid"]) | set(_our_processes(head["temp_dir"])))
+        names = " ".join(n for _, n in found)
+        if ("gcs_server" in names and "raylet" in names) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if "gcs_server" not in names or "raylet" not in names:
+        pytest.skip(f"`ss -ltnp` did not attribute the head's sockets to its processes: {found}")
+    outside = [(a, n) for a, n in found if not is_loopback(a)]
+    assert not outside, f"the head listens beyond loopback: {outside}"
+
+
+def test_head_env_and_token_file_mode(tmp_path):
+    env = head_env(LOOPBACK, {"RAY_AUTH_TOKEN": "x" * 64})
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in head_env("10.0.0.5", {"RAY_AUTH_TOKEN": "x" * 64})
+    token = tmp_path / "auth_token"
+    token.write_text("y" * 64)
+    token.chmod(0o644)  # as ray.init writes ~/.ray/auth_token
+    assert private_token_file({"RAY_AUTH_TOKEN_PATH": str(token)}) == token
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert private_token_file({"RAY_AUTH_TOKEN": "z" * 64}) is None
 
 
 def test_client_without_the_token_is_refused(head):

@@ -71,6 +71,48 @@ def auth_env(env: Mapping[str, str] | None = None, *, create: bool = True) -> di
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
         print(f"created a Ray authentication token in {path}; clients of this cluster need it", file=sys.stderr)
+    private_token_file(out)
+    return out
+
+
+def private_token_file(env: Mapping[str, str]) -> Path | None:
+    """Make the token file ``env`` names (``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` when no
+    ``RAY_AUTH_TOKEN`` is given) readable by its owner only (mode 0600; ``ray.init`` writes it 0644). Returns the
+    file, or None when the token is not read from a file."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else default_token_path()
+    if not path.is_file():
+        return None
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        try:
+            path.chmod(0o600)
+        except PermissionError as e:
+            raise RuntimeError(f"the Ray token file {path} has mode {mode:o} (others can read it) and cannot be "
+                               f"made private: {e}; run `chmod 600 {path}`") from None
+        print(f"made the Ray token file {path} private (mode {mode:o} → 600)", file=sys.stderr)
+    return path
+
+
+def single_machine(node_ip_address: str) -> bool:
+    """A head whose services advertise a loopback address serves this machine only."""
+    import ipaddress
+
+    try:
+        return node_ip_address == "localhost" or ipaddress.ip_address(node_ip_address).is_loopback
+    except ValueError:
+        return False
+
+
+def head_env(node_ip_address: str = LOOPBACK, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of ``ray start --head``: token authentication (:func:`auth_env`), and for a loopback
+    ``node_ip_address`` multi-node mode off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``): otherwise Ray rewrites
+    127.0.0.1 to the machine's external address and its services listen on every interface (Ray 2.60; with the
+    variable every service binds 127.0.0.1, ``tests/test_launch.py`` lists them)."""
+    out = auth_env(env)
+    if single_machine(node_ip_address):
+        out["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     return out
 
 
@@ -175,8 +217,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_GCS_PORT, help="GCS port (default 6379)")
     p.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
                    help="dashboard and job server port (default 8265)")
-    p.add_argument("--node-ip-address", default=LOOPBACK, help="the address Ray's services advertise (default "
-                   "127.0.0.1: this machine only; give a private address for workers to join)")
+    p.add_argument("--node-ip-address", default=LOOPBACK, help="the address Ray's services advertise and "
+                   "listen on (default 127.0.0.1: this machine only, every Ray service bound to loopback; give a "
+                   "private address for workers to join)")
     p.add_argument("--public-dashboard", action="store_true", help="bind the dashboard and job server to 0.0.0.0: "
                    "anyone who reaches the port and has the token can run code on the cluster")
     p.add_argument("--temp-dir", help="Ray's session directory (default /tmp/ray)")
@@ -212,8 +255,7 @@ def run_head(args) -> int:
     if args.print:
         print(shlex.join(cmd))
         return 0
-    env = auth_env()
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=head_env(args.node_ip_address))
 
 
 def run_submit(args) -> int:
