@@ -7,6 +7,7 @@ and loaded inside the actors.
 import asyncio
 import copy
 import os
+import signal
 import threading
 import time
 
@@ -82,6 +83,28 @@ def test_server_matches_plain_teacher_without_ray(toy):
         assert w == w0
         np.testing.assert_allclose(lp, lp0, atol=1e-5)
     assert stats.next_tokens.requests == 6 and stats.next_tokens.batches < 6
+
+
+def test_a_failing_row_fails_only_its_own_request(toy):
+    """An out-of-vocabulary token in one request's prefix makes the batched forward raise: that request gets the
+    error, the requests batched with it their answers (served again one by one)."""
+    async def main():
+        server = TeacherServer(teacher=copy.deepcopy(toy["teacher"]), max_batch_size=64, max_wait_ms=200)
+        good = requests(toy, 4, seed=4)
+        bad = ([toy["examples"][0].teacher_src], [[3, 10_000]])  # token 10000 is outside the embedding
+        res = await asyncio.gather(*(server.next_tokens(s, p) for s, p in good[:2]), server.next_tokens(*bad),
+                                   *(server.next_tokens(s, p) for s, p in good[2:]), return_exceptions=True)
+        return good, res, await server.stats()
+
+    good, res, stats = asyncio.run(main())
+    assert isinstance(res[2], IndexError), res[2]
+    for (s, p), got in zip(good, res[:2] + res[3:]):
+        assert not isinstance(got, BaseException), got
+        w0, lp0 = toy["teacher"].next_tokens(s, p)
+        assert got[0] == w0
+        np.testing.assert_allclose(got[1], lp0, atol=1e-5)
+    assert stats.next_tokens.failed_batches == 1 and stats.next_tokens.failed_requests == 1
+    assert stats.next_tokens.requests == 4  # the served ones
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,6 +241,43 @@ def test_rollout_group_samples_restarts_and_versions(ray_cluster, toy, teacher_d
             pass
         assert time.time() < deadline, "the teacher actor still answers 30 s after close()"
         time.sleep(0.1)
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_sigkilled_teacher_and_rollout_worker_mid_sample_are_survived(ray_cluster, toy, teacher_dir):
+    """Phase 2's sampling while the teacher replica and then a rollout worker are SIGKILLed (their processes, not
+    ray.kill): Ray restarts both, the teacher's in-flight calls are re-sent, the worker's sample is re-issued, and
+    every episode comes back, counted in teacher/restarts and rollout/restarts."""
+    run_cfg = Config(seed=0, budgets=BUDGETS,
+                     rollout=RolloutConfig(num_workers=2, envs_per_worker=16, num_cpus=0.5, temperature=1.0),
+                     teacher=TeacherConfig(num_cpus=0.5, max_wait_ms=5.0))
+    run_cfg.data.max_tgt_tokens = MAX_LEN
+    group = RolloutGroup.from_config(run_cfg, toy["student"], teacher_dir, toy["examples"], toy["teacher"])
+    try:
+        teacher = group._owned_teacher.handles[0]
+        eps, st = group.sample(toy["student"].state_dict(), version=1)
+        assert st.teacher_restarts == 0 and st.teacher_calls > 0
+        for victim in (teacher, group.workers[1]):
+            pid = _pid(victim)
+            killer = threading.Timer(0.1, lambda: os.kill(pid, signal.SIGKILL))
+            killer.start()
+            eps2, st2 = group.sample(None, version=1, n_per_worker=128)  # ~3 s: the kill lands mid-call
+            killer.join()
+            assert len(eps2) == 256 and all(len(e) > 0 for e in eps2)
+            if victim is not teacher:
+                group._wait_until_alive(1)
+            assert _pid(victim) != pid  # a new process
+            if victim is teacher:
+                eps3, st3 = group.sample(None, version=1)  # a restart seen after the call counts at the next
+                assert st2.teacher_restarts + st3.teacher_restarts == 1 == st3.teacher_restarts_total
+                assert st3.as_metrics()["teacher/restarts_total"] == 1
+            else:
+                assert st2.restarts == 1 and st2.reissued == 1 and st2.as_metrics()["rollout/restarts"] == 1
+    finally:
+        group.close()
 
 
 def test_oversized_config_fails_fast(ray_cluster, toy):

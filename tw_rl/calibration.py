@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from envs.token_mdp import Example
 from tw_rl.baselines import calibrate_threshold
@@ -89,17 +90,30 @@ def mean_usage(model: "TrainedModel", examples: Sequence[Example], budget: float
 
 
 def calibrate_student(model: "TrainedModel", validation: Sequence[Example], budgets: Sequence[float] | None = None,
-                      tol: float = 0.005, max_iter: int = 16) -> list[BudgetCalibration]:
+                      tol: float = 0.005, max_iter: int = 16, desc: str = "calibration",
+                      progress: bool = True) -> list[BudgetCalibration]:
     """Fit ``κ_b`` for every budget level (default: the grid) on ``validation`` and store the offsets in
-    ``model.student.tau_bias`` (save the student afterwards to keep them). Raises ValueError without validation
-    inputs."""
+    ``model.student.tau_bias`` (save the student afterwards to keep them). Shows a progress bar (one step per
+    budget, the budget and its decodes so far beside it) unless ``progress`` is false. Raises ValueError without
+    validation inputs."""
     budgets = list(model.budgets if budgets is None else budgets)
     if any(b > 0 for b in budgets) and not validation:
         raise ValueError("budget calibration needs validation inputs (data.validation_split); "
                          "or set calibration.enabled=false")
     bs = model.cfg.eval.batch_size
-    results = [calibrate_budget(lambda k, b=b: mean_usage(model, validation, b, k, bs), b, tol, max_iter)
-               for b in budgets]
+    results = []
+    with tqdm(total=len(budgets), desc=desc, unit="budget", disable=not progress) as bar:
+        for b in budgets:
+            decodes = 0
+
+            def usage_at(k: float, b: float = b) -> float:
+                nonlocal decodes
+                decodes += 1
+                bar.set_postfix_str(f"b={b:g} decode {decodes}")
+                return mean_usage(model, validation, b, k, bs)
+
+            results.append(calibrate_budget(usage_at, b, tol, max_iter))
+            bar.update(1)
     model.student.tau_bias = {r.budget: r.bias for r in results if r.budget > 0}
     return results
 
@@ -115,7 +129,7 @@ def calibrate_run(model: "TrainedModel", students: dict[str, tuple["Student", Pa
     out: dict[str, list[dict]] = {}
     for name, (student, directory) in students.items():
         results = calibrate_student(model.with_student(student), validation, tol=ccfg.tolerance,
-                                    max_iter=ccfg.max_iter)
+                                    max_iter=ccfg.max_iter, desc=f"calibration ({name})")
         student.save_meta(directory)
         out[name] = [r.as_dict() for r in results]
     result = {"split": model.cfg.data.validation_split, "examples": len(validation), **out}

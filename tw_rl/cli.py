@@ -20,7 +20,8 @@ _HELP = {
     "pretrain": "phase 0 only: train the tokenizer, the teacher and the student from scratch, report their BLEU",
     "eval": "evaluate a trained run against the baselines (student alone, teacher alone, random calls, confidence "
             "fallback, speculative decoding) at every budget; writes report.json, report.md, quality_vs_cost.png "
-            "and outputs.jsonl to the run directory (or --out)",
+            "and outputs.jsonl to RUN/eval (or --out DIR); never over an existing report unless --overwrite, so "
+            "the training report RUN/report.json stays",
     "calibrate": "fit the trained student's <τ> offset per budget on the validation split so that its greedy usage "
                  "equals each budget (tw-rl train does this after phase 2); stores the offsets with the student "
                  "and writes calibration.json; run tw-rl eval afterwards",
@@ -40,6 +41,9 @@ def _add_config_args(p: argparse.ArgumentParser, default_config: Path | None = N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tw-rl", description="Knowledge Distillation with Training Wheels: a "
                                      "student that learns to ask a teacher for tokens within a budget.")
+    from tw_rl.version import version_line
+
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("demo", help=_HELP["demo"], description=_HELP["demo"])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="the run directory (default runs/demo)")
@@ -66,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "hf:NAME[:CONFIG] (a Hugging Face dataset) or embedded (default: the run's data)")
     p.add_argument("--split", help="the split to evaluate (default: the run's data.test_split); the confidence "
                    "threshold is always calibrated on data.validation_split")
-    p.add_argument("--out", type=Path, help="write the report here instead of the run directory")
+    p.add_argument("--out", type=Path, help="write the report here (default RUN/eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in the output directory "
+                   "(e.g. --out RUN --overwrite replaces the training report)")
     p.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override the run's config, e.g. eval.max_examples=200 eval.baselines=false")
@@ -135,6 +141,17 @@ def run_calibrate(args) -> int:
     return 0
 
 
+def eval_out(args) -> Path:
+    """Where ``tw-rl eval`` writes: ``--out``, else ``RUN/eval``. Raises FileExistsError over an existing report
+    unless ``--overwrite``."""
+    out = Path(args.out) if args.out is not None else Path(args.run) / "eval"
+    if (out / "report.json").exists() and not args.overwrite:
+        what = "the training report" if out.resolve() == Path(args.run).resolve() else "a report"
+        raise FileExistsError(f"{out / 'report.json'} exists ({what}); give --out NEW_DIR, or --overwrite to "
+                              f"replace it")
+    return out
+
+
 def run_eval(args) -> int:
     import json
 
@@ -142,6 +159,7 @@ def run_eval(args) -> int:
     from tw_rl.evaluate import evaluate, write_outputs, write_report
     from tw_rl.models.student import Student
 
+    out = eval_out(args)  # before anything loads
     model = load(args.run, device=args.device, overrides=data_overrides(args.data)
                  + ([f"data.test_split={args.split}"] if args.split else []) + list(args.overrides))
     cfg = model.cfg
@@ -159,7 +177,9 @@ def run_eval(args) -> int:
                                split=cfg.data.test_split)
     if (Path(args.run) / "calibration.json").is_file() and model.student.tau_bias:
         report["calibration"] = json.loads((Path(args.run) / "calibration.json").read_text())
-    out = args.out or args.run
+    from tw_rl.train import provenance
+
+    report.update(provenance(cfg))
     json_path, md_path = write_report(out, report)
     write_outputs(out, outputs)
     print(f"report: {md_path} (and {json_path}, {Path(out) / 'quality_vs_cost.png'}, {Path(out) / 'outputs.jsonl'})")
@@ -206,6 +226,9 @@ def overrides_last(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(overrides_last(list(sys.argv[1:] if argv is None else argv)))
+    from tw_rl.models.factory import quiet_weight_loading
+
+    quiet_weight_loading()
     from tw_rl.config import ConfigError, load_config
 
     if args.command in ("head", "submit"):
@@ -235,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return {"eval": run_eval, "generate": run_generate, "calibrate": run_calibrate}[args.command](args)
-        except (ConfigError, InputError, DataError, ModelNotAvailableError, FileNotFoundError) as e:
+        except (ConfigError, InputError, DataError, ModelNotAvailableError, FileNotFoundError, FileExistsError) as e:
             print(f"tw-rl {args.command}: {e}", file=sys.stderr)
             return 2
     overrides = list(args.overrides)

@@ -437,6 +437,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"algo={cfg.algo!r} is unknown; allowed values: {sorted(ALGORITHMS)}")
         if not cfg.budgets:
             raise ConfigError("budgets=[] is empty; give at least one budget in [0, 1]")
+        _check_budgets(cfg)
         for key, (value, why) in requirements(cfg.algo).items():  # load_config applied them where left unset
             current = _get(cfg, key)
             if current != value:
@@ -456,6 +457,30 @@ def validate(cfg: Any, prefix: str = "") -> None:
                               f"rl.value={cfg.rl.value!r}; set rl.dual_estimator=count")
         if cfg.rl.call_learner == "rollout" and not any(b > 0 for b in cfg.budgets):
             raise ConfigError(f"rl.call_learner=rollout needs a positive budget; budgets={list(cfg.budgets)}")
+
+
+def _check_budgets(cfg: "Config") -> None:
+    """``budget_prompt`` has a ``{pct}`` field and no other; every budget is listed once and states a prompt of its
+    own (the student reads its budget from the prompt only: 0.124 and 0.125 would both read "12%")."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(cfg.budget_prompt) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"budget_prompt={cfg.budget_prompt!r} is not a format string: {e}") from None
+    if "pct" not in fields or any(f != "pct" for f in fields):
+        raise ConfigError(f"budget_prompt={cfg.budget_prompt!r} must contain {{pct}} (the budget in percent) and no "
+                          f"other {{...}} field, e.g. 'teacher budget {{pct}}%: '")
+    seen: dict[str, float] = {}
+    for b in cfg.budgets:
+        if b in seen.values():
+            raise ConfigError(f"budgets={list(cfg.budgets)} lists {b:g} twice; give each budget once")
+        prompt = budget_prompt(cfg.budget_prompt, b)
+        if prompt in seen:
+            raise ConfigError(f"budgets={list(cfg.budgets)}: {seen[prompt]:g} and {b:g} give the same prompt "
+                              f"{prompt!r} (budget_prompt states whole percents), so the student could not tell them "
+                              f"apart; give budgets at least 0.01 apart")
+        seen[prompt] = b
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -531,6 +556,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     assert isinstance(cfg, Config)
     validate(cfg)
     return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (``report.json``'s ``config``)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def to_yaml(cfg: Config) -> str:

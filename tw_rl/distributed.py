@@ -16,6 +16,7 @@ import copy
 import os
 import secrets
 import time
+import uuid
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,9 @@ def init_ray(num_cpus: float | None = None, *, object_store_memory: int | None =
     os.environ[_SINGLE_MACHINE_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
+        from tw_rl.models.factory import quiet_weight_loading
+
+        kwargs.setdefault("runtime_env", {"worker_process_setup_hook": quiet_weight_loading})
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=object_store_memory, _node_ip_address=LOOPBACK, **kwargs)
     except BaseException:
@@ -159,6 +163,8 @@ class BatcherStats:
     max_batch_rows: int = 0
     seconds: float = 0.0  # model time
     queue_seconds: float = 0.0  # summed over requests: arrival → its batch starts
+    failed_batches: int = 0  # batches whose model call raised: their requests were served again one by one
+    failed_requests: int = 0  # requests that raised alone too (the caller gets the error)
 
     @property
     def mean_batch_rows(self) -> float:
@@ -189,6 +195,9 @@ class DynamicBatcher:
     ``max_batch_size`` rows (a larger single request is served alone). ``fn(src, rows) -> list`` returns one
     result per row and runs on ``executor`` (one thread shared by all batchers of a server, so the model serves
     one batch at a time while the event loop keeps queueing).
+
+    A failing row fails only its own request: when a batch of several requests raises, each request is served
+    again alone, and only those that raise alone get the error (``failed_batches`` / ``failed_requests``).
     """
 
     def __init__(self, fn: Callable[[list, list], list], executor: ThreadPoolExecutor, max_batch_size: int,
@@ -243,23 +252,47 @@ class DynamicBatcher:
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [s for r in batch for s in r.src],
                                                      [x for r in batch for x in r.rows])
-            except Exception as e:  # every request of the batch gets the error; the server keeps serving
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+            except Exception as e:
+                self.stats.failed_batches += 1
+                await self._serve_alone(batch, e)
                 continue
-            st = self.stats
-            st.batches += 1
-            st.requests += len(batch)
-            st.rows += n
-            st.max_batch_rows = max(st.max_batch_rows, n)
-            st.seconds += time.perf_counter() - t0
-            st.queue_seconds += sum(t0 - r.arrival for r in batch)
+            self._account(batch, n, t0)
             i = 0
             for r in batch:
                 if not r.future.done():
                     r.future.set_result(results[i:i + len(r.rows)])
                 i += len(r.rows)
+
+    async def _serve_alone(self, batch: list[_Request], error: Exception) -> None:
+        """A batch's model call raised: serve each of its requests alone, so that the error reaches only the
+        requests that cause it (the server keeps serving)."""
+        loop = asyncio.get_running_loop()
+        if len(batch) == 1:
+            self.stats.failed_requests += 1
+            if not batch[0].future.done():
+                batch[0].future.set_exception(error)
+            return
+        for r in batch:
+            t0 = time.perf_counter()
+            try:
+                result = await loop.run_in_executor(self.executor, self.fn, r.src, r.rows)
+            except Exception as e:
+                self.stats.failed_requests += 1
+                if not r.future.done():
+                    r.future.set_exception(e)
+                continue
+            self._account([r], len(r.rows), t0)
+            if not r.future.done():
+                r.future.set_result(result)
+
+    def _account(self, batch: list[_Request], n: int, t0: float) -> None:
+        st = self.stats
+        st.batches += 1
+        st.requests += len(batch)
+        st.rows += n
+        st.max_batch_rows = max(st.max_batch_rows, n)
+        st.seconds += time.perf_counter() - t0
+        st.queue_seconds += sum(t0 - r.arrival for r in batch)
 
 
 @dataclass
@@ -268,6 +301,7 @@ class TeacherServerStats:
     score: BatcherStats
     encoder_hits: int
     encoder_misses: int
+    instance: str = ""  # id of the server object: changes when Ray restarts a dead replica
 
     def as_metrics(self, prefix: str = "teacher/") -> dict[str, float]:
         out = {f"{prefix}encoder_hits": self.encoder_hits, f"{prefix}encoder_misses": self.encoder_misses}
@@ -300,6 +334,7 @@ class TeacherServer:
                                                           trust_remote_code=trust_remote_code)
             teacher = Teacher(model, vocab_size=vocab_size, pad_id=pad_id, start_id=start_id, device=device)
         self.teacher = teacher
+        self.instance = uuid.uuid4().hex[:12]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
         self._next = DynamicBatcher(lambda s, p: list(zip(*self.teacher.next_tokens(s, p))), self._executor,
                                     max_batch_size, max_wait_ms)
@@ -326,7 +361,7 @@ class TeacherServer:
 
     async def stats(self) -> TeacherServerStats:
         return TeacherServerStats(self._next.stats, self._score.stats, self.teacher.stats["encoder_hits"],
-                                  self.teacher.stats["encoder_misses"])
+                                  self.teacher.stats["encoder_misses"], self.instance)
 
 
 def _int_rows(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -344,6 +379,7 @@ class RemoteTeacher:
         if not handles:
             raise ValueError("RemoteTeacher needs at least one teacher actor")
         self.handles, self.replica = list(handles), replica % len(handles)
+        self._instances: list[str | None] = [None] * len(self.handles)  # the driver's view (check_restarts)
 
     @property
     def _actor(self):
@@ -368,6 +404,15 @@ class RemoteTeacher:
         """One entry per replica."""
         return ray.get([h.stats.remote() for h in self.handles])
 
+    def check_restarts(self) -> tuple[int, list[TeacherServerStats]]:
+        """Replicas restarted since the previous check (a new ``instance``: Ray restarted a dead actor and re-sent
+        the calls it had in flight, ``max_task_retries=-1``), and every replica's stats. The first check records
+        the instances."""
+        stats = self.stats()
+        restarts = sum(old is not None and old != st.instance for old, st in zip(self._instances, stats))
+        self._instances = [st.instance for st in stats]
+        return restarts, stats
+
 
 TeacherActor = ray.remote(TeacherServer)
 
@@ -387,8 +432,9 @@ def start_teacher(cfg: TeacherConfig, model_dir: str | Path | None = None, vocab
         start_id=start_id, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
         num_threads=max(1, int(cfg.num_cpus)), device=device, trust_remote_code=cfg.trust_remote_code)
         for _ in range(cfg.num_replicas)]
-    ray.get([h.stats.remote() for h in handles])  # wait until every replica has loaded its model
-    return RemoteTeacher(handles)
+    client = RemoteTeacher(handles)
+    client.check_restarts()  # waits until every replica has loaded its model; records their instances
+    return client
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -412,12 +458,17 @@ class GroupStats:
     reissued: int  # sample calls sent again because their worker died
     stale_episodes: int  # episodes with policy_version < the current version
     workers: list[RolloutStats] = field(default_factory=list)
+    teacher_restarts: int = 0  # teacher replicas found restarted during this call (Ray re-sent their calls)
+    teacher_restarts_total: int = 0  # since the group started
+    teacher_failed_requests: int = 0  # teacher requests that raised (summed over replicas, since they started)
 
     def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
         keys = ["episodes", "tokens", "teacher_calls", "seconds", "tokens_per_s", "restarts", "restarts_total",
                 "reissued", "stale_episodes"]
         out = {f"{prefix}{k}": getattr(self, k) for k in keys}
         out[f"{prefix}usage"] = self.teacher_calls / max(1, self.tokens)
+        out.update({"teacher/restarts": self.teacher_restarts, "teacher/restarts_total": self.teacher_restarts_total,
+                    "teacher/failed_requests": self.teacher_failed_requests})
         return out
 
 
@@ -443,6 +494,8 @@ class RolloutGroup:
         self.local = local or cfg.num_workers == 0
         self.cfg, self.max_reissues, self.restart_timeout_s = cfg, max_reissues, restart_timeout_s
         self.version, self.restarts_total, self._calls = 0, 0, 0
+        self.teacher_restarts_total = 0
+        self._teacher = teacher if isinstance(teacher, RemoteTeacher) and not (local or cfg.num_workers == 0) else None
         self._weights: Any = None  # the latest weights (an ObjectRef in Ray mode)
         self._owned_teacher: RemoteTeacher | None = None
         n = max(1, cfg.num_workers)
@@ -526,6 +579,7 @@ class RolloutGroup:
                 if res.stats.policy_version != self.version and self._weights is not None:
                     self.workers[i].set_weights.remote(self._weights, self.version)  # for the next call
         self.restarts_total += restarts
+        t_restarts, t_failed = self._teacher_health()
         episodes = [e for r in results for e in r.episodes]
         tokens = sum(r.stats.tokens for r in results)
         seconds = time.perf_counter() - t0
@@ -534,8 +588,18 @@ class RolloutGroup:
             teacher_calls=sum(r.stats.teacher_calls for r in results), seconds=seconds,
             tokens_per_s=tokens / max(seconds, 1e-9), restarts=restarts, restarts_total=self.restarts_total,
             reissued=reissued, stale_episodes=sum(e.policy_version < self.version for e in episodes),
-            workers=[r.stats for r in results])
+            workers=[r.stats for r in results], teacher_restarts=t_restarts,
+            teacher_restarts_total=self.teacher_restarts_total, teacher_failed_requests=t_failed)
         return episodes, stats
+
+    def _teacher_health(self) -> tuple[int, int]:
+        """Teacher replicas restarted since the last call (counted in ``teacher_restarts_total``) and the failed
+        requests of the replicas now running; (0, 0) without Ray teacher replicas."""
+        if self._teacher is None:
+            return 0, 0
+        restarts, stats = self._teacher.check_restarts()
+        self.teacher_restarts_total += restarts
+        return restarts, sum(st.next_tokens.failed_requests + st.score.failed_requests for st in stats)
 
     def _set_weights(self, weights: dict[str, torch.Tensor] | Any | None, version: int) -> None:
         """Keep ``weights`` (``None``: the current ones) as ``version``: an ObjectRef in Ray mode, put once."""

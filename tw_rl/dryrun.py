@@ -183,8 +183,7 @@ def plan(cfg: Config) -> dict[str, Any]:
         "phase0": f"train {' and '.join(trained)} from scratch" if trained else "skipped (both models given)",
         "phase1": (f"KL-oracle behaviour cloning, {cfg.phase1.num_examples or 'all'} inputs × {cfg.phase1.epochs:g} "
                    f"epochs" if cfg.phase1.enabled else "disabled"),
-        "phase2": (f"{cfg.algo} ({algo.__name__}), {cfg.rl.iterations} iterations" if cfg.rl.enabled
-                   else "disabled"),
+        "phase2": phase2_summary(cfg, algo.__name__),
         "eval": f"{task}: " + ("BLEU, chrF, ROUGE-1/2/L" if task == "summarization" else "BLEU, chrF")
                 + (" + baselines" if cfg.eval.baselines else ""),
     }
@@ -192,6 +191,24 @@ def plan(cfg: Config) -> dict[str, Any]:
             "data": data, "tokenizer": tok, "models": models, "phases": phases, "downloads": downloads,
             "ray": _resources(cfg, algo), "offline": any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"}
                                                          for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))}
+
+
+def phase2_summary(cfg: Config, module: str | None = None) -> str:
+    """What phase 2 of ``cfg`` runs, in words (``--dry-run`` and ``tw-rl demo --help`` read it from the config):
+    the RL loop and/or the call learner (``tw_rl.train.phase2``), what trains, and where rollouts run."""
+    if not cfg.rl.enabled:
+        return "disabled"
+    parts = []
+    if not (cfg.rl.call_learner == "rollout" and cfg.rl.trainable == "tau"):  # tw_rl.train.phase2: the RL loop
+        what = "the <τ> decision" if cfg.rl.trainable == "tau" else "the whole student"
+        parts.append(f"{cfg.algo}{f' ({module})' if module else ''}, {cfg.rl.iterations} iterations "
+                     f"training {what} (rl.trainable={cfg.rl.trainable})")
+    if cfg.rl.call_learner == "rollout":
+        parts.append(f"then the call learner (rl.call_learner=rollout), {cfg.rl.call_rounds} round(s) on the "
+                     f"<τ> gate" if parts else f"the call learner (rl.call_learner=rollout), {cfg.rl.call_rounds} "
+                     f"round(s) on the <τ> gate")
+    where = (f"{cfg.rollout.num_workers} Ray rollout workers, {cfg.teacher.num_replicas} teacher replica(s) on Ray" if cfg.rollout.num_workers > 0 else "rollouts in the driver (no Ray)")
+    return "; ".join(parts) + f"; {where}"
 
 
 def print_plan(p: dict[str, Any]) -> None:

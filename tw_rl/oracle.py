@@ -139,10 +139,10 @@ def bc_loss(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, tea
         kd = -(teacher_logp.exp() * logp[..., :V]).sum(-1)
         kd = (kd * unmarked).sum() / unmarked.sum().clamp(min=1)
         loss = loss + distill_weight * kd
-        stats["loss/bc_distill"] = float(kd)
+        stats["loss/bc_distill"] = float(kd.detach())
     with torch.no_grad():
         pred_tau = logits.argmax(-1) == logits.shape[-1] - 1
         stats["phase1/tau_precision"] = float((pred_tau & teacher_mask & mask).sum() / (pred_tau & mask).sum().clamp(min=1))
         stats["phase1/tau_recall"] = float((pred_tau & teacher_mask & mask).sum() / (teacher_mask & mask).sum().clamp(min=1))
-    stats["loss/bc"] = float(loss)
+    stats["loss/bc"] = float(loss.detach())
     return loss, stats

@@ -22,7 +22,7 @@ from tw_rl.algos import get_algorithm
 from tw_rl.batch import Episode, EpisodeBatch
 from tw_rl.budget import BudgetMultipliers
 from tw_rl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from tw_rl.config import Config, save_config, to_yaml, training_budgets
+from tw_rl.config import Config, save_config, to_dict, to_yaml, training_budgets
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
 from tw_rl.evaluate import evaluate, write_outputs, write_report
@@ -86,6 +86,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             report["calibration"] = calibration
         report["timing"] = {k: round(v, 1) for k, v in times.items()}
         report["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        report.update(provenance(cfg))
         write_report(run_dir, report)
         log.log(0, {f"eval/bleu_{r['budget']:g}": r["bleu"] for r in report["tw"]}, phase="eval")
     return report
@@ -467,6 +468,14 @@ def evaluate_run(run: Run, student: Student, phase1_student: Student) -> dict:
                                split=cfg.data.test_split)
     write_outputs(run.dir, outputs)
     return report
+
+
+def provenance(cfg: Config) -> dict:
+    """What produced a report: ``commit`` (git describe of the code, else the package version) and the resolved
+    ``config``."""
+    from tw_rl.version import code_version
+
+    return {"commit": code_version(), "config": to_dict(cfg)}
 
 
 def _seed_everything(seed: int) -> None:

@@ -53,6 +53,23 @@ def build_t5(arch, tokenizer: PreTrainedTokenizerBase, seed: int) -> T5ForCondit
     return model
 
 
+_QUIET_BARS = ("Loading weights", "Writing model shards")  # transformers' per-model bars: ~10 per run
+
+
+def quiet_weight_loading() -> None:
+    """Hide transformers' weight-loading and -saving progress bars in this process (the CLI and Ray's workers call
+    it); download bars of the Hugging Face hub stay (``transformers.utils.logging.disable_progress_bar`` would hide
+    them too)."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") in _QUIET_BARS:
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(hook)
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
