@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.rollout import EOS, PAD, VOCAB, build, sources  # noqa: E402
-from envs.token_mdp import Example  # noqa: E402
+from tw_rl.envs.token_mdp import Example  # noqa: E402
 from tw_rl.config import Config, StudentConfig, TeacherConfig, load_config  # noqa: E402
 from tw_rl.models.student import Student  # noqa: E402
 from tw_rl.teacher import Teacher  # noqa: E402

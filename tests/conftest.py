@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from envs.token_mdp import Example
+from tw_rl.envs.token_mdp import Example
 from tw_rl.models.student import Student
 from tw_rl.teacher import Teacher
 

@@ -133,7 +133,7 @@ def test_student_rl_module_reads_the_env_observation_as_the_student_would(toy):
     import numpy as np
     from ray.rllib.core.columns import Columns
 
-    from envs.token_mdp import TokenMDPEnv
+    from tw_rl.envs.token_mdp import TokenMDPEnv
     from tw_rl.algos.rllib_ppo import _module_class
 
     import copy

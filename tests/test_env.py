@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.token_mdp import TokenMDPBatch, TokenMDPEnv
+from tw_rl.envs.token_mdp import TokenMDPBatch, TokenMDPEnv
 from tests.conftest import TOY_BUDGETS, check_toy, greedy_reference, toy_properties
 from tw_rl.decoding import decode
 
@@ -189,7 +189,7 @@ def test_registered_env_passes_gymnasium_checker():
     import gymnasium
     from gymnasium.utils.env_checker import check_env
 
-    import envs  # noqa: F401  (registers tw_rl/TokenMDP-v0)
+    import tw_rl.envs  # noqa: F401  (registers tw_rl/TokenMDP-v0)
 
     t0 = time.perf_counter()
     env = gymnasium.make("tw_rl/TokenMDP-v0")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tw_rl.oracle import Reference, bc_loss, kl_teacher_student, mark_positions, oracle_episode
-from envs.token_mdp import Example
+from tw_rl.envs.token_mdp import Example
 
 
 def test_kl_matches_closed_form():

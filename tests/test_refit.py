@@ -107,7 +107,7 @@ def test_write_gate_needs_the_gate_head(toy):
 def test_refit_on_a_tiny_student_changes_only_the_tau_decision(toy):
     """A random teacher and student on random inputs, where the fit's confidence coefficient comes out negative
     (its sign is a property of the data; on the trained toy pair it is positive and the refit refuses)."""
-    from envs.token_mdp import Example
+    from tw_rl.envs.token_mdp import Example
     from tests.conftest import EOS, tiny_t5
     from tw_rl.teacher import Teacher
 
@@ -184,7 +184,7 @@ def _other_teacher():
 def _env_return(student, teacher, ex, budget, max_len, eos, flip_t):
     """SPEC §3's return of one greedy episode stepped through the token MDP by hand (full forward, no cache), the
     ``<τ>`` decision at step ``flip_t`` taken the other way; also whether the unflipped policy called there."""
-    from envs.token_mdp import TokenMDPBatch
+    from tw_rl.envs.token_mdp import TokenMDPBatch
 
     env = TokenMDPBatch(teacher, tau_id=V, eos_id=eos, max_len=max_len)
     env.reset([ex], [budget], lam=0.0)

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from envs.token_mdp import TokenMDPEnv
+from tw_rl.envs.token_mdp import TokenMDPEnv
 from tests.conftest import greedy_reference, tiny_t5
 from tw_rl.batch import EpisodeBatch
 from tw_rl.models.student import Student

@@ -355,7 +355,7 @@ def test_pcl_with_the_lagrangian_moves_raw_usage_toward_each_budget(toy) -> None
     on this toy flips between 0 and 1 — its gate barely varies across states — so the test reads the policy's
     own, sampled usage.)"""
     from tests.conftest import EOS, FIRST_CONTENT, PROMPT, V, tiny_t5
-    from envs.token_mdp import Example
+    from tw_rl.envs.token_mdp import Example
     from tw_rl.models.student import Student
     from tw_rl.rollout import RolloutWorker
 

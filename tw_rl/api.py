@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from envs.token_mdp import Example
+from tw_rl.envs.token_mdp import Example
 from tw_rl.config import Config, budget_prompt, load_config
 from tw_rl.data import Pair
 from tw_rl.decoding import Decoded, TauRule, decode

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from envs.token_mdp import Example
+from tw_rl.envs.token_mdp import Example
 from tw_rl.baselines import calibrate_threshold
 
 if TYPE_CHECKING:

@@ -10,12 +10,26 @@ from pathlib import Path
 # No hub at run time unless the user says otherwise: fail fast and clearly instead of retrying for a minute.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.yaml"
+
+def demo_config() -> Path:
+    """``demo.yaml`` as shipped (launch/configs in a checkout, package data in a wheel: tw_rl/resources.py)."""
+    from tw_rl.resources import config_file
+
+    return config_file("demo")
+
+
+def demo_help() -> str:
+    """``tw-rl demo``'s description, phase 2 read from demo.yaml (what the demo runs, not a hard-coded string)."""
+    from tw_rl.config import load_config
+    from tw_rl.dryrun import phase2_summary
+
+    path = demo_config()
+    return (f"the whole method on the embedded task ({path}): phase 0 (pretrain teacher and student), phase 1 "
+            f"(oracle behaviour cloning), phase 2 ({phase2_summary(load_config(path))}), then calibration and "
+            f"evaluation; writes DIR/report.json and DIR/report.md")
+
 
 _HELP = {
-    "demo": "the whole method on the embedded task: phase 0 (pretrain teacher and student), phase 1 (oracle "
-            "behaviour cloning), phase 2 (PCL with budget multipliers on local Ray), then evaluation; "
-            "writes DIR/report.json and DIR/report.md",
     "train": "run phases 0 → 1 → 2 and the evaluation for a config (each phase skippable in the config)",
     "pretrain": "phase 0 only: train the tokenizer, the teacher and the student from scratch, report their BLEU",
     "eval": "evaluate a trained run against the baselines (student alone, teacher alone, random calls, confidence "
@@ -45,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("demo", help=_HELP["demo"], description=_HELP["demo"])
+    p = sub.add_parser("demo", help="the whole method on the embedded task (demo.yaml), then calibration and "
+                       "evaluation", description=demo_help())
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="the run directory (default runs/demo)")
-    _add_config_args(p, DEMO_CONFIG if DEMO_CONFIG.is_file() else None)
+    _add_config_args(p, demo_config())
     for name in ("train", "pretrain"):
         p = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
         _add_config_args(p)

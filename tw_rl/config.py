@@ -119,6 +119,10 @@ class TeacherConfig:
     num_gpus: float = param(0.0, "GPUs per teacher replica", ge=0.0)
     max_batch_size: int = param(64, "dynamic batching: largest batch of queued requests served at once", ge=1)
     max_wait_ms: float = param(2.0, "dynamic batching: longest wait for more requests before serving", ge=0.0)
+    driver_device: str = param("cpu", "torch device of the driver's own teacher: phase 1 (oracle traces, "
+                                      "distillation), calibration and evaluation, e.g. cpu, cuda or cuda:1 (the "
+                                      "replicas of phase 2 use teacher.num_gpus). cuda on a machine without one "
+                                      "stops the run at its start; give the driver a GPU with learner.num_gpus")
 
 
 @dataclass
@@ -481,6 +485,26 @@ def _check_budgets(cfg: "Config") -> None:
                               f"{prompt!r} (budget_prompt states whole percents), so the student could not tell them "
                               f"apart; give budgets at least 0.01 apart")
         seen[prompt] = b
+
+
+def check_device(key: str, device: str) -> "torch.device":
+    """``device`` as a torch device, or a :class:`ConfigError` naming ``key`` when it is malformed or asks for a
+    CUDA device this machine lacks (checked where the run starts: a config may be written on a machine without
+    the GPU it will run on)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"{key}={device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {e}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise ConfigError(f"{key}={device!r} but this machine has {n} CUDA device(s) (torch "
+                              f"{torch.__version__}); set {key}=cpu or run where the GPU is")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{key}={device!r}: only cpu and cuda devices are supported")
+    return dev
 
 
 def _get(cfg: Any, key: str) -> Any:

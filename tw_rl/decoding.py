@@ -2,7 +2,7 @@
 
 One student decoder position per step (the acting forward, :meth:`Student.step`); rows that choose ``<τ>`` are
 answered by one batched ``teacher.next_tokens`` call and the teacher's token enters the student's cache with the
-offset δ (SPEC §2). The transitions are those of :class:`envs.token_mdp.TokenMDPBatch` (tested equal).
+offset δ (SPEC §2). The transitions are those of :class:`tw_rl.envs.token_mdp.TokenMDPBatch` (tested equal).
 
 :func:`decode_teacher` is the same loop for the teacher alone (one teacher decoder position per step,
 :class:`TeacherSteps`), so that evaluation times the student alone, the teacher alone and Training Wheels with
@@ -17,7 +17,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from envs.token_mdp import TeacherClient
+from tw_rl.envs.token_mdp import TeacherClient
 from tw_rl.models.student import Student
 
 # (step t, student logits [B, A], calls so far [B]) -> bool [B]: rows whose action is forced to <τ>
@@ -170,7 +170,7 @@ class TeacherSteps:
     ``log π_T(· | x, prefix)`` ``[B, |V|]``, normalised over the model's whole output layer and restricted to the
     first ``vocab_size`` ids, as :class:`tw_rl.teacher.Teacher` does. Used by :func:`decode_teacher` (the teacher
     alone) and by the oracle caller (tw_rl/baselines.py), whose look-ups are not teacher calls: this is not a
-    :class:`envs.token_mdp.TeacherClient` and counts nothing.
+    :class:`tw_rl.envs.token_mdp.TeacherClient` and counts nothing.
     """
 
     def __init__(self, model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor, vocab_size: int,

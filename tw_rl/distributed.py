@@ -2,7 +2,7 @@
 
 - :class:`TeacherServer` — a plain class with async methods that wraps :class:`~tw_rl.teacher.Teacher` and batches
   concurrent requests dynamically (:class:`DynamicBatcher`). ``TeacherActor = ray.remote(TeacherServer)``.
-- :class:`RemoteTeacher` — a picklable :class:`~envs.token_mdp.TeacherClient` that calls a teacher replica.
+- :class:`RemoteTeacher` — a picklable :class:`~tw_rl.envs.token_mdp.TeacherClient` that calls a teacher replica.
 - ``RolloutWorkerActor = ray.remote(RolloutWorker)`` and :class:`RolloutGroup`, which samples from all workers in
   parallel, restarts dead ones and counts stale episodes; with ``local=True`` (or no workers) it runs the same
   :class:`~tw_rl.rollout.RolloutWorker` in-process and never touches Ray.
@@ -29,7 +29,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from envs.token_mdp import Example, TeacherClient
+from tw_rl.envs.token_mdp import Example, TeacherClient
 from tw_rl.batch import Episode
 from tw_rl.config import Config, RolloutConfig, TeacherConfig, training_budgets
 from tw_rl.models.student import Student
@@ -369,7 +369,7 @@ def _int_rows(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
 
 
 class RemoteTeacher:
-    """A :class:`~envs.token_mdp.TeacherClient` backed by teacher replicas (Ray actors); picklable.
+    """A :class:`~tw_rl.envs.token_mdp.TeacherClient` backed by teacher replicas (Ray actors); picklable.
 
     Calls block (``ray.get``) — a rollout worker's decoding waits for its ``<τ>`` answers anyway. Each client talks
     to one replica; :meth:`for_worker` gives rollout worker ``i`` the replica ``i % num_replicas``.

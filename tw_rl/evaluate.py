@@ -78,7 +78,7 @@ import sacrebleu
 import torch
 from tqdm.auto import tqdm
 
-from envs.token_mdp import Example
+from tw_rl.envs.token_mdp import Example
 from tw_rl.baselines import Calibration, OracleCalls, calibrate_threshold, confidence_fallback, oracle_threshold, \
     random_calls, speculative_generate, speculative_greedy
 from tw_rl.decoding import Decoded, TeacherSteps, decode_teacher

@@ -23,7 +23,7 @@ under SPEC §3's reward, ``A(s) = R(call at s) − R(no call at s)`` with ``R`` 
 output and both continuations decoded greedily by the student itself (:func:`call_advantages`), so the gate learns
 from the reward alone which calls pay off for the policy as it is deployed.
 
-No Ray here: the teacher is any :class:`envs.token_mdp.TeacherClient` (``distributions`` for the KL, ``score``
+No Ray here: the teacher is any :class:`tw_rl.envs.token_mdp.TeacherClient` (``distributions`` for the KL, ``score``
 for the advantage).
 """
 
@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from envs.token_mdp import Example
+from tw_rl.envs.token_mdp import Example
 from tw_rl.decoding import Decoded, decode
 from tw_rl.examples import pad_batch
 from tw_rl.models.student import Student

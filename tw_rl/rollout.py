@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from envs.token_mdp import Example, TeacherClient
+from tw_rl.envs.token_mdp import Example, TeacherClient
 from tw_rl.batch import Episode
 from tw_rl.decoding import decode
 from tw_rl.examples import pad_batch

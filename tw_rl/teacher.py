@@ -1,6 +1,6 @@
 """The teacher: answers ``<τ>`` calls (greedy next token) and scores outputs (log-probs per token).
 
-:class:`Teacher` is a plain class that implements :class:`envs.token_mdp.TeacherClient` on a Hugging Face
+:class:`Teacher` is a plain class that implements :class:`tw_rl.envs.token_mdp.TeacherClient` on a Hugging Face
 seq2seq model. It caches encoder states per source and, for small requests, a decoder KV cache per decoded
 sequence, so a ``<τ>`` call feeds the decoder only the tokens produced since that sequence's previous call. Large
 requests are batched over their full prefixes. Dynamic batching of concurrent requests from many rollout workers

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from envs.token_mdp import Example
+from tw_rl.envs.token_mdp import Example
 from tw_rl.algos import get_algorithm
 from tw_rl.batch import Episode, EpisodeBatch
 from tw_rl.budget import BudgetMultipliers
 from tw_rl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from tw_rl.config import Config, save_config, to_dict, to_yaml, training_budgets
+from tw_rl.config import Config, check_device, save_config, to_dict, to_yaml, training_budgets
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
 from tw_rl.evaluate import evaluate, write_outputs, write_report
@@ -63,6 +63,7 @@ class Run:
 def train(cfg: Config, resume: bool = False) -> dict:
     """Run every enabled phase and the evaluation; returns the report (also in ``out_dir/report.json``)."""
     t0 = time.perf_counter()
+    check_device("teacher.driver_device", cfg.teacher.driver_device)  # before anything is written
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -98,6 +99,7 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
     summary = pretrain(cfg, run_dir)
     teacher_dir = cfg.teacher.name_or_path or summary["teacher"]["dir"]
     student_dir = cfg.student.name_or_path or summary["student"]["dir"]
+    device = check_device("teacher.driver_device", cfg.teacher.driver_device)
     teacher_model, tok = load_seq2seq(teacher_dir, trust_remote_code=cfg.teacher.trust_remote_code)
     sampled = sorted(set(training_budgets(cfg)))  # training inputs carry a prompt for every budget training draws
     prompt_len = max(len(tok(cfg.budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
@@ -111,7 +113,7 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
 
     return Run(cfg=cfg, dir=run_dir, tokenizer=tok,
                teacher=Teacher(teacher_model, vocab_size=len(tok), pad_id=tok.pad_token_id,
-                               start_id=teacher_model.config.decoder_start_token_id),
+                               start_id=teacher_model.config.decoder_start_token_id, device=device),
                teacher_dir=str(teacher_dir), base_student_dir=str(student_dir),
                train=split(cfg.data.train_split, cfg.phase1.num_examples, sampled),
                test=split(cfg.data.test_split, cfg.eval.max_examples),
@@ -447,7 +449,8 @@ def calibrate(run: Run, student: Student, phase1_student: Student) -> dict:
     from tw_rl.api import TrainedModel
     from tw_rl.calibration import calibrate_run
 
-    model = TrainedModel(run.cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir)
+    model = TrainedModel(run.cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir,
+                         device=run.teacher.device)  # teacher.driver_device: both models, as tw-rl eval --device
     students = {"final": (student, run.dir / "models" / ("final" if run.cfg.rl.enabled else "phase1"))}
     if phase1_student is not student:
         students["phase1"] = (phase1_student, run.dir / "models" / "phase1")
@@ -461,7 +464,8 @@ def evaluate_run(run: Run, student: Student, phase1_student: Student) -> dict:
     from tw_rl.api import TrainedModel
 
     cfg = run.cfg
-    model = TrainedModel(cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir)
+    model = TrainedModel(cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir,
+                         device=run.teacher.device)
     validation = (model.load_examples(cfg.data.validation_split, cfg.eval.max_examples) if cfg.eval.baselines
                   else [])
     report, outputs = evaluate(model, run.test, validation, phase1_student=phase1_student,

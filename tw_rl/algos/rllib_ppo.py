@@ -1,4 +1,4 @@
-"""RLlib's own PPO (new API stack) training the student on :class:`envs.token_mdp.TokenMDPEnv`.
+"""RLlib's own PPO (new API stack) training the student on :class:`tw_rl.envs.token_mdp.TokenMDPEnv`.
 
 The point is the adapter, not PPO: :class:`StudentRLModule` is a ``TorchRLModule`` (+ ``ValueFunctionAPI``) that
 wraps the :class:`~tw_rl.models.student.Student`, so any RLlib algorithm whose learner only needs action logits
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from envs.token_mdp import TokenMDPEnv
+from tw_rl.envs.token_mdp import TokenMDPEnv
 
 ENV_NAME = "tw_rl/TokenMDP-budgeted"
 
