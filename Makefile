@@ -3,17 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
+# Where torch comes from (launch/torch_index.py): auto picks PyPI's CUDA build when nvidia-smi lists a GPU, pip's
+# own index when pip is configured with one (a machine-local mirror: never a public index it may not reach), else
+# PyTorch's CPU index (on a public index Linux would get the multi-GB CUDA build). Override: TORCH_INDEX=default,
+# TORCH_INDEX=cpu or TORCH_INDEX=URL.
+TORCH_INDEX ?= auto
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: demo test install bench clean
 
-# torch==2.13.0 first: on a CPU machine that is a CPU wheel; an unpinned torch would pull a CUDA build.
-$(BIN)/.installed: pyproject.toml
+# torch==2.13.0 first, from the index TORCH_INDEX selects; the project's torch range then keeps it.
+$(BIN)/.installed: pyproject.toml launch/torch_index.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q "torch==2.13.0" $$($(PYTHON) launch/torch_index.py --index "$(TORCH_INDEX)" --pip $(BIN)/pip)
 	$(BIN)/pip install -q -e .
 	touch $@
 
