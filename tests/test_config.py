@@ -148,3 +148,30 @@ def test_validate_refuses_a_config_built_against_its_algorithm():
     with pytest.raises(ConfigError, match="algo=rllib_ppo .*rl.trainable='tau' conflicts"):
         validate(Config(algo="rllib_ppo"))
     validate(Config(algo="rllib_ppo", rl=RLConfig(trainable="all")))
+
+
+@pytest.mark.parametrize("override,words", [
+    ("budgets=[0,0.2,0.2]", ["budgets=", "0.2 twice"]),
+    ("budgets=[0,0.124,0.125]", ["0.124 and 0.125", "'teacher budget 12%: '"]),
+    ("budget_prompt=budget", ["budget_prompt='budget'", "{pct}"]),
+])
+def test_budgets_the_student_could_not_tell_apart_are_refused(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_driver_device_cuda_without_a_gpu_is_a_config_error(monkeypatch):
+    import torch
+
+    from tw_rl.config import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="teacher.driver_device='cuda' but this machine has 0 CUDA"):
+        check_device("teacher.driver_device", "cuda")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        check_device("teacher.driver_device", "gpu0")
+    assert check_device("teacher.driver_device", "cpu").type == "cpu"
+    repo = Path(__file__).resolve().parents[1]
+    assert load_config(repo / "launch" / "configs" / "wmt19_flan_t5.yaml").teacher.driver_device == "cuda"

@@ -570,3 +570,19 @@ def test_report_compares_every_baseline_to_training_wheels(run):
         assert r["vs_tw"]["bleu_delta"] == pytest.approx(r["bleu"] - tw["bleu"], abs=0.011)
         assert 0 < r["vs_tw"]["p_value"] <= 1
         assert f"(p = {r['vs_tw']['p_value']:.3g})" in md
+
+
+def test_report_records_commit_and_config_and_eval_never_overwrites_it(run, tmp_path, capsys):
+    from tw_rl.cli import main
+
+    report = json.loads((run["dir"] / "report.json").read_text())
+    assert report["commit"] and report["config"]["budgets"] == run["model"].cfg.budgets
+    assert report["config"]["out_dir"] == str(run["dir"])
+    before = (run["dir"] / "report.json").read_bytes()
+    assert main(["eval", "--run", str(run["dir"]), "--out", str(run["dir"])]) == 2  # refused before loading
+    err = capsys.readouterr().err
+    assert "the training report" in err and "--overwrite" in err
+    assert (run["dir"] / "report.json").read_bytes() == before
+    (tmp_path / "report.json").write_text("{}")
+    assert main(["eval", "--run", str(run["dir"]), "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "report.json").read_text() == "{}"

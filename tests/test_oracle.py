@@ -104,3 +104,17 @@ def test_corpus_quota_marks_the_hardest_positions_of_the_whole_corpus():
     assert [m.tolist() for m in marked[1]] == [[True, False, False, False], [True] + [False] * 5]
     assert [m.tolist() for m in marked[2]] == [[True, False, False, False],
                                                [True, True, True, False, False, True]]
+
+
+def test_bc_loss_with_gradients_warns_nothing():
+    import warnings
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    t_logp = torch.log_softmax(torch.randn(2, 3, 4), -1)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float() of a tensor that requires grad warns (oracle.py, issue 16)
+        loss, stats = bc_loss(logits, torch.zeros(2, 3, dtype=torch.long), mask, ~mask, t_logp, distill_weight=1.0)
+    loss.backward()
+    assert stats["loss/bc_distill"] > 0 and logits.grad is not None
