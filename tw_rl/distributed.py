@@ -99,9 +99,6 @@ def init_ray(num_cpus: float | None = None, *, object_store_memory: int | None =
     os.environ[_SINGLE_MACHINE_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        from tw_rl.models.factory import quiet_weight_loading
-
-        kwargs.setdefault("runtime_env", {"worker_process_setup_hook": quiet_weight_loading})
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=object_store_memory, _node_ip_address=LOOPBACK, **kwargs)
     except BaseException:
@@ -330,6 +327,10 @@ class TeacherServer:
                 raise ValueError("TeacherServer needs a Teacher, or a model_dir and vocab_size")
             from transformers import AutoModelForSeq2SeqLM
 
+            from tw_rl.models.factory import quiet_weight_loading
+
+            quiet_weight_loading()  # in the actor's process (a worker_process_setup_hook is unpickled before the
+            # job's code is importable)
             model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), use_safetensors=True,
                                                           trust_remote_code=trust_remote_code)
             teacher = Teacher(model, vocab_size=vocab_size, pad_id=pad_id, start_id=start_id, device=device)

@@ -74,6 +74,9 @@ class _CountingTeacher:
 
 
 def _load_student(path: str) -> Student:
+    from tw_rl.models.factory import quiet_weight_loading
+
+    quiet_weight_loading()  # runs in the (Ray) worker that loads it: no weight-loading bar per worker
     return Student.load(path)[0]
 
 
