@@ -215,6 +215,14 @@ def test_calibrate_threshold_bisection():
     cal = calibrate_threshold(lambda th: 0.0 if th < 0.3 else 0.5, 0.2, max_iter=8)  # no threshold gives 0.2:
     assert cal.usage == 0.0 and cal.evaluations == 8  # the closest one seen is returned after max_iter
     assert calibrate_threshold(lambda th: 1 / 0, 0.0).threshold == 0.0  # usage 0: never call, nothing decoded
+    # a method that saturates below the target (the oracle calls only where the student is wrong): found out
+    # after 0.5, 0.75, 0.875, 0.9375 fell short, by decoding x = 1 once, not by halving toward 1 up to max_iter
+    seen: list[float] = []
+    cal = calibrate_threshold(lambda x: seen.append(x) or 0.2 * x, 0.4, max_iter=20)
+    assert seen == [0.5, 0.75, 0.875, 0.9375, 1.0] and cal.threshold == 1.0 and cal.usage == pytest.approx(0.2)
+    # reachable only near the top: x = 1 overshoots, bisection goes on below it
+    cal = calibrate_threshold(lambda x: x ** 8, 0.8, tol=0.005, max_iter=20)
+    assert abs(cal.usage - 0.8) <= 0.005 and cal.threshold < 1.0 and 1.0 in [x for x, _ in cal.trace]
     with pytest.raises(ValueError, match="target usage"):
         calibrate_threshold(lambda th: th, 1.5)
 
