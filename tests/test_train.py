@@ -9,6 +9,7 @@ import torch
 
 from tw_rl.checkpoint import latest_checkpoint, load_checkpoint
 from tw_rl.config import load_config
+from tw_rl.manifest import PHASE0_ARTEFACTS, PHASE1_ARTEFACTS, Manifest
 from tw_rl.metrics import read_metrics
 
 # Tiny models and one short pass of every phase: shared by the driver tests here and the Multi30K-shaped pipeline test
@@ -47,10 +48,7 @@ def phase01_copy(out, dest):
     shutil.copytree(out / "models", dest / "models", ignore=shutil.ignore_patterns("final"))
     shutil.copytree(out / "tokenizer", dest / "tokenizer")
     shutil.copy(out / "pretrain.json", dest / "pretrain.json")
-    manifest = json.loads((out / "manifest.json").read_text())  # the records of what was copied
-    manifest["artefacts"] = {k: v for k, v in manifest["artefacts"].items() if k not in ("final_student",
-                                                                                         "calibration")}
-    (dest / "manifest.json").write_text(json.dumps(manifest))
+    Manifest(out).copy_to(dest, PHASE0_ARTEFACTS + PHASE1_ARTEFACTS)  # the records of what was copied
     return dest
 
 
@@ -360,16 +358,19 @@ def test_stale_phase1_is_recomputed_when_the_data_changes(tiny_run, tmp_path, ca
     _, out, _ = tiny_run
     dest = phase01_copy(out, tmp_path / "run")
     old = (dest / "models" / "phase1" / "model.safetensors").read_bytes()
-    old_vocab = Student.load(dest / "models" / "phase1")[0].tau_id
+    old_vocab = Student.load(dest / "models" / "phase1")[1].get_vocab()
     c = load_config(None, TINY + [f"out_dir={dest}", "data.embedded.task_seed=7"])
     with MetricsLogger(dest, tensorboard=False) as log:
         run = phase0(c, dest)
         student = phase1(run, log)
     err = capsys.readouterr().err
-    assert "recomputing tokenizer: input data/train changed" in err
+    assert "recomputing tokenizer: data.embedded.task_seed: 1234 → 7; input data/train changed" in err
+    assert "recomputing student: input data/train changed; input tokenizer changed" in err
     assert "recomputing phase1_student: input data/train changed; input student changed; input teacher changed; " \
            "input tokenizer changed" in err
-    assert student.tau_id == len(run.tokenizer) != old_vocab  # <τ> follows the new vocabulary
+    new_vocab = Student.load(dest / "models" / "phase1")[1].get_vocab()  # built for the new tokenizer
+    assert student.tau_id == len(run.tokenizer) and new_vocab != old_vocab
+    assert {k: v for k, v in new_vocab.items() if v != student.tau_id} == run.tokenizer.get_vocab()
     assert (dest / "models" / "phase1" / "model.safetensors").read_bytes() != old
     manifest = json.loads((dest / "manifest.json").read_text())["artefacts"]
     assert manifest["phase1_student"]["inputs"]["student"] == manifest["student"]["id"]

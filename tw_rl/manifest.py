@@ -186,6 +186,8 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 # the manifest
 # --------------------------------------------------------------------------------------------------------------
+PHASE0_ARTEFACTS = ("tokenizer", "teacher", "student")
+PHASE1_ARTEFACTS = ("references", "phase1_student")
 class Manifest:
     """``run_dir/manifest.json``, read once; every :meth:`record` rewrites it atomically."""
 
@@ -293,6 +295,13 @@ class Manifest:
         self._load()
         if self.artefacts.pop(name, None) is not None:
             self.save()
+
+    def copy_to(self, dest: str | Path, names: tuple[str, ...]) -> None:
+        """Write ``dest/manifest.json`` with the records of ``names`` (those recorded here): a new run directory
+        that was given copies of these artefacts (``tw-rl sweep``) reuses them instead of recomputing them."""
+        other = Manifest(dest)
+        other.artefacts.update({n: self.artefacts[n] for n in names if n in self.artefacts})
+        other.save()
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps({"format": _FORMAT, "artefacts": self.artefacts}, indent=1,
