@@ -124,7 +124,7 @@ def test_data_errors_are_found_before_phase0_by_dry_run_and_train(tmp_path, caps
     out = tmp_path / "run"
     args = ["data.kind=files", f"data.path={data}", f"out_dir={out}", "tokenizer.vocab_size=120", "num_threads=1",
             "tensorboard=false"]
-    bad = {"misaligned": "validation.", "truncated_gzip": "validation.en.gz", "too_long": "validation.en:1"}[problem]
+    bad = {"misaligned": "validation.", "truncated_gzip": "validation.en.gz", "too_long": "validation.de:1"}[problem]
     if problem != "too_long":
         assert main(["train", "--dry-run", *args]) == 2
         err = capsys.readouterr().err
