@@ -387,7 +387,8 @@ def test_train_refuses_a_finished_run_and_a_resume_with_another_config_before_wr
     assert f"out_dir='{out}' already holds a run that reached phase 2" in err and "report.json" in err
     assert main(["train", "--resume", *TINY, f"out_dir={out}", "rl.iterations=4", "seed=1"]) == 2
     err = capsys.readouterr().err
-    assert "--resume continues only the same config" in err and "rl.iterations: 3 → 4" in err and "seed: 0 → 1" in err
+    assert "--resume continues only the same config" in err
+    assert "rl.iterations: 3 → 4" in err and "seed: 0 → 1" in err
     assert _stamps(out) == before  # config.yaml, metrics.jsonl, pretrain.json, report.json: untouched
 
 
