@@ -578,3 +578,37 @@ def test_report_compares_every_baseline_to_training_wheels(run):
         assert r["vs_tw"]["bleu_delta"] == pytest.approx(r["bleu"] - tw["bleu"], abs=0.011)
         assert 0 < r["vs_tw"]["p_value"] <= 1
         assert f"(p = {r['vs_tw']['p_value']:.3g})" in md
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("models/final/tw_student.json", "delete"), ("models/final/model.safetensors", "truncate"),
+    ("models/final/tw_student.json", "garble_unrecorded"),  # a run without manifest.json: the loader names it
+])
+def test_a_missing_or_corrupt_artefact_stops_eval_generate_calibrate_and_load(run, tmp_path, capsys, name, damage):
+    """Never the phase-1 student in the final one's place, never an overwritten report: exit code 2 naming the
+    file, and the report files as they were."""
+    import shutil
+
+    import tw_rl
+    from tw_rl.cli import main
+    from tw_rl.manifest import ArtefactError
+
+    d = tmp_path / "run"
+    shutil.copytree(run["dir"], d)
+    f = d / name
+    if damage == "delete":
+        f.unlink()
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        (d / "manifest.json").unlink()
+        f.write_text('{"tau_id": ')
+    reports = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in d.iterdir() if p.is_file()}
+    for argv in (["eval", "--run", str(d)], ["generate", "--run", str(d), "ein satz"], ["calibrate", "--run", str(d)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert str(f) in err, err
+        assert ("missing" if damage == "delete" else "corrupt") in err, err
+    with pytest.raises(ArtefactError, match=re.escape(str(f))):
+        tw_rl.load(d)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in d.iterdir() if p.is_file()} == reports
