@@ -1,11 +1,14 @@
 """Learner step time: one PCL update against one plain cross-entropy step on the same batch and model.
 
-A PCL step runs the student over every state (``T+1`` positions), the Polyak target copy over the same states
-(no grad), the vectorised consistency loss, backward, AdamW and the Polyak update. The baseline is one teacher-
-forced cross-entropy step of the same student on the same tokens (forward, backward, AdamW). Median of repeats.
-The last line is JSON with ``ratio_pcl_vs_ce`` (PCL seconds ÷ CE seconds).
+A PCL step (the default ``rl.value=learned``) runs the student over every state (``T+1`` positions), the value
+head and its Polyak copy over the student's decoder state, the vectorised single- and multi-step consistency
+loss, backward, AdamW and the Polyak update of the head. The baseline is one teacher-forced cross-entropy step of
+the same student on the same tokens (forward, backward, AdamW). The two are timed alternately, round by round, and
+the ratio is the median of the per-round ratios. With one thread (the default) the clock is the process's CPU time,
+so that other load on a shared machine does not enter; with more, wall-clock time. The last line is JSON with ``ratio_pcl_vs_ce`` (PCL seconds ÷ CE
+seconds).
 
-    .venv/bin/python bench/learner.py [--threads 1] [--batch 64] [--length 32] [--repeats 7]
+    .venv/bin/python bench/learner.py [--threads 1] [--batch 64] [--length 32] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -42,14 +45,17 @@ def episodes(n: int, length: int, tau: int, seed: int = 0) -> list[Episode]:
     return out
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def paired_times(a, b, repeats: int, clock=time.perf_counter) -> tuple[float, float, float]:
+    """Time ``a`` and ``b`` alternately (``a, b, b, a, ...``), so that load from elsewhere on a shared machine falls
+    on both alike; returns their medians and the median of the per-round ratios ``a / b``."""
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for k in range(repeats):
+        for fn, ts in ((a, ta), (b, tb)) if k % 2 == 0 else ((b, tb), (a, ta)):
+            t0 = clock()
+            fn()
+            ts.append(clock() - t0)
+    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
 
 
 def run(arch: ArchConfig, args) -> dict:
@@ -68,11 +74,13 @@ def run(arch: ArchConfig, args) -> dict:
         loss.backward()
         opt.step()
 
-    pcl = median_time(lambda: learner.update(batch, lambdas), args.repeats)
-    ce = median_time(ce_step, args.repeats)
+    # one torch thread: the process's CPU time is the work done, whatever else runs on the machine (wall-clock
+    # medians on a loaded machine mix in the time the process waited for a core)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    pcl, ce, ratio = paired_times(lambda: learner.update(batch, lambdas), ce_step, args.repeats, clock)
     tokens = int(batch.mask.sum())
     return {"params": sum(p.numel() for p in student.parameters()), "pcl_ms": round(1e3 * pcl, 2),
-            "ce_ms": round(1e3 * ce, 2), "ratio_pcl_vs_ce": round(pcl / ce, 3),
+            "ce_ms": round(1e3 * ce, 2), "ratio_pcl_vs_ce": round(ratio, 3),
             "pcl_tokens_per_s": round(tokens / pcl), "ce_tokens_per_s": round(tokens / ce)}
 
 
@@ -81,7 +89,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--length", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     res = {"student": run(StudentConfig().arch, args), "arch_default": run(ArchConfig(), args)}

@@ -64,6 +64,22 @@ def test_cli_rejects_bad_config_before_running(capsys):
     assert "rl.alpha" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text,override,words", [
+    ("- rl\n- pcl\n", None, ["must be a mapping of keys", "not a list"]),
+    ("rl: {iterations: 3\n", None, ["is not valid YAML", "line 2"]),
+    (None, "budgets=[0,0.2", ["override 'budgets=[0,0.2'", "is not valid YAML"]),
+])
+def test_cli_names_a_bad_config_file_or_override(tmp_path, capsys, text, override, words):
+    argv = ["train", "--dry-run"]
+    if text is not None:
+        (tmp_path / "c.yaml").write_text(text)
+        argv += ["--config", str(tmp_path / "c.yaml")]
+        words = [str(tmp_path / "c.yaml"), *words]
+    assert main(argv + ([override] if override else [])) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "Traceback" not in err, err
+
+
 def test_cli_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])

@@ -92,3 +92,57 @@ def test_dry_run_checks_local_model_directories(tmp_path):
 def test_unknown_algorithm_is_a_config_error():
     with pytest.raises(ConfigError, match="allowed values"):
         load_config(None, ["algo=nope"])
+
+
+def _files_data(root, validation_targets=None):
+    """A tiny data.kind=files directory: train/validation/test as line-aligned .de/.en pairs."""
+    root.mkdir()
+    src = [f"das haus {i}" for i in range(40)]
+    tgt = [f"the house {i}" for i in range(40)]
+    for split in ("train", "validation", "test"):
+        (root / f"{split}.de").write_text("\n".join(src) + "\n")
+        (root / f"{split}.en").write_text("\n".join(validation_targets if split == "validation" and
+                                                    validation_targets is not None else tgt) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("problem", ["misaligned", "truncated_gzip", "too_long"])
+def test_data_errors_are_found_before_phase0_by_dry_run_and_train(tmp_path, capsys, problem):
+    """A bad validation split: misaligned pair files, a truncated gzip (both found by --dry-run, which reads every
+    split) or an over-long target (found by tw-rl train with the phase-0 tokenizer, before any model is trained
+    and before config.yaml is written)."""
+    import gzip
+
+    from tw_rl.cli import main
+
+    data = _files_data(tmp_path / "data", ["the house"] * 39 if problem == "misaligned" else
+                       ["the house " + "very " * 200] * 40 if problem == "too_long" else None)
+    if problem == "truncated_gzip":
+        blob = gzip.compress(("the house\n" * 40).encode())
+        (data / "validation.en").unlink()
+        (data / "validation.en.gz").write_bytes(blob[: len(blob) // 2])
+    out = tmp_path / "run"
+    args = ["data.kind=files", f"data.path={data}", f"out_dir={out}", "tokenizer.vocab_size=120", "num_threads=1",
+            "tensorboard=false"]
+    bad = {"misaligned": "validation.", "truncated_gzip": "validation.en.gz", "too_long": "validation.de:1"}[problem]
+    if problem != "too_long":
+        assert main(["train", "--dry-run", *args]) == 2
+        err = capsys.readouterr().err
+        assert "data error" in err and bad in err, err
+    else:
+        assert main(["train", "--dry-run", *args]) == 0
+        assert "data read and checked" in capsys.readouterr().out
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "tw-rl train: data error" in err and bad in err, err
+    assert not (out / "config.yaml").exists() and not (out / "models").exists()
+
+
+@pytest.mark.parametrize("algo", ["pcl", "gkd", "ppo", "rllib_ppo", "reinforce"])
+def test_every_algorithm_alone_passes_the_dry_run(algo, capsys):
+    """``algo=rllib_ppo`` alone used to stop after phases 0–1 (rl.trainable=tau); its requirements now apply at
+    load time, so the plan — and the run — have no conflict."""
+    from tw_rl.cli import main
+
+    assert main(["train", "--dry-run", "--config", str(CONFIGS / "smoke.yaml"), f"algo={algo}"]) == 0
+    assert f"algorithm: {algo} → tw_rl.algos.{algo}" in capsys.readouterr().out

@@ -215,6 +215,14 @@ def test_calibrate_threshold_bisection():
     cal = calibrate_threshold(lambda th: 0.0 if th < 0.3 else 0.5, 0.2, max_iter=8)  # no threshold gives 0.2:
     assert cal.usage == 0.0 and cal.evaluations == 8  # the closest one seen is returned after max_iter
     assert calibrate_threshold(lambda th: 1 / 0, 0.0).threshold == 0.0  # usage 0: never call, nothing decoded
+    # a method that saturates below the target (the oracle calls only where the student is wrong): found out
+    # after 0.5, 0.75, 0.875, 0.9375 fell short, by decoding x = 1 once, not by halving toward 1 up to max_iter
+    seen: list[float] = []
+    cal = calibrate_threshold(lambda x: seen.append(x) or 0.2 * x, 0.4, max_iter=20)
+    assert seen == [0.5, 0.75, 0.875, 0.9375, 1.0] and cal.threshold == 1.0 and cal.usage == pytest.approx(0.2)
+    # reachable only near the top: x = 1 overshoots, bisection goes on below it
+    cal = calibrate_threshold(lambda x: x ** 8, 0.8, tol=0.005, max_iter=20)
+    assert abs(cal.usage - 0.8) <= 0.005 and cal.threshold < 1.0 and 1.0 in [x for x, _ in cal.trace]
     with pytest.raises(ValueError, match="target usage"):
         calibrate_threshold(lambda th: th, 1.5)
 
@@ -586,3 +594,37 @@ def test_report_records_commit_and_config_and_eval_never_overwrites_it(run, tmp_
     (tmp_path / "report.json").write_text("{}")
     assert main(["eval", "--run", str(run["dir"]), "--out", str(tmp_path)]) == 2
     assert (tmp_path / "report.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("models/final/tw_student.json", "delete"), ("models/final/model.safetensors", "truncate"),
+    ("models/final/tw_student.json", "garble_unrecorded"),  # a run without manifest.json: the loader names it
+])
+def test_a_missing_or_corrupt_artefact_stops_eval_generate_calibrate_and_load(run, tmp_path, capsys, name, damage):
+    """Never the phase-1 student in the final one's place, never an overwritten report: exit code 2 naming the
+    file, and the report files as they were."""
+    import shutil
+
+    import tw_rl
+    from tw_rl.cli import main
+    from tw_rl.manifest import ArtefactError
+
+    d = tmp_path / "run"
+    shutil.copytree(run["dir"], d)
+    f = d / name
+    if damage == "delete":
+        f.unlink()
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        (d / "manifest.json").unlink()
+        f.write_text('{"tau_id": ')
+    reports = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in d.iterdir() if p.is_file()}
+    for argv in (["eval", "--run", str(d)], ["generate", "--run", str(d), "ein satz"], ["calibrate", "--run", str(d)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert str(f) in err, err
+        assert ("missing" if damage == "delete" else "corrupt") in err, err
+    with pytest.raises(ArtefactError, match=re.escape(str(f))):
+        tw_rl.load(d)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in d.iterdir() if p.is_file()} == reports

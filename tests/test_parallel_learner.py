@@ -124,10 +124,17 @@ def test_phase2_through_train_and_resume_with_two_learner_workers(ray_cluster, t
     assert any((tmp_path / "models" / "final").glob("*.safetensors"))
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None and int(load_checkpoint(ckpt)[0]["learner"]["learner.step"]) == 4
-    # --resume goes through DataParallelLearner.load_state_dict: one more iteration continues at learner step 4
-    train(load_config(None, TINY + TINY_DP + [f"out_dir={tmp_path}", "rl.iterations=3"]), resume=True)
+    # --resume goes through DataParallelLearner.load_state_dict: a run stopped after its first checkpoint (the
+    # second one, the final student and the report removed) continues at learner step 2 and ends at step 4
+    import shutil
+
+    shutil.rmtree(ckpt)
+    shutil.rmtree(tmp_path / "models" / "final")
+    (tmp_path / "report.json").unlink()
+    train(cfg, resume=True)
     rows = read_metrics(tmp_path, phase="phase2")
-    assert rows[-1]["learner/step"] == 6.0
+    assert rows[-1]["step"] == 1 and rows[-1]["learner/step"] == 4.0
+    assert int(load_checkpoint(latest_checkpoint(tmp_path))[0]["learner"]["learner.step"]) == 4
     assert int(load_checkpoint(latest_checkpoint(tmp_path))[0]["learner"]["learner.step"]) == 6
 
 

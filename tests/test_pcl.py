@@ -508,21 +508,28 @@ def test_learner_learns_the_teacher_distribution() -> None:
     assert stats["rollout/usage"] == 0.0  # <τ> is masked out in the stand-in
 
 
-def test_polyak_target_update() -> None:
+@pytest.mark.parametrize("value", ["soft", "learned"])
+def test_polyak_target_update(value: str) -> None:
+    """The Polyak copy that bootstraps moves by ``ρ`` toward its online net each update: the student's copy for
+    value=soft (its log-sum-exp is V_target), the value head's for value=learned (which needs no student copy)."""
     off = depth_offsets(VOCAB, HORIZON)
     log_pt = random_teacher(VOCAB, HORIZON, np.random.default_rng(5))
     rate = 0.3
-    learner = PCLLearner(rl_config(target_update_rate=rate), GRUStudent(VOCAB), START, PAD)
+    learner = PCLLearner(rl_config(target_update_rate=rate, value=value), GRUStudent(VOCAB), START, PAD)
+    target, online = ((learner.target, learner.student) if value == "soft"
+                      else (learner.value_target, learner.value))
+    if value == "learned":
+        assert learner.target is None
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
-        before = [p.detach().clone() for p in learner.target.parameters()]
+        before = [p.detach().clone() for p in target.parameters()]
         batch = EpisodeBatch.collate(sample_episodes(learner.student, log_pt, 8, gen, off), pad_id=PAD)
         learner.update(batch, torch.zeros(len(batch)))
-        for tb, tp, p in zip(before, learner.target.parameters(), learner.student.parameters()):
+        for tb, tp, p in zip(before, target.parameters(), online.parameters()):
             torch.testing.assert_close(tp, (1 - rate) * tb + rate * p.detach())
             assert not tp.requires_grad
-    moved = [not torch.equal(tp, p) for tp, p in zip(learner.target.parameters(), learner.student.parameters())]
-    assert any(moved)  # the target lags the student
+    moved = [not torch.equal(tp, p) for tp, p in zip(target.parameters(), online.parameters())]
+    assert any(moved)  # the target lags
 
 
 def test_state_dict_round_trip_gives_identical_next_update(tmp_path) -> None:
@@ -628,3 +635,37 @@ def test_entropy_stat_is_the_policy_entropy_whatever_the_value(value) -> None:
             torch.full((2,), T), torch.ones(2, dtype=torch.bool), 1.0, 1.0)
     _, stats = pcl_loss(q, q, *args, window=1, multi_step_weight=0.0, value=value)
     assert stats["rollout/entropy"] == pytest.approx(math.log(A), rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_fused_soft_q_matches_autograd(alpha: float) -> None:
+    """soft_q (one pass over the vocabulary, its own backward) = log-sum-exp, gather and softmax entropy through
+    autograd: values, α log π, entropy and the gradient of a random combination of the two outputs."""
+    from tw_rl.algos.pcl import soft_q
+
+    g = torch.Generator().manual_seed(3)
+    q = (3 * torch.randn(4, 6, 9, generator=g)).requires_grad_(True)
+    actions = torch.randint(0, 9, (4, 5), generator=g)
+    mask = torch.rand(4, 5, generator=g) > 0.3
+    actions = torch.where(mask, actions, torch.full_like(actions, 99))  # a pad id out of range is never read
+    soft, alpha_log_pi, entropy = soft_q(q, actions, mask, alpha)
+
+    q_ref = q.detach().clone().requires_grad_(True)
+    soft_ref = alpha * torch.logsumexp(q_ref / alpha, -1)
+    q_a = q_ref[:, :5].gather(-1, torch.where(mask, actions, 0).unsqueeze(-1)).squeeze(-1)
+    pi = torch.softmax(q_ref.detach() / alpha, -1)
+    torch.testing.assert_close(soft, soft_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alpha_log_pi, q_a - soft_ref[:, :5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, -(pi * pi.log()).sum(-1), atol=1e-5, rtol=0)
+    assert not entropy.requires_grad
+    w1, w2 = torch.randn(4, 6, generator=g), torch.randn(4, 5, generator=g)
+    (grad,) = torch.autograd.grad((w1 * soft).sum() + (w2 * alpha_log_pi).sum(), q)
+    (ref,) = torch.autograd.grad((w1 * soft_ref).sum() + (w2 * (q_a - soft_ref[:, :5])).sum(), q_ref)
+    torch.testing.assert_close(grad, ref, atol=1e-5, rtol=0)
+    assert grad.abs().max() > 0.1
+
+    masked = q.detach().clone()
+    masked[..., -1] = float("-inf")  # a masked <τ>: π = 0 there, no NaN in the entropy
+    _, _, h = soft_q(masked, actions.clamp(max=7), mask, alpha)
+    p = torch.softmax(masked[..., :-1] / alpha, -1)
+    torch.testing.assert_close(h, -(p * p.log()).sum(-1), atol=1e-5, rtol=0)

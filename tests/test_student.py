@@ -6,6 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import tiny_t5
+from tw_rl.manifest import ArtefactError
 from tw_rl.models.student import TAU_TOKEN, Student
 
 
@@ -73,7 +74,7 @@ def test_save_load_identical_logits(tmp_path):
 
 def test_load_rejects_a_plain_model_dir(tmp_path):
     tiny_t5(10).save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a saved tw-rl student"):
+    with pytest.raises(ArtefactError, match="not a saved tw-rl student"):
         Student.load(tmp_path)
 
 

@@ -309,27 +309,47 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-def student_dir(run_dir: Path) -> Path:
-    """``models/final`` (after phase 2), else ``models/phase1``."""
-    for name in ("final", "phase1"):
-        if (run_dir / "models" / name / "tw_student.json").is_file():
-            return run_dir / "models" / name
-    raise FileNotFoundError(f"{run_dir} has no trained student (models/final or models/phase1 with "
-                            f"tw_student.json): train it first (tw-rl train / tw-rl demo)")
+def student_dir(run_dir: Path, cfg: Config | None = None) -> Path:
+    """The run's trained student: ``models/final`` when its config ran phase 2 (``rl.enabled``), else
+    ``models/phase1`` — never the other one in its place. Checked against the run's manifest (every recorded file
+    present with its size and hash); raises :class:`~tw_rl.manifest.ArtefactError` naming the missing or corrupt
+    file."""
+    from tw_rl.manifest import ArtefactError, Manifest
+
+    run_dir = Path(run_dir)
+    if cfg is None:
+        cfg = load_config(run_dir / "config.yaml")
+    name = "final" if cfg.rl.enabled else "phase1"
+    d = run_dir / "models" / name
+    manifest = Manifest(run_dir)
+    if manifest.entry(f"{name}_student") is not None:
+        manifest.verify(f"{name}_student")
+    elif not (d / "tw_student.json").is_file():  # a run written before the manifest, or one not finished
+        raise ArtefactError(f"{d / 'tw_student.json'} is missing: {run_dir} has no trained student in models/{name}"
+                            f" (its config has rl.enabled={cfg.rl.enabled}); train it first (tw-rl train / "
+                            f"tw-rl demo), or --resume an interrupted run")
+    return d
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()) -> TrainedModel:
     """Load a run written by ``tw-rl train``/``tw-rl demo``: its config (``config.yaml``, with ``overrides`` such
-    as ``eval.batch_size=64``), trained student, teacher and tokenizer. Models are put on ``device``."""
+    as ``eval.batch_size=64``), trained student, teacher and tokenizer. Models are put on ``device``. Every file
+    the run's manifest records for them is checked first: a missing, truncated or corrupt one is an
+    :class:`~tw_rl.manifest.ArtefactError` naming it."""
+    from tw_rl.manifest import Manifest
     from tw_rl.models.factory import load_seq2seq
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a tw-rl run directory (no config.yaml)")
     cfg = load_config(run / "config.yaml", list(overrides))
+    manifest = Manifest(run)
+    for role in ("teacher", "student"):
+        if getattr(cfg, role).name_or_path is None and manifest.entry(role) is not None:
+            manifest.verify(role)
     teacher_dir = cfg.teacher.name_or_path or run / "models" / "teacher"
     base_dir = cfg.student.name_or_path or run / "models" / "student"
-    student, _ = Student.load(student_dir(run), trust_remote_code=cfg.student.trust_remote_code)
+    student, _ = Student.load(student_dir(run, cfg), trust_remote_code=cfg.student.trust_remote_code)
     model, tok = load_seq2seq(str(teacher_dir), trust_remote_code=cfg.teacher.trust_remote_code)
     teacher = Teacher(model, vocab_size=len(tok), pad_id=tok.pad_token_id,
                       start_id=model.config.decoder_start_token_id, device=device)

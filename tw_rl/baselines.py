@@ -109,6 +109,9 @@ class Calibration:
         return len(self.trace)
 
 
+_SATURATION_CHECK = 0.9  # calibrate_threshold decodes x = 1 once bisection, always short, passes this
+
+
 def calibrate_threshold(usage_at: Callable[[float], float], target: float, tol: float = 0.01,
                         max_iter: int = 20) -> Calibration:
     """Bisection on ``[0, 1]`` for the confidence threshold (or random-call rate) whose usage is ``target ± tol``.
@@ -118,19 +121,29 @@ def calibrate_threshold(usage_at: Callable[[float], float], target: float, tol: 
     sequence, averaged). Usage is non-decreasing in ``x`` up to the feedback of calls on later steps, so bisection
     converges in practice; if ``tol`` is not reached in ``max_iter`` evaluations the closest value seen is returned
     (check :attr:`Calibration.usage`). ``target = 0`` gives 0 (never call) without decoding.
+
+    A method that cannot reach the target (the oracle caller calls only where the student is wrong) is found
+    out early: once every step so far fell short and bisection nears ``x = 1``, ``x = 1`` itself is decoded, and
+    if even it falls short the search stops there (the closest reachable usage) instead of halving toward it.
     """
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"calibrate_threshold: target usage {target} must lie in [0, 1]")
     if target == 0.0:
         return Calibration(0.0, 0.0, [])
-    lo, hi, trace = 0.0, 1.0, []
-    for _ in range(max_iter):
+    lo, hi, trace, top_checked = 0.0, 1.0, [], False
+    while len(trace) < max_iter:
         mid = (lo + hi) / 2
         u = float(usage_at(mid))
         trace.append((mid, u))
         if abs(u - target) <= tol + 1e-12:  # rounding of u must not cost the answer
             break
         lo, hi = (mid, hi) if u < target else (lo, mid)
+        if hi == 1.0 and lo >= _SATURATION_CHECK and not top_checked and len(trace) < max_iter:
+            top_checked = True
+            top = float(usage_at(1.0))
+            trace.append((1.0, top))
+            if top <= target + tol + 1e-12:  # x = 1 reaches the target, or nothing does: stop at x = 1
+                break
     best = min(trace, key=lambda tu: abs(tu[1] - target))
     return Calibration(best[0], best[1], trace)
 

@@ -127,12 +127,21 @@ def calibrate_run(model: "TrainedModel", students: dict[str, tuple["Student", Pa
     ccfg = model.cfg.calibration
     validation = model.load_examples(model.cfg.data.validation_split, ccfg.max_examples)
     out: dict[str, list[dict]] = {}
-    for name, (student, directory) in students.items():
-        results = calibrate_student(model.with_student(student), validation, tol=ccfg.tolerance,
-                                    max_iter=ccfg.max_iter, desc=f"calibration ({name})")
+    fitted = {name: [r.as_dict() for r in calibrate_student(model.with_student(student), validation,
+                                                              tol=ccfg.tolerance, max_iter=ccfg.max_iter,
+                                                              desc=f"calibration ({name})")]
+              for name, (student, _) in students.items()}
+    for name, (student, directory) in students.items():  # written only once every student is calibrated
         student.save_meta(directory)
-        out[name] = [r.as_dict() for r in results]
+        out[name] = fitted[name]
     result = {"split": model.cfg.data.validation_split, "examples": len(validation), **out}
     if run_dir is not None:
-        (Path(run_dir) / "calibration.json").write_text(json.dumps(result, indent=1))
+        from tw_rl.manifest import Manifest, atomic_write
+
+        manifest = Manifest(run_dir)
+        for _, directory in students.values():  # the offsets are part of the students' files now
+            manifest.refresh_path(directory)
+        path = atomic_write(Path(run_dir) / "calibration.json", json.dumps(result, indent=1))
+        manifest.record("calibration", path, {"calibration": ccfg, "data.validation_split": result["split"]},
+                        {name: manifest.id(f"{name}_student") for name in students})
     return result

@@ -125,12 +125,18 @@ def data_overrides(spec: str | None) -> list[str]:
     return ["data.kind=files", f"data.path={spec}"]
 
 
-def phase1_dir(run: Path) -> Path | None:
-    """``models/phase1`` when the run also has a final (phase-2) student, so that the phase-1 one is separate."""
-    from tw_rl.api import student_dir
+def phase1_dir(run: Path, cfg) -> Path | None:
+    """``models/phase1`` when the run also has a final (phase-2) student, so that the phase-1 one is separate
+    (checked against the manifest like the final one)."""
+    from tw_rl.manifest import Manifest
 
+    if not cfg.rl.enabled:
+        return None
     phase1 = Path(run) / "models" / "phase1"
-    return phase1 if student_dir(Path(run)).name == "final" and (phase1 / "tw_student.json").is_file() else None
+    manifest = Manifest(run)
+    if manifest.entry("phase1_student") is not None:
+        manifest.verify("phase1_student")
+    return phase1 if (phase1 / "tw_student.json").is_file() else None
 
 
 def run_calibrate(args) -> int:
@@ -142,8 +148,8 @@ def run_calibrate(args) -> int:
     import torch
 
     torch.set_num_threads(model.cfg.num_threads)
-    students = {"final": (model.student, student_dir(Path(args.run)))}
-    if (phase1 := phase1_dir(args.run)) is not None:
+    students = {"final": (model.student, student_dir(Path(args.run), model.cfg))}
+    if (phase1 := phase1_dir(args.run, model.cfg)) is not None:
         students["phase1"] = (Student.load(phase1)[0], phase1)
     out = calibrate_run(model, students, Path(args.run))
     for name in students:
@@ -170,7 +176,7 @@ def eval_out(args) -> Path:
 def run_eval(args) -> int:
     import json
 
-    from tw_rl.api import load, student_dir
+    from tw_rl.api import load
     from tw_rl.evaluate import evaluate, write_outputs, write_report
     from tw_rl.models.student import Student
 
@@ -186,7 +192,7 @@ def run_eval(args) -> int:
     test = model.load_examples(cfg.data.test_split, cfg.eval.max_examples)
     validation = (model.load_examples(cfg.data.validation_split, cfg.eval.max_examples) if cfg.eval.baselines
                   else [])
-    phase1 = phase1_dir(args.run)  # the driver's report also has the student before RL
+    phase1 = phase1_dir(args.run, cfg)  # the driver's report also has the student before RL
     phase1_student = Student.load(phase1)[0] if phase1 is not None else None
     report, outputs = evaluate(model, test, validation, budgets=budgets, phase1_student=phase1_student,
                                split=cfg.data.test_split)
@@ -269,11 +275,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from tw_rl.api import InputError
         from tw_rl.data import DataError
+        from tw_rl.manifest import ArtefactError
         from tw_rl.models.factory import ModelNotAvailableError
 
         try:
             return {"eval": run_eval, "generate": run_generate, "calibrate": run_calibrate}[args.command](args)
-        except (ConfigError, InputError, DataError, ModelNotAvailableError, FileNotFoundError, FileExistsError) as e:
+        except (ConfigError, InputError, DataError, ModelNotAvailableError, FileNotFoundError, FileExistsError,
+                ArtefactError) as e:
             print(f"tw-rl {args.command}: {e}", file=sys.stderr)
             return 2
     overrides = list(args.overrides)
@@ -284,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tw-rl: config error: {e}", file=sys.stderr)
         return 2
+    from tw_rl.data import DataError, load_split
+    from tw_rl.manifest import ArtefactError
+
     if getattr(args, "dry_run", False):
         from tw_rl.dryrun import plan, print_plan
 
@@ -292,29 +303,34 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"tw-rl: config error: {e}", file=sys.stderr)
             return 2
-        return 0
-    if args.command == "pretrain":
-        from tw_rl.pretrain import pretrain
-        from tw_rl.config import save_config
-
-        from tw_rl.data import DataError
-
-        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-        try:
-            summary = pretrain(cfg, Path(cfg.out_dir))
-        except DataError as e:  # missing or bad data: the message names the path (or file and line)
-            print(f"tw-rl pretrain: data error: {e}", file=sys.stderr)
+        except DataError as e:  # a split that does not open: the message names the file (and line)
+            print(f"tw-rl: data error: {e}", file=sys.stderr)
             return 2
-        print(f"phase 0 done: teacher BLEU {summary['teacher']['eval']['bleu']}, student BLEU {summary['student']['eval']['bleu']}"
-              f" — {Path(cfg.out_dir) / 'pretrain.json'}")
         return 0
-    from tw_rl.data import DataError
-    from tw_rl.train import train
-
+    name = "pretrain" if args.command == "pretrain" else "train"
     try:
+        if args.command == "pretrain":
+            from tw_rl.config import save_config
+            from tw_rl.pretrain import pretrain
+
+            for split in (cfg.data.train_split, cfg.data.test_split):  # opened before config.yaml is written
+                load_split(cfg.data, split)
+            save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+            summary = pretrain(cfg, Path(cfg.out_dir))
+            print(f"phase 0 done: teacher BLEU {summary['teacher']['eval']['bleu']}, student BLEU "
+                  f"{summary['student']['eval']['bleu']} — {Path(cfg.out_dir) / 'pretrain.json'}")
+            return 0
+        from tw_rl.train import train
+
         report = train(cfg, resume=getattr(args, "resume", False))
     except DataError as e:  # missing or bad data: the message names the path (or file and line)
-        print(f"tw-rl train: data error: {e}", file=sys.stderr)
+        print(f"tw-rl {name}: data error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:  # a run directory it must not write into, a --resume with another config
+        print(f"tw-rl {name}: {e}", file=sys.stderr)
+        return 2
+    except ArtefactError as e:  # a cached artefact that is missing, truncated or corrupt: named, never replaced
+        print(f"tw-rl {name}: {e}", file=sys.stderr)
         return 2
     out = Path(cfg.out_dir)
     print(f"report: {out / 'report.md'} (and {out / 'report.json'})")

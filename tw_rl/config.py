@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -551,6 +552,13 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad config key {key!r}: {msg}{allowed}")
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error in one line: the problem and where (line, column), without the parser's context dump."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Merge ``path`` (YAML) and ``overrides`` (``key.sub=value``) onto the defaults, apply the settings the chosen
     ``algo`` needs where neither sets them (``tw_rl.algos.REQUIRES``), then validate."""
@@ -561,7 +569,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file {p} does not exist")
-            file_cfg = OmegaConf.load(p)
+            try:
+                file_cfg = OmegaConf.load(p)
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
+            if not isinstance(file_cfg, DictConfig):  # a list, or a scalar
+                raise ConfigError(f"config file {p} must be a mapping of keys (e.g. 'rl: {{iterations: 3}}') at its "
+                                  f"top level, not a {type(file_cfg).__name__.replace('Config', '').lower()}")
             merged = OmegaConf.merge(merged, file_cfg)
             sources.append((str(p), file_cfg))
     except OmegaConfBaseException as e:
@@ -572,6 +586,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             item_cfg = OmegaConf.from_dotlist([item])
             merged = OmegaConf.merge(merged, item_cfg)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value {item.partition('=')[2]!r} is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e}); e.g. budgets=[0,0.2] or rl.iterations=3"
+                              ) from None
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from None
         sources.append((f"override {item}", item_cfg))
@@ -593,8 +611,9 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every field, defaults included)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(to_yaml(cfg))
+    from tw_rl.manifest import atomic_write
+
+    atomic_write(path, to_yaml(cfg))
 
 
 def training_budgets(cfg: "Config") -> list[float]:

@@ -5,7 +5,10 @@ algorithm module, the data loader, the tokenizer and both models, the evaluation
 would download (model and dataset ids, and whether they are already in the local Hugging Face cache) and the
 resources it would ask Ray for, per actor type and in total. It downloads nothing, starts no Ray and loads no
 weights. Problems that would stop the run later (a missing local directory, a model neither given nor trained, a
-missing split file) raise :class:`~tw_rl.config.ConfigError` here.
+missing split file) raise :class:`~tw_rl.config.ConfigError` here; with ``data.kind=files`` every split is read
+through the loader, so misaligned pair files, a truncated gzip or bad UTF-8 raise its
+:class:`~tw_rl.data.DataError` (file and line). Token lengths need the tokenizer (phase 0, or a model's): ``tw-rl
+train`` checks them before phase 0.
 """
 
 from __future__ import annotations
@@ -124,6 +127,12 @@ def _data(cfg: Config) -> dict[str, Any]:
                                   f"{split}.{d.src_lang} and {split}.{d.tgt_lang}, {split}.jsonl or {split}.tsv)")
             found[split] = files
         out["files"] = found
+        from tw_rl.data.files import read_split_with_report  # no torch: reads and checks every line
+
+        out["pairs"] = {}
+        for split in dict.fromkeys(splits.values()):  # each file opened whole: a DataError names file and line
+            pairs, report = read_split_with_report(d, split)
+            out["pairs"][split] = {"kept": len(pairs), "skipped": report.skipped}
     else:
         if not d.hf_name:
             raise ConfigError("data.kind=hf needs data.hf_name (e.g. wmt/wmt19 with data.hf_config=de-en, or xsum)")
@@ -222,6 +231,10 @@ def print_plan(p: dict[str, Any]) -> None:
         d.get("files")
     print(f"data: {d['kind']} via {d['loader']}: {where}; splits {d['splits']}"
           + (f", first {d['max_examples']} pairs per split" if d.get("max_examples") else ""))
+    if d.get("pairs"):
+        print("data read and checked (alignment, gzip, UTF-8): " + ", ".join(
+            f"{s} {n['kept']} pairs" + (f" ({n['skipped']} bad lines skipped)" if n["skipped"] else "")
+            for s, n in d["pairs"].items()) + "; token lengths are checked by tw-rl train before phase 0")
     for m in [p["tokenizer"], *p["models"]]:
         extra = m.get("id") or m.get("path") or m.get("arch") or ""
         print(f"{m['role']}: {m['source']}" + (f" {extra}" if extra else ""))

@@ -675,22 +675,23 @@ def validate_report(report: dict) -> None:
 
 
 def write_outputs(out_dir: Path, rows: Sequence[dict]) -> Path:
-    path = Path(out_dir) / "outputs.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path
+    from tw_rl.manifest import atomic_write
+
+    return atomic_write(Path(out_dir) / "outputs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                 for r in rows))
 
 
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     """``report.json``, ``report.md`` and (when the report has the baselines' schema) ``quality_vs_cost.png``."""
+    from tw_rl.manifest import atomic_file, atomic_write
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(markdown(report))
+    md = markdown(report)  # everything rendered before the first file is replaced
     if "baselines" in report:
-        plot(report, run_dir / "quality_vs_cost.png")
+        with atomic_file(run_dir / "quality_vs_cost.png") as tmp:
+            plot(report, tmp)
+    atomic_write(run_dir / "report.md", md)
+    atomic_write(run_dir / "report.json", json.dumps(report, indent=2))
     return run_dir / "report.json", run_dir / "report.md"
 
 

@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 import random
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 from tw_rl.config import Config, ConfigError, budget_prompt
 from tw_rl.data import DataError, Pair, load_split
 from tw_rl.examples import pad_batch
+from tw_rl.manifest import Manifest, atomic_dir, pairs_digest
 from tw_rl.models.factory import build_t5, check_shared_vocab, count_parameters, load_seq2seq, load_tokenizer, \
     save_seq2seq
 from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer
@@ -338,6 +339,12 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _recomputing(name: str, why: str) -> None:
+    """Say why a cached artefact is not reused (absent, or what changed), unless it simply was not there yet."""
+    if why and "is absent" not in why:
+        print(f"tw-rl: recomputing {name}: {why}", file=sys.stderr)
+
+
 def _read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
@@ -365,9 +372,15 @@ def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTraine
     given = cfg.tokenizer.path or cfg.teacher.name_or_path or cfg.student.name_or_path
     fp = _fingerprint("tokenizer", cfg.tokenizer, given, _train_data_settings(cfg), cfg.budget_prompt)
     tdir = run_dir / "tokenizer"
+    manifest = Manifest(run_dir)
+    settings = {"tokenizer": cfg.tokenizer, "given": given, "data": _train_data_settings(cfg),
+                "budget_prompt": cfg.budget_prompt}
+    inputs = {"data/train": pairs_digest(train)}
     marker = _read_json(tdir / "done.json")
-    if marker is not None and marker.get("fingerprint") == fp:
-        return load_tokenizer(str(tdir)), fp
+    reuse, why = manifest.reuse("tokenizer", tdir, settings, inputs)
+    if reuse and marker is not None and marker.get("fingerprint") == fp:
+        return load_tokenizer(str(tdir)), manifest.id("tokenizer")
+    _recomputing("tokenizer", why)
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     elif cfg.teacher.name_or_path:
@@ -377,18 +390,18 @@ def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTraine
     else:
         texts = [p.source for p in train] + [p.target for p in train]
         tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, extra_texts=budget_prompt_texts(cfg.budget_prompt))
-    if tdir.exists():
-        shutil.rmtree(tdir)
-    tok.save_pretrained(str(tdir))
-    _write_json(tdir / "done.json", {"fingerprint": fp, "vocab_size": len(tok)})
-    return load_tokenizer(str(tdir)), fp
+    with atomic_dir(tdir) as tmp:
+        tok.save_pretrained(str(tmp))
+        _write_json(tmp / "done.json", {"fingerprint": fp, "vocab_size": len(tok)})
+    return load_tokenizer(str(tdir)), manifest.record("tokenizer", tdir, settings, inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # phase 0
 # ----------------------------------------------------------------------------------------------------------------
 def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenizerBase, tok_fp: str,
-                  longest_prompt: int, training_data: Callable[[], Encoded]) -> tuple[Any, dict[str, Any], str]:
+                  longest_prompt: int, training_data: Callable[[], Encoded], train_hash: str = ""
+                  ) -> tuple[Any, dict[str, Any], str]:
     """``(model, stats, model_id)`` of ``role``: the given model, the cached one, or one trained now and saved."""
     mcfg = getattr(cfg, role)
     if mcfg.name_or_path:
@@ -404,21 +417,32 @@ def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenize
         del pre["bf16"]
     fp = _fingerprint(role, tok_fp, mcfg.arch, pre, epochs, seed, cfg.data.max_src_tokens,
                       cfg.data.max_tgt_tokens, cfg.data.on_error, longest_prompt)
+    manifest = Manifest(run_dir)
+    settings = {f"{role}.arch": mcfg.arch, "pretrain": pre, "epochs": epochs, "seed": seed,
+                "data.max_src_tokens": cfg.data.max_src_tokens, "data.max_tgt_tokens": cfg.data.max_tgt_tokens,
+                "data.on_error": cfg.data.on_error, "longest_prompt": longest_prompt}
+    inputs = {"tokenizer": tok_fp, "data/train": train_hash}
     marker = _read_json(mdir / "done.json")
-    if marker is not None and marker.get("fingerprint") == fp:
+    reuse, why = manifest.reuse(role, mdir, settings, inputs)
+    if reuse and marker is not None and marker.get("fingerprint") == fp:
         model, _ = load_seq2seq(str(mdir))
-        return model, dict(marker["stats"], cached=True, dir=str(mdir)), fp
+        return model, dict(marker["stats"], cached=True, dir=str(mdir)), manifest.id(role)
     if not cfg.pretrain.enabled:
         raise ConfigError(f"{role}.name_or_path is not set and pretrain.enabled=false: give a model "
                           f"({role}.name_or_path=DIR) or enable phase 0")
     model = build_t5(mcfg.arch, tok, seed)
     stats = train_seq2seq(model, training_data(), epochs, cfg, seed, role)
     stats.update(trained=True, params=count_parameters(model), arch=dataclasses.asdict(mcfg.arch))
-    if mdir.exists():
-        shutil.rmtree(mdir)
-    save_seq2seq(model, tok, mdir)
-    _write_json(mdir / "done.json", {"fingerprint": fp, "stats": stats})  # written last: the model is complete
-    return model, dict(stats, cached=False, dir=str(mdir)), fp
+    _recomputing(role, why)
+    with atomic_dir(mdir) as tmp:  # a kill leaves the old model or none, never half of one
+        save_seq2seq(model, tok, tmp)
+        _write_json(tmp / "done.json", {"fingerprint": fp, "stats": stats})
+    return model, dict(stats, cached=False, dir=str(mdir)), manifest.record(role, mdir, settings, inputs)
+
+
+def tokenizer(cfg: Config, run_dir: Path) -> PreTrainedTokenizerBase:
+    """Phase 0's shared tokenizer alone (cached as in :func:`pretrain`): what the checks before phase 0 need."""
+    return _tokenizer(cfg, load_split(cfg.data, cfg.data.train_split), Path(run_dir))[0]
 
 
 def pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -438,6 +462,7 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if cfg.eval.max_examples is not None:
         test = test[:cfg.eval.max_examples]
     tok, tok_fp = _tokenizer(cfg, train, run_dir)
+    train_hash = pairs_digest(train)
     longest_prompt = max(len(tok(budget_prompt(cfg.budget_prompt, b), add_special_tokens=False)["input_ids"])
                          for b in cfg.budgets)
 
@@ -456,10 +481,11 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
     models, model_ids = {}, []
     for role in ROLES:
         models[role], summary[role], model_id = _phase0_model(cfg, role, run_dir, tok, tok_fp, longest_prompt,
-                                                              training_data)
+                                                              training_data, train_hash)
         model_ids.append(model_id)
+    summary["artefact_ids"] = {"tokenizer": tok_fp, **dict(zip(ROLES, model_ids))}  # what later phases record
 
-    eval_fp = _fingerprint("eval", model_ids, _train_data_settings(cfg), cfg.data.test_split, cfg.eval.max_examples,
+    eval_fp = _fingerprint("eval", model_ids, pairs_digest(test), cfg.data.test_split, cfg.eval.max_examples,
                            cfg.data.max_tgt_tokens)
     old = _read_json(run_dir / "pretrain.json")
     if old is not None and old.get("eval_fingerprint") == eval_fp:

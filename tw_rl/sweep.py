@@ -76,6 +76,9 @@ def copy_products(base: Path, dest: Path, level: str) -> None:
     shutil.copytree(base / "models", dest / "models", ignore=shutil.ignore_patterns(*ignore), dirs_exist_ok=True)
     shutil.copytree(base / "tokenizer", dest / "tokenizer", dirs_exist_ok=True)
     shutil.copy(base / "pretrain.json", dest / "pretrain.json")
+    from tw_rl.manifest import PHASE0_ARTEFACTS, PHASE1_ARTEFACTS, Manifest
+
+    Manifest(base).copy_to(dest, PHASE0_ARTEFACTS + (PHASE1_ARTEFACTS if level == "phase1" else ()))
 
 
 def prepare_base(cfg: Config, out: Path) -> Path:

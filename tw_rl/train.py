@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +24,13 @@ from tw_rl.algos import get_algorithm
 from tw_rl.batch import Episode, EpisodeBatch
 from tw_rl.budget import BudgetMultipliers
 from tw_rl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from tw_rl.config import Config, check_device, save_config, to_dict, to_yaml, training_budgets
+from tw_rl.config import (Config, ConfigError, check_device, load_config, save_config, to_dict, to_yaml,
+                           training_budgets)
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
 from tw_rl.evaluate import evaluate, write_outputs, write_report
+from tw_rl.manifest import ArtefactError, Manifest, atomic_dir, atomic_file, atomic_write, changes, flatten, \
+    pairs_digest
 from tw_rl.examples import make_examples, pad_batch
 from tw_rl.metrics import MetricsLogger, Timer
 from tw_rl.models.factory import load_seq2seq
@@ -53,6 +58,7 @@ class Run:
     pad_id: int
     start_id: int
     validation: list[Example] = field(default_factory=list)  # held-out inputs (the multipliers' usage, rl.dual_usage)
+    inputs: dict[str, str] = field(default_factory=dict)  # manifest ids of the phase-0 artefacts, the data's hash
 
     @property
     def max_len(self) -> int:
@@ -61,14 +67,19 @@ class Run:
 
 # ------------------------------------------------------------------------------------------------------------------
 def train(cfg: Config, resume: bool = False) -> dict:
-    """Run every enabled phase and the evaluation; returns the report (also in ``out_dir/report.json``)."""
+    """Run every enabled phase and the evaluation; returns the report (also in ``out_dir/report.json``).
+
+    Before anything is written: a run directory that already holds a started phase 2 or a finished run is refused
+    without ``resume``, and with it unless the config is the same (:func:`check_run_dir`); every data split is
+    opened and checked (:func:`check_data`). ``config.yaml`` is written only then."""
     t0 = time.perf_counter()
     check_device("teacher.driver_device", cfg.teacher.driver_device)  # before anything is written
     run_dir = Path(cfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    check_run_dir(cfg, run_dir, resume)
     _seed_everything(cfg.seed)
     torch.set_num_threads(cfg.num_threads)
+    check_data(cfg, run_dir)
+    save_config(cfg, run_dir / "config.yaml")
     with MetricsLogger(run_dir, tensorboard=cfg.tensorboard) as log:
         with Timer(times := {}, "phase0"):
             run = phase0(cfg, run_dir)
@@ -93,57 +104,152 @@ def train(cfg: Config, resume: bool = False) -> dict:
     return report
 
 
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
+    """Refuse, before anything is written, a run that would overwrite another: without ``resume``, a directory
+    holding phase-2 checkpoints, a final student or a report (phase-0/1 caches alone are reused, docs/design.md);
+    with ``resume``, a config that differs from the run's ``config.yaml`` (or its newest checkpoint's) in any
+    key but ``out_dir``. Raises :class:`ConfigError` naming what is there or the keys that differ; a corrupt
+    manifest is an :class:`~tw_rl.manifest.ArtefactError`."""
+    manifest = Manifest(run_dir)  # a corrupt manifest.json stops the run here
+    found = [str(p) for p in (latest_checkpoint(run_dir), run_dir / "models" / "final", run_dir / "report.json")
+             if p is not None and p.exists()]
+    if found and not resume:
+        raise ConfigError(f"out_dir={str(run_dir)!r} already holds a run that reached phase 2 ({', '.join(found)}); "
+                          f"tw-rl train does not write into it: choose a new out_dir, or pass --resume to continue "
+                          f"it with the same config")
+    manifest.verify_present()  # a torn or truncated cached artefact stops the run before anything is written
+    if not resume:
+        return
+    ckpt = latest_checkpoint(run_dir)
+    now = flatten(dataclasses.asdict(cfg))
+    for path in (run_dir / "config.yaml", ckpt / "config.yaml" if ckpt is not None else None):
+        if path is None or not path.is_file():
+            continue
+        before = flatten(dataclasses.asdict(load_config(path)))
+        diff = [d for d in changes(before, now) if not d.startswith("out_dir:")]
+        if diff:
+            raise ConfigError(f"--resume continues only the same config; {path} differs: {'; '.join(diff)}. "
+                              f"Resume without these overrides, or start a new run in a new out_dir")
+
+
+def prompt_tokens(cfg: Config, tok) -> int:
+    """The longest budget prompt of any budget training draws, in tokens: the room every source leaves for it."""
+    return max(len(tok(cfg.budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
+               for b in sorted(set(training_budgets(cfg))))
+
+
+def checked_pairs(cfg: Config, tok, name: str, limit: int | None) -> list:
+    """Split ``name`` (its first ``limit`` pairs) within the token limits (``data.on_error``), the budget prompt
+    counted: the one length rule of every phase (tw_rl/data/validate.py)."""
+    pairs = load_split(cfg.data, name)[:limit]
+    return check_token_lengths(pairs, tok, cfg.data.max_src_tokens - prompt_tokens(cfg, tok), cfg.data.max_tgt_tokens,
+                               cfg.data.on_error)
+
+
+def _split_limits(cfg: Config) -> dict[str, int | None]:
+    return {cfg.data.train_split: cfg.phase1.num_examples, cfg.data.validation_split: None,
+            cfg.data.test_split: cfg.eval.max_examples}
+
+
+def check_data(cfg: Config, run_dir: Path) -> None:
+    """Open every split the run reads (pair alignment, gzip integrity, UTF-8: tw_rl/data/files.py) and check its
+    token lengths with the tokenizer of phase 0 (trained now if it is not cached; it is phase 0's first
+    artefact): a :class:`~tw_rl.data.DataError` names the file and line before any model is trained."""
+    from tw_rl.pretrain import tokenizer as phase0_tokenizer
+
+    for name in (cfg.data.train_split, cfg.data.validation_split, cfg.data.test_split):
+        load_split(cfg.data, name)
+    tok = phase0_tokenizer(cfg, run_dir)
+    for name, limit in _split_limits(cfg).items():
+        checked_pairs(cfg, tok, name, limit)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 def phase0(cfg: Config, run_dir: Path) -> Run:
     """Phase 0 (cached in the run directory): tokenizer, teacher and student; then the tokenized splits."""
     summary = pretrain(cfg, run_dir)
+    _phase_rng(run_dir / "models" / PHASE0_RNG, computed=any(summary[r].get("trained") and not summary[r].get("cached")
+                                                            for r in ("teacher", "student")))
     teacher_dir = cfg.teacher.name_or_path or summary["teacher"]["dir"]
     student_dir = cfg.student.name_or_path or summary["student"]["dir"]
     device = check_device("teacher.driver_device", cfg.teacher.driver_device)
     teacher_model, tok = load_seq2seq(teacher_dir, trust_remote_code=cfg.teacher.trust_remote_code)
     sampled = sorted(set(training_budgets(cfg)))  # training inputs carry a prompt for every budget training draws
-    prompt_len = max(len(tok(cfg.budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
-                     for b in sampled)
+    limits = _split_limits(cfg)
 
-    def split(name: str, limit: int | None, budgets: list[float] = cfg.budgets) -> list[Example]:
-        pairs = load_split(cfg.data, name)[:limit]
-        pairs = check_token_lengths(pairs, tok, cfg.data.max_src_tokens - prompt_len, cfg.data.max_tgt_tokens,
-                                    cfg.data.on_error)
-        return make_examples(pairs, tok, budgets, cfg.budget_prompt)
+    def split(name: str, budgets: list[float] = cfg.budgets) -> list[Example]:
+        return make_examples(checked_pairs(cfg, tok, name, limits[name]), tok, budgets, cfg.budget_prompt)
 
+    train_pairs = checked_pairs(cfg, tok, cfg.data.train_split, limits[cfg.data.train_split])
     return Run(cfg=cfg, dir=run_dir, tokenizer=tok,
                teacher=Teacher(teacher_model, vocab_size=len(tok), pad_id=tok.pad_token_id,
                                start_id=teacher_model.config.decoder_start_token_id, device=device),
                teacher_dir=str(teacher_dir), base_student_dir=str(student_dir),
-               train=split(cfg.data.train_split, cfg.phase1.num_examples, sampled),
-               test=split(cfg.data.test_split, cfg.eval.max_examples),
+               train=make_examples(train_pairs, tok, sampled, cfg.budget_prompt),
+               test=split(cfg.data.test_split),
                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                start_id=teacher_model.config.decoder_start_token_id,
-               validation=(split(cfg.data.validation_split, None) if cfg.rl.enabled and cfg.rl.dual_usage == "heldout"
-                           else []))
+               validation=(split(cfg.data.validation_split) if cfg.rl.enabled and cfg.rl.dual_usage == "heldout"
+                           else []),
+               inputs={**summary["artefact_ids"], "data/train": pairs_digest(train_pairs)})
+
+
+PHASE0_RNG = "phase0_rng.json"
+PHASE1_RNG = "rng_after.json"
+
+
+def _phase_rng(path: Path, computed: bool) -> None:
+    """The global RNG states (Python, numpy, torch) after a phase: saved when the phase was computed, restored when
+    it was reused from the cache — so that what follows (phase 2's value head is initialised from torch's global
+    RNG) is the same whether the run computed the phase or a resumed run found it cached."""
+    if computed:
+        atomic_write(path, json.dumps(rng_state()))
+    elif path.is_file():
+        try:
+            set_rng_state(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtefactError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it with the phase it "
+                                f"belongs to to recompute that phase") from None
 
 
 # ------------------------------------------------------------------------------------------------------------------
 def references(run: Run) -> list[Reference]:
-    """Teacher greedy paths of the training inputs with per-position KL to the phase-0 student (cached)."""
+    """Teacher greedy paths of the training inputs with per-position KL to the phase-0 student (cached in
+    ``models/references.npz``, recorded in the manifest with the phase-0 models and the training data)."""
     path = run.dir / "models" / "references.npz"
-    z = None
-    if path.is_file():  # read each array once: NpzFile re-reads a whole array on every z[key], and each slice
-        with np.load(path) as f:  # below would keep its own full copy alive (O(N²) memory in len(run.train))
-            z = dict(f)
-    if z is not None and "student_wrong" in z and len(z["terminated"]) == len(run.train):
-        off = z["offsets"]
-        return [Reference(z["tokens"][a:b], z["teacher_logprobs"][a:b], z["kl"][a:b], bool(t),
-                          z["student_wrong"][a:b]) for a, b, t in zip(off[:-1], off[1:], z["terminated"])]
+    manifest = Manifest(run.dir)
+    settings = {"data.max_tgt_tokens": run.max_len, "phase1.num_examples": run.cfg.phase1.num_examples}
+    inputs = {k: run.inputs.get(k) for k in ("tokenizer", "teacher", "student", "data/train")}
+    reuse, why = manifest.reuse("references", path, settings, inputs)
+    if reuse:
+        return read_references(path)
+    if why and "is absent" not in why:
+        print(f"tw-rl: recomputing references: {why}", file=sys.stderr)
     base, _ = load_seq2seq(run.base_student_dir)
     refs = build_references(run.train, run.teacher, base.eval(), run.max_len, run.eos_id,
                             batch_size=run.cfg.eval.batch_size, pad_id=run.pad_id, start_id=run.start_id)
     off = np.concatenate([[0], np.cumsum([len(r.tokens) for r in refs])])
-    np.savez(path, offsets=off, tokens=np.concatenate([r.tokens for r in refs]),
-             teacher_logprobs=np.concatenate([r.teacher_logprobs for r in refs]),
-             kl=np.concatenate([r.kl for r in refs]), terminated=np.array([r.terminated for r in refs]),
-             student_wrong=np.concatenate([r.student_wrong for r in refs]))
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a kill never leaves a torn references.npz
+        np.savez(f, offsets=off, tokens=np.concatenate([r.tokens for r in refs]),
+                 teacher_logprobs=np.concatenate([r.teacher_logprobs for r in refs]),
+                 kl=np.concatenate([r.kl for r in refs]), terminated=np.array([r.terminated for r in refs]),
+                 student_wrong=np.concatenate([r.student_wrong for r in refs]))
+    manifest.record("references", path, settings, inputs)
     return refs
+
+
+def read_references(path: Path) -> list[Reference]:
+    """The references of ``references.npz``; each array read once: NpzFile re-reads a whole array on every z[key],
+    and each slice below would keep its own full copy alive (O(N²) memory in the number of references)."""
+    try:
+        with np.load(path) as f:
+            z = dict(f)
+        off = z["offsets"]
+        return [Reference(z["tokens"][a:b], z["teacher_logprobs"][a:b], z["kl"][a:b], bool(t),
+                          z["student_wrong"][a:b]) for a, b, t in zip(off[:-1], off[1:], z["terminated"])]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ArtefactError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); delete it to recompute "
+                            f"the references") from None
 
 
 def new_student(run: Run) -> Student:
@@ -155,21 +261,21 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
     """Behaviour cloning on KL-oracle traces (SPEC §6), then (``phase1.refit``) the gate refitted on the student's
     own states (tw_rl/refit.py); the result is saved to ``models/phase1``."""
     cfg, out = run.cfg.phase1, run.dir / "models" / "phase1"
-    done = out / "done.json"
-    # phase 1 is cached: redone when its settings, δ or the <τ> head changed (ablations)
+    # cached: redone when its settings, δ, the <τ> head (ablations), the phase-0 models or the training data changed
     settings = {**dataclasses.asdict(cfg), "use_delta": run.cfg.student.use_delta,
                 "tau_head": run.cfg.student.tau_head, "budgets": list(run.cfg.budgets),
                 "budget_prompt": run.cfg.budget_prompt, "budget_sampling": run.cfg.budget_sampling}
-    if done.is_file():
-        saved = json.loads(done.read_text())
+    recorded = {"phase1": settings, "seed": run.cfg.seed, "data.max_src_tokens": run.cfg.data.max_src_tokens,
+                "data.max_tgt_tokens": run.cfg.data.max_tgt_tokens, "eval.batch_size": run.cfg.eval.batch_size}
+    inputs = {k: run.inputs.get(k) for k in ("tokenizer", "teacher", "student", "data/train")}
+    manifest = Manifest(run.dir)
+    reuse, why = manifest.reuse("phase1_student", out, recorded, inputs)
+    if reuse:
         cached = Student.load(out)[0]
-        if "settings" in saved:
-            same = saved["settings"] == settings
-        else:  # written before settings were recorded
-            same = (saved.get("enabled", True) == cfg.enabled and cached.use_delta == run.cfg.student.use_delta
-                    and cached.tau_head == run.cfg.student.tau_head)
-        if same:
-            return cached
+        _phase_rng(out / PHASE1_RNG, computed=False)
+        return cached
+    if why and "is absent" not in why:
+        print(f"tw-rl: recomputing phase1_student: {why}", file=sys.stderr)
     student = new_student(run)
     info: dict = {"steps": behaviour_cloning(run, student, log) if cfg.enabled else 0, "enabled": cfg.enabled,
                   "settings": settings}  # disabled (ablation): later phases start from the phase-0 student + <τ>
@@ -180,8 +286,11 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
                          batch_size=run.cfg.eval.batch_size)
         info["refit"] = fit.as_dict()
         log.log(info["steps"], fit.as_dict(), phase="phase1")
-    student.save(out, run.tokenizer)
-    done.write_text(json.dumps(info))
+    with atomic_dir(out) as tmp:  # a kill leaves the old student or none, never half of one
+        student.save(tmp, run.tokenizer)
+        (tmp / "done.json").write_text(json.dumps(info))
+        _phase_rng(tmp / PHASE1_RNG, computed=True)
+    manifest.record("phase1_student", out, recorded, inputs)
     return student
 
 
@@ -225,14 +334,29 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
     if not cfg.rl.enabled:
         return student
     pcl_loop = not (cfg.rl.call_learner == "rollout" and cfg.rl.trainable == "tau")
+    value = None
     if pcl_loop:
-        student = rl_loop(run, student, log, resume)
+        student, value = rl_loop(run, student, log, resume)
     if cfg.rl.call_learner == "rollout":
         student = call_rounds(run, student, log, first_step=cfg.rl.iterations if pcl_loop else 0)
     student.eval()
     student.tau_bias = {}  # offsets fitted to the phase-1 student do not carry over (calibrate() refits)
-    student.save(run.dir / "models" / "final", run.tokenizer)
+    final = run.dir / "models" / "final"
+    with atomic_dir(final) as tmp:  # a kill leaves no final student, never half of one
+        student.save(tmp, run.tokenizer)
+        if value is not None:  # saved beside the final student (deployment never reads it)
+            value.save(tmp)
+    manifest = Manifest(run.dir)
+    manifest.record("final_student", final, final_settings(cfg), {"phase1_student": manifest.id("phase1_student")})
     return student
+
+
+def final_settings(cfg: Config) -> dict:
+    """What the final student records: the whole config but where the run is written and how it is evaluated."""
+    d = dataclasses.asdict(cfg)
+    for k in ("out_dir", "eval", "calibration", "tensorboard"):
+        d.pop(k, None)
+    return d
 
 
 def call_rounds(run: Run, student: Student, log: MetricsLogger, first_step: int = 0) -> Student:
@@ -269,8 +393,9 @@ def call_rounds(run: Run, student: Student, log: MetricsLogger, first_step: int 
     return student
 
 
-def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Student:
-    """PCL with budget multipliers on a replay buffer mixing demonstrations and on-policy rollouts (SPEC §4–6)."""
+def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tuple[Student, object]:
+    """PCL with budget multipliers on a replay buffer mixing demonstrations and on-policy rollouts (SPEC §4–6).
+    Returns the student and the learner's value head (None without ``rl.value=learned``)."""
     from tw_rl.distributed import RolloutGroup, init_ray  # Ray lives at the edge
 
     cfg = run.cfg
@@ -279,7 +404,7 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stu
         if cfg.rl.trainable != "all":
             raise ValueError(f"rl.trainable={cfg.rl.trainable!r} is not supported by algo={cfg.algo!r} (its own "
                              "training loop trains the whole student); use rl.trainable=all")
-        return algo.run_phase2(run, student, log, resume)
+        return algo.run_phase2(run, student, log, resume), None
     student.set_trainable(cfg.rl.trainable)
     rng = np.random.default_rng(cfg.seed + 1)
     if cfg.learner.num_workers > 0 and cfg.algo == "pcl":  # data-parallel: DDP replicas in Ray actors
@@ -345,9 +470,7 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stu
         group.close()
         if hasattr(learner, "close"):
             learner.close()
-    if critic:  # saved beside the final student (deployment never reads it)
-        learner.value.save(run.dir / "models" / "final")
-    return learner.student
+    return learner.student, (learner.value if critic else None)
 
 
 def start_prompts(examples: list[Example], budgets: list[float]) -> dict[float, list[list[int]]]:

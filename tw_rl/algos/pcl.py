@@ -45,6 +45,8 @@ VALUES = ("learned", "soft", "zero")
 # --------------------------------------------------------------------------------------------------------------
 def soft_values(q: torch.Tensor, alpha: float) -> torch.Tensor:
     """``V(s) = α logsumexp(Q(s,·)/α)`` (SPEC §4). ``q [..., A]`` → ``[...]``."""
+    if alpha == 1.0:  # the common case: no pass over the vocabulary for the temperature, forward or backward
+        return torch.logsumexp(q, dim=-1)
     return alpha * torch.logsumexp(q / alpha, dim=-1)
 
 
@@ -96,34 +98,73 @@ def pcl_consistency(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: 
     Returns:
         ``[B, T]`` residuals, 0 on padding. Values at padding positions never depend on padded inputs.
     """
-    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value, v, v_target)
+    v, v_target, alpha_log_pi, _ = _values(q, q_target, actions, mask, alpha, value, v, v_target)
     return _residuals(v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma, window)
+
+
+class _SoftQ(torch.autograd.Function):
+    """``V = α logsumexp(Q/α)``, ``Q(s, a)`` and the entropy of ``softmax(Q/α)`` in one pass over the vocabulary.
+
+    Autograd's log-sum-exp, gather and slice each write a gradient the size of ``Q`` and the entropy reads it
+    again; here the forward keeps ``π = softmax(Q/α)`` and the backward is ``π · ∂V + scatter(∂Q(s, a))``
+    (``∂V/∂Q = π``), the only vocabulary-sized write. The entropy ``H = V/α − Σ π Q/α`` carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, actions: torch.Tensor, alpha: float):  # type: ignore[override]
+        z = q if alpha == 1.0 else q / alpha
+        pi = torch.softmax(z, dim=-1)
+        z_max, arg = z.max(dim=-1)
+        lse = z_max - torch.log(pi.gather(-1, arg.unsqueeze(-1)).squeeze(-1))  # π_max = exp(z_max − lse) ≥ 1/A
+        entropy = lse - torch.einsum("...a,...a->...", pi, z)
+        if torch.isnan(entropy).any():  # a masked action (Q = −inf) has π = 0 and adds 0·Q = 0
+            entropy = lse - torch.einsum("...a,...a->...", pi, torch.nan_to_num(z, neginf=0.0))
+        q_a = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(pi, actions)
+        ctx.mark_non_differentiable(entropy)
+        return alpha * lse, q_a, entropy
+
+    @staticmethod
+    def backward(ctx, g_soft, g_qa, _):  # type: ignore[override]
+        pi, actions = ctx.saved_tensors
+        grad = pi * g_soft.unsqueeze(-1) if g_soft is not None else torch.zeros_like(pi)
+        if g_qa is not None:
+            grad.scatter_add_(-1, actions.unsqueeze(-1), g_qa.unsqueeze(-1))
+        return grad, None, None
+
+
+def soft_q(q: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, alpha: float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``V(s_t) [B, T+1]``, ``α log π(a_t|s_t) = Q(s_t, a_t) − V(s_t) [B, T]`` and the policy entropy
+    ``H(π(·|s_t)) [B, T+1]`` (no grad) of online Q-values ``q [B, T+1, A]``; padded actions read index 0."""
+    T = actions.shape[1]
+    safe = torch.where(mask, actions, torch.zeros_like(actions))  # pad ids may be out of range
+    safe = torch.cat([safe, torch.zeros_like(safe[:, :1])], dim=1)  # s_T has no action
+    soft, q_a, entropy = _SoftQ.apply(q.float(), safe, float(alpha))
+    return soft, q_a[:, :T] - soft[:, :T], entropy
 
 
 def _values(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor,
             alpha: float, value: str = "soft", v: Optional[torch.Tensor] = None,
-            v_target: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``V [B, T+1]`` (online), ``V_target [B, T+1]`` and ``α log π(a_t|s_t) [B, T]`` — computed once and shared
-    by the single- and multi-step residuals (the logsumexp over the vocabulary is the costly part).
+            v_target: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``V [B, T+1]`` (online), ``V_target [B, T+1]``, ``α log π(a_t|s_t) [B, T]`` and the entropy ``[B, T+1]`` —
+    computed once and shared by the single- and multi-step residuals (the vocabulary is the costly part).
 
     ``value="learned"``: ``V`` and ``V_target`` are given (a value head and its Polyak copy) and
     ``α log π = Q(s, a) − α logsumexp(Q/α)``; ``value="soft"``: ``V = α logsumexp(Q/α)`` (SPEC §4's unified
     parameterisation); ``value="zero"``: the policy is still ``softmax(Q/α)`` but ``V ≡ 0``."""
     if value not in VALUES:
         raise ValueError(f"unknown value parameterisation {value!r}; known: {VALUES}")
-    T = actions.shape[1]
-    q = q.float()
-    soft = soft_values(q, alpha)  # [B, T+1]
-    safe_actions = torch.where(mask, actions, torch.zeros_like(actions))  # pad ids may be out of range
-    q_a = q[:, :T].gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    alpha_log_pi = q_a - soft[:, :T]
+    soft, alpha_log_pi, entropy = soft_q(q, actions, mask, alpha)
     if value == "learned":
         if v is None or v_target is None:
             raise ValueError("value='learned' needs the value head's v and v_target [B, T+1]")
-        return v.float(), v_target.float(), alpha_log_pi
+        return v.float(), v_target.float(), alpha_log_pi, entropy
     if value == "zero":  # V ≡ 0: the exact optimal soft value of SPEC §3 without calls (α = 1)
-        return torch.zeros_like(soft), torch.zeros_like(soft), alpha_log_pi
-    return soft, soft if q_target is None else soft_values(q_target.float(), alpha), alpha_log_pi
+        return torch.zeros_like(soft), torch.zeros_like(soft), alpha_log_pi, entropy
+    v_target = soft if q_target is None else soft_values(q_target.float(), alpha)
+    return soft, v_target, alpha_log_pi, entropy
 
 
 def _residuals(v: torch.Tensor, v_target: torch.Tensor, alpha_log_pi: torch.Tensor, rewards: torch.Tensor,
@@ -158,7 +199,7 @@ def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.T
     Arguments as in :func:`pcl_consistency`; ``w = multi_step_weight``. Returns the scalar loss and float stats
     (``loss/*``, ``rollout/entropy`` — the mean policy entropy over the batch's states — and ``value/*``).
     """
-    v, v_target, alpha_log_pi = _values(q, q_target, actions, mask, alpha, value, v, v_target)
+    v, v_target, alpha_log_pi, entropy = _values(q, q_target, actions, mask, alpha, value, v, v_target)
     args = (v, v_target, alpha_log_pi, rewards, mask, lengths, terminated, gamma)
     c_single = _residuals(*args, window=1)
     single = masked_mean(0.5 * c_single.pow(2), mask)
@@ -171,8 +212,7 @@ def pcl_loss(q: torch.Tensor, q_target: Optional[torch.Tensor], actions: torch.T
 
     with torch.no_grad():
         T = actions.shape[1]
-        pi = torch.softmax(q[:, :T].float() / alpha, dim=-1)  # (not exp((q − v)/α): with value="zero", v ≡ 0)
-        entropy = -torch.special.xlogy(pi, pi).sum(-1)  # xlogy: 0·log 0 = 0 for masked <τ>
+        entropy = entropy[:, :T]
         stats = {
             "loss/pcl": float(loss),
             "loss/single_step": float(single),
@@ -233,9 +273,13 @@ class PCLLearner:
         self.cfg = cfg
         self.student = student
         self.start_id, self.pad_id = start_id, pad_id
-        self.target = copy.deepcopy(student)
-        self.target.requires_grad_(False)
-        self.target.eval()
+        # The student's Polyak copy exists only where it is read: value="soft" bootstraps from its log-sum-exp.
+        # With a value head the bootstrap is the head's Polyak copy over the online student's decoder state (the
+        # head reads that state detached, as an observation encoding; under rl.trainable=tau it is exactly the
+        # copy's), so no second pass of the student is needed; value="zero" bootstraps 0.
+        self.target: Optional[nn.Module] = None
+        if cfg.value == "soft":
+            self.target = copy.deepcopy(student).requires_grad_(False).eval()
         groups = [{"params": list(student.parameters()), "lr": cfg.lr}]
         self.value: Optional[ValueHead] = None
         self.value_target: Optional[ValueHead] = None
@@ -257,13 +301,16 @@ class PCLLearner:
         """Soft Q-values ``[B, T+1, A]`` of every state of the batch under ``net``."""
         return batch_logits(net, batch, self.start_id, self.pad_id)
 
-    def _forward(self, net: nn.Module, head: Optional[ValueHead], batch: EpisodeBatch
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``Q [B, T+1, A]`` and, with a value head, ``[V_φ, V_C] [B, T+1, 2]``."""
-        if head is None:
-            return self.q_values(net, batch), None
+    def _forward(self, net: nn.Module, batch: EpisodeBatch
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``Q [B, T+1, A]`` of ``net`` and, with a value head, ``[V_φ, V_C] [B, T+1, 2]`` of the head and (without
+        grad) of its Polyak copy, both over ``net``'s decoder state."""
+        if self.value is None:
+            return self.q_values(net, batch), None, None
         q, h = batch_logits(net, batch, self.start_id, self.pad_id, return_hidden=True)
-        return q, head(h, batch.budgets)
+        with torch.no_grad():
+            target_values = self.value_target(h, batch.budgets)
+        return q, self.value(h, batch.budgets), target_values
 
     def update(self, batch: EpisodeBatch, lambdas: torch.Tensor, cost_batch: Optional[EpisodeBatch] = None
                ) -> dict[str, float]:
@@ -285,9 +332,11 @@ class PCLLearner:
         Q-values (default: the student; :class:`tw_rl.parallel.DataParallelLearner` passes its DDP wrapper)."""
         cfg = self.cfg
         self.student.train()
-        q, values = self._forward(self.student if net is None else net, self.value, batch)
-        with torch.no_grad():
-            q_target, target_values = self._forward(self.target, self.value_target, batch)
+        q, values, target_values = self._forward(self.student if net is None else net, batch)
+        q_target = None
+        if self.target is not None:
+            with torch.no_grad():
+                q_target = self.q_values(self.target, batch)
         rewards = lagrangian_rewards(batch, lambdas)
         v = v_target = None
         if values is not None:
@@ -300,8 +349,7 @@ class PCLLearner:
         """The consistency loss of ``V_C`` on ``batch`` (:func:`cost_value_loss`); the student gets no gradient."""
         with torch.no_grad():
             _, h = batch_logits(self.student, batch, self.start_id, self.pad_id, return_hidden=True)
-            _, h_t = batch_logits(self.target, batch, self.start_id, self.pad_id, return_hidden=True)
-            vc_target = self.value_target(h_t, batch.budgets)[..., V_COST]
+            vc_target = self.value_target(h, batch.budgets)[..., V_COST]
         vc = self.value(h, batch.budgets)[..., V_COST]
         return cost_value_loss(vc, vc_target, batch, self.cfg.window, self.cfg.multi_step_weight)
 
@@ -327,7 +375,7 @@ class PCLLearner:
         with torch.no_grad():
             batch = batch.to(self.device)
             q, h = batch_logits(self.student, batch, self.start_id, self.pad_id, return_hidden=True)
-            _, _, alpha_log_pi = _values(q, None, batch.actions, batch.mask, cfg.alpha, "soft")
+            _, alpha_log_pi, _ = soft_q(q, batch.actions, batch.mask, cfg.alpha)
             rewards = lagrangian_rewards(batch, lambdas)
             g = soft_returns(torch.zeros(q.shape[:2], device=q.device), alpha_log_pi, rewards, batch.mask,
                              batch.lengths, batch.terminated, cfg.gamma)
@@ -371,7 +419,7 @@ class PCLLearner:
     def polyak_update(self) -> None:
         """``θ_target ← (1 − ρ) θ_target + ρ θ`` with ``ρ = target_update_rate``; buffers are copied."""
         rate = self.cfg.target_update_rate
-        pairs = [(self.target, self.student)] + ([(self.value_target, self.value)] if self.value is not None else [])
+        pairs = [(t, o) for t, o in ((self.target, self.student), (self.value_target, self.value)) if t is not None]
         for target, online in pairs:
             for tp, p in zip(target.parameters(), online.parameters()):
                 tp.lerp_(p, rate)
@@ -380,7 +428,9 @@ class PCLLearner:
 
     # ---- checkpointing: a flat dict of tensors (safetensors-ready) -------------------------------------------
     def _nets(self) -> dict[str, nn.Module]:
-        nets = {"student": self.student, "target": self.target}
+        nets = {"student": self.student}
+        if self.target is not None:
+            nets["target"] = self.target
         if self.value is not None:
             nets.update(value=self.value, value_target=self.value_target)
         return nets

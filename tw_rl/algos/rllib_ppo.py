@@ -72,7 +72,7 @@ def make_env(env_config: dict) -> gym.Env:
     """RLlib's env creator: the run's examples and teacher (``examples``, ``teacher_dir``, ...) or, with an empty
     config, ``gymnasium.make("tw_rl/TokenMDP-v0")`` (the embedded task with tiny models)."""
     if not env_config.get("teacher_dir"):
-        import envs  # noqa: F401  registers tw_rl/TokenMDP-v0
+        import tw_rl.envs  # noqa: F401  registers tw_rl/TokenMDP-v0
 
         kwargs = {k: env_config[k] for k in ("n_examples", "max_len", "seed") if k in env_config}
         return BudgetLagrangian(gym.make("tw_rl/TokenMDP-v0", **kwargs).unwrapped)

@@ -20,6 +20,8 @@ from torch import nn
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from tw_rl.manifest import ArtefactError, atomic_write
+
 TAU_TOKEN = "<τ>"
 TAU_HEADS = ("token", "gate", "prompt_gate")
 GATES = ("gate", "prompt_gate")
@@ -209,7 +211,7 @@ class Student(nn.Module):
 
     def save_meta(self, directory: str | Path) -> None:
         """``tw_student.json``: the ``<τ>`` id, whether δ is used and the calibrated ``<τ>`` offsets."""
-        (Path(directory) / _META).write_text(json.dumps(
+        atomic_write(Path(directory) / _META, json.dumps(  # rewritten by calibration: never torn
             {"tau_id": self.tau_id, "tau_token": TAU_TOKEN, "use_delta": self.use_delta, "tau_head": self.tau_head,
              "tau_bias": {f"{b:g}": k for b, k in sorted(self.tau_bias.items())}}, indent=1))
 
@@ -217,11 +219,21 @@ class Student(nn.Module):
     def load(cls, directory: str | Path, trust_remote_code: bool = False) -> tuple["Student", PreTrainedTokenizerBase]:
         d = Path(directory)
         if not (d / _META).is_file():
-            raise FileNotFoundError(f"{d} is not a saved tw-rl student (no {_META})")
-        meta = json.loads((d / _META).read_text())
-        model = AutoModelForSeq2SeqLM.from_pretrained(d, use_safetensors=True, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(d)
-        extra = load_file(str(d / _DELTA))
+            raise ArtefactError(f"{d / _META} is missing: {d} is not a saved tw-rl student")
+        try:
+            meta = json.loads((d / _META).read_text())
+            meta["tau_id"], meta["use_delta"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtefactError(f"{d / _META} is corrupt ({type(e).__name__}: {e})") from None
+        try:
+            model = AutoModelForSeq2SeqLM.from_pretrained(d, use_safetensors=True,
+                                                          trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(d)
+            extra = load_file(str(d / _DELTA))
+        except Exception as e:  # safetensors' SafetensorError, OSError, ValueError: the file is in the message
+            raise ArtefactError(f"{d}: cannot load the student's files ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); a *.safetensors file there is "
+                                f"missing, truncated or corrupt") from None
         tau_bias = {float(b): float(k) for b, k in meta.get("tau_bias", {}).items()}
         gate_bias = float(extra["gate_bias"]) if "gate_bias" in extra else GATE_BIAS_INIT
         student = cls(model, meta["tau_id"], delta=extra["delta"], use_delta=meta["use_delta"], tau_bias=tau_bias,
