@@ -31,7 +31,10 @@ def installed(tmp_path_factory):
     deps = [p for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
             if Path(p).is_dir()]
     (Path(purelib) / "twrl_test_deps.pth").write_text("".join(f"{p}\n" for p in deps))  # after the venv's own
+    # --ignore-installed: the dependency path holds this venv's own (editable) tw_rl metadata, which pip would
+    # otherwise take as "already installed" and skip the wheel
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
+                        "--ignore-installed",
                         str(wheel)], capture_output=True, text=True, timeout=300)
     if r.returncode != 0 and "no such option: --python" in r.stderr:
         pytest.skip("this pip has no --python option (pip < 22.3)")
