@@ -9,8 +9,8 @@ the teacher (teacher-forced along the student's output), and measures each signa
 - *gain*: ``log π_T(w*) − log π_T(student's token)`` (0 where they agree), the oracle caller's ranking.
 
 Signals: ``confidence`` (``−log max_v π_S(v|s)``, the confidence fallback), ``tw`` (the student's own greedy call
-margin at budget ``b``, ``Q(s, <τ>) − max_v Q(s, v)`` with its calibrated offset: Training Wheels' caller),
-``tw_raw`` (the same margin at offset 0) and ``kl`` (``KL(π_T ‖ π_S)``, phase 1's oracle quantity; it reads the
+margin at budget ``b``, ``Q(s, <τ>) − max_v Q(s, v)``: Training Wheels' caller; its calibrated offset shifts every
+state alike, so it changes no ranking) and ``kl`` (``KL(π_T ‖ π_S)``, phase 1's oracle quantity; it reads the
 teacher, so it is not deployable), and two callers fitted on the *training* split's states of the same decode
 (``--fit-examples``): ``fit_linear`` (ridge regression of the gain on the standardised decoder state and
 log-confidence: the best linear read-out of what Training Wheels' gate sees) and ``fit_mlp`` (a 64-unit MLP on the
@@ -72,9 +72,7 @@ def gain_share(score: np.ndarray, gain: np.ndarray, rate: float) -> float:
 def states(model, student: Student, examples, budget: float, batch_size: int = 128) -> dict[str, np.ndarray]:
     """Signals and labels at every state of the student's own greedy (call-free) decode of ``examples``, and the
     output layer's input there (``hidden [N, d]``)."""
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("hidden", "confidence", "tw", "tw_raw", "kl", "disagree",
-                                                        "gain")}
-    offset = student.tau_bias_for(budget)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("hidden", "confidence", "tw", "kl", "disagree", "gain")}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         ids, mask = pad_batch([model.student_src(e, budget) for e in chunk], model.pad_id)
@@ -97,7 +95,7 @@ def states(model, student: Student, examples, budget: float, batch_size: int = 1
         chosen = t_logp.gather(-1, toks.clamp(max=V - 1).unsqueeze(-1)).squeeze(-1)
         best, best_id = t_logp.max(-1)
         valid = torch.arange(T)[None, :] < torch.as_tensor(d.lengths)[:, None]
-        cols = {"hidden": hidden[:, :T].float(), "confidence": -log_conf, "tw": margin + offset, "tw_raw": margin,
+        cols = {"hidden": hidden[:, :T].float(), "confidence": -log_conf, "tw": margin,
                 "kl": kl_teacher_student(t_logp, q), "disagree": best_id != toks, "gain": best - chosen}
         for k, v in cols.items():
             out[k].append(v[valid].numpy())
@@ -154,7 +152,7 @@ def main() -> None:
                        args.budget)
         s.update(fitted_callers(train, s))
         res["fit_states"] = int(len(train["gain"]))
-    for name in [k for k in ("confidence", "tw", "tw_raw", "kl", "fit_linear", "fit_mlp") if k in s]:
+    for name in [k for k in ("confidence", "tw", "kl", "fit_linear", "fit_mlp") if k in s]:
         res["signals"][name] = {"auc_disagree": round(auc(s[name], disagree), 4),
                                 "gain_share_at_b": round(gain_share(s[name], s["gain"], args.budget), 4)}
     for name, v in res["signals"].items():

@@ -397,3 +397,40 @@ def test_pcl_with_the_lagrangian_moves_raw_usage_toward_each_budget(toy) -> None
     after = by_budget(worker.sample(seed=10_000).episodes)
     assert after[0.5] > after[0.2] + 0.08, (before, after)  # apart, in the right order
     assert after[0.2] < before[0.2] - 0.1 and abs(after[0.5] - 0.5) < 0.1, (before, after)
+
+
+def test_reference_usage_is_the_students_own_greedy_usage_and_a_control_variate(toy) -> None:
+    """rl.dual_estimator=reference: the phase-1 student's greedy usage of each held-out prompt, decoded as the
+    rollout workers decode their greedy rows, equals the usage of the same decode row by row; as a control variate
+    for episodes of that same policy it leaves no variance and returns the pool's mean exactly."""
+    from types import SimpleNamespace
+
+    from tw_rl.decoding import decode
+    from tw_rl.examples import pad_batch
+    from tw_rl.train import ReferenceUsage, control_variate_usage, start_prompts, teacher_sources
+
+    from tests.conftest import EOS, TOY_BUDGETS, TOY_MAX_LEN
+
+    student, examples = toy["student"], toy["examples"]
+    run = SimpleNamespace(pad_id=0, eos_id=EOS, start_id=0, teacher=toy["teacher"],
+                          cfg=SimpleNamespace(data=SimpleNamespace(max_tgt_tokens=TOY_MAX_LEN)))
+    prompts = start_prompts(examples, list(TOY_BUDGETS))
+    ref = ReferenceUsage.decode(run, student, prompts, teacher_sources(examples), batch_size=4)
+    episodes = []
+    for b in TOY_BUDGETS:
+        ids, mask = pad_batch(prompts[b], 0)
+        d = decode(student, ids, mask, max_len=TOY_MAX_LEN, eos_id=EOS, teacher=toy["teacher"],
+                   teacher_src=[e.teacher_src for e in examples], start_id=0, pad_id=0)
+        for k, src in enumerate(prompts[b]):
+            n = int(d.lengths[k])
+            assert ref.usage[b][tuple(src)] == pytest.approx(float(d.teacher_mask[k, :n].sum()) / n)
+            episodes.append(Episode(src_ids=np.array(src), actions=d.actions[k, :n], tokens=d.tokens[k, :n],
+                                    teacher_logprobs=np.zeros(n, np.float32),
+                                    behavior_logprobs=np.zeros(n, np.float32), budget=b, terminated=True))
+    assert ref.pool_mean(0.5) > ref.pool_mean(0.0)  # the toy student calls more at b = 0.5
+    sub = [e for i, e in enumerate(episodes) if i % 2 == 0]  # a draw of the prompts, as one iteration sees
+    est, stats = control_variate_usage(sub, ref.predict, ref.pool_mean)
+    for b in TOY_BUDGETS:
+        assert est[b] == pytest.approx(ref.pool_mean(b), abs=1e-9)  # the pool's mean, not the draw's
+    assert stats["dual/var_control_variate"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["dual/var_count"] > 0.0

@@ -267,8 +267,12 @@ class RLConfig:
     dual_estimator: str = param("auto", "the usage estimate of the dual ascent: count (mean usage of the "
                                         "rl.dual_usage episodes), cost_value (the same with V_C(s_0) as a control "
                                         "variate, averaged over every held-out prompt: lower variance; needs "
-                                        "rl.value=learned) or auto (cost_value with rl.value=learned, else count)",
-                                choices=["auto", "count", "cost_value"])
+                                        "rl.value=learned), reference (the same with, as the control variate, "
+                                        "the phase-1 student's own greedy usage of each held-out input at each "
+                                        "level, decoded once when phase 2 starts: the input's difficulty, "
+                                        "which dominates the spread of ~10 episodes per level) or auto "
+                                        "(cost_value with rl.value=learned, else count)",
+                                choices=["auto", "count", "cost_value", "reference"])
     cost_batch_size: int = param(64, "rl.value=learned: greedy on-policy episodes per V_C update (with every "
                                      "learner step, drawn from the iteration's rl.dual_usage episodes)", ge=1)
     target_update_rate: float = param(0.05, "Polyak rate of the target copy", gt=0.0, le=1.0)

@@ -28,6 +28,7 @@ from tw_rl.config import (Config, ConfigError, check_device, load_config, save_c
                            training_budgets)
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
+from tw_rl.decoding import decode
 from tw_rl.evaluate import evaluate, write_outputs, write_report
 from tw_rl.manifest import ArtefactError, Manifest, atomic_dir, atomic_file, atomic_write, changes, flatten, \
     pairs_digest
@@ -421,6 +422,11 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
     if cfg.rl.demonstrations:  # false: on-policy only (ablation)
         buffer.add_demos(demonstrations(run, references(run), student.tau_id, rng))
     start = 0
+    reference = None
+    if cfg.rl.dual_estimator == "reference":  # the phase-1 student's usage per held-out input (before any resume)
+        held = run.validation or run.train[:500]
+        reference = ReferenceUsage.decode(run, student, start_prompts(held, cfg.budgets), teacher_sources(held),
+                                          cfg.eval.batch_size)
     if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
         start, buffer = restore(ckpt, learner, multipliers, rng)
         print(f"resumed from {ckpt} at iteration {start}")
@@ -446,6 +452,9 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
                                                      cfg.rl.value_warmup_steps))
             if critic and cfg.rl.dual_estimator in ("auto", "cost_value"):  # V_C(s_0) as a control variate (SPEC §5)
                 dual_usage, cv = cost_value_usage(learner, dual, prompts)
+                dual_stats.update(cv)
+            elif reference is not None:  # the phase-1 usage of the same inputs as the control variate
+                dual_usage, cv = control_variate_usage(dual, reference.predict, reference.pool_mean)
                 dual_stats.update(cv)
             multipliers.update(dual_usage)  # dual ascent (SPEC §5)
             recent = dual  # V_C trains on this iteration's greedy episodes (so that --resume replays it exactly)
@@ -479,13 +488,33 @@ def start_prompts(examples: list[Example], budgets: list[float]) -> dict[float, 
     return {float(b): [e.student_src[b] for e in examples if b in e.student_src] for b in budgets}
 
 
+def control_variate_usage(episodes: list[Episode], predict, pool_mean
+                          ) -> tuple[dict[float, float], dict[str, float]]:
+    """Each level's usage with a control variate: ``û_b = pool_mean(b) + mean_{episodes i at b} (u_i − c_i)`` with
+    ``c_i = predict([src_i], b)`` a prediction of episode ``i``'s usage from its input and ``pool_mean(b)`` the mean
+    prediction over every held-out prompt — unbiased for the mean usage over the prompts (episodes drawn uniformly
+    from them) whatever the predictor is, and of lower variance the better it predicts ``u``. ``predict(src, b)``
+    returns an array. Returns ``{b: û_b}`` (levels with episodes) and ``dual/*`` stats: the per-episode variance
+    of ``u`` and of ``u − c`` and their ratio (the variance reduction of the estimate)."""
+    est, resid, raw = {}, [], []
+    by: dict[float, list[Episode]] = {}
+    for e in episodes:
+        by.setdefault(e.budget, []).append(e)
+    for b, eps in sorted(by.items()):
+        u = np.array([e.usage() for e in eps])
+        d = u - predict([e.src_ids.tolist() for e in eps], b)
+        est[b] = float(np.clip(pool_mean(b, eps) + d.mean(), 0.0, 1.0))
+        resid.extend((d - d.mean()).tolist())
+        raw.extend((u - u.mean()).tolist())
+    var_u, var_d = float(np.mean(np.square(raw))) if raw else 0.0, float(np.mean(np.square(resid))) if resid else 0.0
+    return est, {"dual/var_count": var_u, "dual/var_control_variate": var_d,
+                 "dual/variance_ratio": var_d / var_u if var_u > 0 else 1.0}
+
+
 def cost_value_usage(learner, episodes: list[Episode], prompts: dict[float, list[list[int]]],
                      chunk: int = 512) -> tuple[dict[float, float], dict[str, float]]:
-    """Each level's usage with the cost value as a control variate (SPEC §5):
-    ``û_b = mean_{prompts j} V_C(s_0^j, b) + mean_{episodes i at b} (u_i − V_C(s_0^i, b))`` — unbiased for the mean
-    usage over the prompts whatever ``V_C`` is, and of lower variance the better ``V_C(s_0)`` predicts ``u``.
-    Returns ``{b: û_b}`` (levels with episodes) and ``dual/*`` stats: the per-episode variance of ``u`` and of
-    ``u − V_C(s_0)`` and their ratio (the variance reduction of the estimate)."""
+    """:func:`control_variate_usage` with the cost value ``V_C(s_0^i, b)`` as the predictor (SPEC §5), averaged
+    over ``prompts[b]`` (or the episodes' own inputs when a level has no prompts)."""
     def v0(src: list[list[int]], b: float) -> np.ndarray:
         out = []
         for i in range(0, len(src), chunk):
@@ -493,20 +522,45 @@ def cost_value_usage(learner, episodes: list[Episode], prompts: dict[float, list
             out.append(learner.start_cost_values(ids, mask, torch.full((len(ids),), b)).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
-    est, resid, raw = {}, [], []
-    by: dict[float, list[Episode]] = {}
-    for e in episodes:
-        by.setdefault(e.budget, []).append(e)
-    for b, eps in sorted(by.items()):
-        u = np.array([e.usage() for e in eps])
-        d = u - v0([e.src_ids.tolist() for e in eps], b)
-        pool = prompts.get(b) or [e.src_ids.tolist() for e in eps]
-        est[b] = float(np.clip(v0(pool, b).mean() + d.mean(), 0.0, 1.0))
-        resid.extend((d - d.mean()).tolist())
-        raw.extend((u - u.mean()).tolist())
-    var_u, var_d = float(np.mean(np.square(raw))) if raw else 0.0, float(np.mean(np.square(resid))) if resid else 0.0
-    return est, {"dual/var_count": var_u, "dual/var_control_variate": var_d,
-                 "dual/variance_ratio": var_d / var_u if var_u > 0 else 1.0}
+    return control_variate_usage(
+        episodes, v0, lambda b, eps: v0(prompts.get(b) or [e.src_ids.tolist() for e in eps], b).mean())
+
+
+@dataclass
+class ReferenceUsage:
+    """The phase-1 student's greedy usage of every held-out prompt at every level (``rl.dual_estimator=reference``):
+    ``usage[b][tuple(src_ids)]``, decoded once when phase 2 starts, in the driver, as the rollout workers decode
+    their greedy rows (``<τ>`` allowed at every level, no offsets)."""
+
+    usage: dict[float, dict[tuple[int, ...], float]]
+
+    @classmethod
+    def decode(cls, run: Run, student: Student, prompts: dict[float, list[list[int]]],
+               teacher_src: dict[tuple[int, ...], list[int]], batch_size: int) -> "ReferenceUsage":
+        was_training = student.training
+        student.eval()
+        usage: dict[float, dict[tuple[int, ...], float]] = {}
+        try:
+            with torch.no_grad():
+                for b, src in prompts.items():
+                    usage[b] = {}
+                    for i in range(0, len(src), batch_size):
+                        chunk = src[i:i + batch_size]
+                        ids, mask = pad_batch(chunk, run.pad_id)
+                        d = decode(student, ids, mask, max_len=run.cfg.data.max_tgt_tokens, eos_id=run.eos_id,
+                                   teacher=run.teacher, teacher_src=[teacher_src[tuple(s)] for s in chunk],
+                                   start_id=run.start_id, pad_id=run.pad_id)
+                        for s, calls, n in zip(chunk, d.teacher_mask.sum(1), d.lengths):
+                            usage[b][tuple(s)] = float(calls) / max(int(n), 1)
+        finally:
+            student.train(was_training)
+        return cls(usage)
+
+    def predict(self, src: list[list[int]], b: float) -> np.ndarray:
+        return np.array([self.usage[b][tuple(s)] for s in src])
+
+    def pool_mean(self, b: float, _episodes=None) -> float:
+        return float(np.mean(list(self.usage[b].values())))
 
 
 def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.Generator) -> list[Episode]:
