@@ -135,7 +135,6 @@ def test_phase2_through_train_and_resume_with_two_learner_workers(ray_cluster, t
     rows = read_metrics(tmp_path, phase="phase2")
     assert rows[-1]["step"] == 1 and rows[-1]["learner/step"] == 4.0
     assert int(load_checkpoint(latest_checkpoint(tmp_path))[0]["learner"]["learner.step"]) == 4
-    assert int(load_checkpoint(latest_checkpoint(tmp_path))[0]["learner"]["learner.step"]) == 6
 
 
 def test_unplaceable_learner_workers_fail_fast(ray_cluster, toy):

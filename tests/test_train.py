@@ -146,8 +146,9 @@ def test_resume_after_the_driver_is_killed_ends_with_the_uninterrupted_report(ti
     assert_same_state(out / "checkpoints" / "step_000002", latest_checkpoint(killed), 2)
     resumed = train(load_config(None, overrides), resume=True)
     assert_same_state(latest_checkpoint(out), latest_checkpoint(killed), 3)
+    assert resumed["config"] == {**report["config"], "out_dir": str(killed)}  # the same config, another directory
     drop = ("timing", "wall_time_s", "latency_ms", "latency_ms_p95", "throughput", "sequences_per_s",
-            "tokens_per_s", "latency")
+            "tokens_per_s", "latency", "config")
 
     def stable(x):
         if isinstance(x, dict):
