@@ -136,6 +136,36 @@ def test_data_errors_are_found_before_phase0_by_dry_run_and_train(tmp_path, caps
     err = capsys.readouterr().err
     assert "tw-rl train: data error" in err and bad in err, err
     assert not (out / "config.yaml").exists() and not (out / "models").exists()
+    if problem == "too_long":  # with a local tokenizer the dry run checks the lengths itself, without torch
+        given = [a for a in args if not a.startswith("out_dir=")] + [f"tokenizer.path={out / 'tokenizer'}",
+                                                                     f"out_dir={tmp_path / 'run2'}"]
+        assert main(["train", "--dry-run", *given]) == 2
+        err = capsys.readouterr().err
+        assert "data error" in err and bad in err and "data.max_tgt_tokens" in err, err
+        assert main(["train", "--dry-run", *given, "data.on_error=skip"]) == 0
+        printed = capsys.readouterr().out
+        assert f"checked with {out / 'tokenizer' / 'tokenizer.json'}" in printed and "40 over (skipped)" in printed
+
+
+def test_dry_run_token_lengths_match_the_hugging_face_tokenizer(tmp_path):
+    """The dry run's tokenizer.json reader counts what train's Hugging Face tokenizer counts (special tokens and
+    the budget prompt included)."""
+    from transformers import AutoTokenizer
+
+    from tw_rl.config import load_config
+    from tw_rl.data.validate import FileTokenizer, prompt_tokens
+    from tw_rl.pretrain import tokenizer as phase0_tokenizer
+
+    data = _files_data(tmp_path / "data")
+    cfg = load_config(None, ["data.kind=files", f"data.path={data}", f"out_dir={tmp_path / 'run'}",
+                             "tokenizer.vocab_size=120", "num_threads=1"])
+    phase0_tokenizer(cfg, tmp_path / "run")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "tokenizer"))
+    raw = FileTokenizer(tmp_path / "run" / "tokenizer" / "tokenizer.json")
+    texts = ["das haus 3", "the house very very long", "teacher budget 20%: das haus"]
+    assert raw(texts)["input_ids"] == hf(texts, add_special_tokens=True)["input_ids"]
+    assert raw(texts[0])["input_ids"] == hf(texts[0])["input_ids"]
+    assert prompt_tokens(cfg.budget_prompt, cfg.budgets, raw) == prompt_tokens(cfg.budget_prompt, cfg.budgets, hf) > 0
 
 
 @pytest.mark.parametrize("algo", ["pcl", "gkd", "ppo", "rllib_ppo", "reinforce"])

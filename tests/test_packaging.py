@@ -78,3 +78,14 @@ def test_installed_package_finds_its_files_not_the_repositorys(installed):
     assert pkg.startswith(str(installed["purelib"])) and not pkg.startswith(str(REPO))
     assert config == str(installed["purelib"] / "tw_rl" / "_launch" / "configs" / "demo.yaml")
     assert tok_par == "false" and registered == "True" and envs_file.startswith(str(installed["purelib"]))
+
+
+def test_installed_wheel_trains_and_evaluates_a_smoke_run(installed, tmp_path):
+    """The wheel alone, outside the repository, runs every phase and writes a report (Ray kept out: no workers)."""
+    from tests.test_train import TINY
+
+    out = tmp_path / "smoke"
+    r = _run(installed, installed["bin"] / "tw-rl", "train", *TINY, "rl.iterations=1", f"out_dir={out}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = (out / "report.json").read_text()
+    assert '"tw"' in report and (out / "models" / "final").is_dir()

@@ -7,8 +7,9 @@ resources it would ask Ray for, per actor type and in total. It downloads nothin
 weights. Problems that would stop the run later (a missing local directory, a model neither given nor trained, a
 missing split file) raise :class:`~tw_rl.config.ConfigError` here; with ``data.kind=files`` every split is read
 through the loader, so misaligned pair files, a truncated gzip or bad UTF-8 raise its
-:class:`~tw_rl.data.DataError` (file and line). Token lengths need the tokenizer (phase 0, or a model's): ``tw-rl
-train`` checks them before phase 0.
+:class:`~tw_rl.data.DataError` (file and line), and so does an over-long pair when the tokenizer is a local file
+(``tokenizer.path`` or a given model's directory, read with the ``tokenizers`` library alone). A tokenizer that
+phase 0 trains does not exist yet: ``tw-rl train`` checks the lengths with it before any model is trained.
 """
 
 from __future__ import annotations
@@ -129,14 +130,43 @@ def _data(cfg: Config) -> dict[str, Any]:
         out["files"] = found
         from tw_rl.data.files import read_split_with_report  # no torch: reads and checks every line
 
-        out["pairs"] = {}
+        out["pairs"], read = {}, {}
         for split in dict.fromkeys(splits.values()):  # each file opened whole: a DataError names file and line
-            pairs, report = read_split_with_report(d, split)
-            out["pairs"][split] = {"kept": len(pairs), "skipped": report.skipped}
+            read[split], report = read_split_with_report(d, split)
+            out["pairs"][split] = {"kept": len(read[split]), "skipped": report.skipped}
+        out["lengths"] = _lengths(cfg, read)
     else:
         if not d.hf_name:
             raise ConfigError("data.kind=hf needs data.hf_name (e.g. wmt/wmt19 with data.hf_config=de-en, or xsum)")
         out.update(id=d.hf_name, config=d.hf_config, cached=_hub_cached("datasets", d.hf_name))
+    return out
+
+
+def _local_tokenizer(cfg: Config) -> Path | None:
+    """The ``tokenizer.json`` of the tokenizer the run would use when it is given as a local directory
+    (``tokenizer.path``, else a given model's — the order of phase 0); None when phase 0 trains it or it is a hub
+    id."""
+    given = cfg.tokenizer.path or cfg.teacher.name_or_path or cfg.student.name_or_path
+    f = Path(given).expanduser() / "tokenizer.json" if given else None
+    return f if f is not None and f.is_file() else None
+
+
+def _lengths(cfg: Config, pairs: dict[str, list]) -> dict[str, Any] | str:
+    """Token lengths of every split read (``pairs``) against ``data.max_src_tokens`` (budget prompt counted) and
+    ``data.max_tgt_tokens``, with the rule of every phase (:func:`tw_rl.data.validate.check_token_lengths`), when
+    the tokenizer is a local file; ``data.on_error=raise`` makes an over-long pair a DataError naming it."""
+    path = _local_tokenizer(cfg)
+    if path is None:
+        return "checked by tw-rl train before phase 0 (phase 0 builds the tokenizer)"
+    from tw_rl.config import training_budgets
+    from tw_rl.data.validate import FileTokenizer, check_token_lengths_with_report, prompt_tokens
+
+    tok, d = FileTokenizer(path), cfg.data
+    room = d.max_src_tokens - prompt_tokens(cfg.budget_prompt, training_budgets(cfg), tok)
+    out: dict[str, Any] = {"tokenizer": str(path)}
+    for split, ps in pairs.items():
+        _, report = check_token_lengths_with_report(ps, tok, room, d.max_tgt_tokens, d.on_error)
+        out[split] = {"kept": report.kept, "skipped": report.skipped}
     return out
 
 
@@ -234,7 +264,12 @@ def print_plan(p: dict[str, Any]) -> None:
     if d.get("pairs"):
         print("data read and checked (alignment, gzip, UTF-8): " + ", ".join(
             f"{s} {n['kept']} pairs" + (f" ({n['skipped']} bad lines skipped)" if n["skipped"] else "")
-            for s, n in d["pairs"].items()) + "; token lengths are checked by tw-rl train before phase 0")
+            for s, n in d["pairs"].items()))
+        lengths = d["lengths"]
+        print("token lengths: " + (lengths if isinstance(lengths, str) else f"checked with {lengths['tokenizer']}: "
+              + ", ".join(f"{s} {n['kept']} within the limits" + (f", {n['skipped']} over (skipped)" if n["skipped"]
+                                                                   else "")
+                          for s, n in lengths.items() if s != "tokenizer")))
     for m in [p["tokenizer"], *p["models"]]:
         extra = m.get("id") or m.get("path") or m.get("arch") or ""
         print(f"{m['role']}: {m['source']}" + (f" {extra}" if extra else ""))

@@ -28,6 +28,7 @@ from tw_rl.config import (Config, ConfigError, check_device, load_config, save_c
                            training_budgets)
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
+from tw_rl.data.validate import prompt_tokens as validate_prompt_tokens
 from tw_rl.decoding import decode
 from tw_rl.evaluate import evaluate, write_outputs, write_report
 from tw_rl.manifest import ArtefactError, Manifest, atomic_dir, atomic_file, atomic_write, changes, flatten, \
@@ -135,8 +136,7 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
 
 def prompt_tokens(cfg: Config, tok) -> int:
     """The longest budget prompt of any budget training draws, in tokens: the room every source leaves for it."""
-    return max(len(tok(cfg.budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
-               for b in sorted(set(training_budgets(cfg))))
+    return validate_prompt_tokens(cfg.budget_prompt, training_budgets(cfg), tok)
 
 
 def checked_pairs(cfg: Config, tok, name: str, limit: int | None) -> list:

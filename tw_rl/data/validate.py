@@ -1,4 +1,4 @@
-"""Checks that need the tokenizer: examples longer than the model's limits."""
+"""Checks that need the tokenizer: examples longer than the model's limits, the budget prompt counted."""
 
 from __future__ import annotations
 
@@ -10,6 +10,29 @@ from tw_rl.data import DataError, LoadReport, Pair
 log = logging.getLogger(__name__)
 
 _BATCH = 1024  # pairs tokenized per call: fast tokenizers parallelize a batch; bounded for memory
+
+
+def prompt_tokens(budget_prompt: str, budgets, tokenizer: Any) -> int:
+    """The longest budget prompt over ``budgets``, in tokens: the room every source leaves for it."""
+    return max(len(tokenizer(budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
+               for b in sorted(set(budgets)))
+
+
+class FileTokenizer:
+    """A ``tokenizer.json`` read with the ``tokenizers`` library alone (no torch, no transformers: what
+    ``tw-rl train --dry-run`` may load), callable as :func:`check_token_lengths` calls a Hugging Face tokenizer.
+    The file's post-processor adds the special tokens, as the Hugging Face fast tokenizer built on it does."""
+
+    def __init__(self, path) -> None:
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self._tok = Tokenizer.from_file(str(path))
+
+    def __call__(self, texts, add_special_tokens: bool = True, **_: Any) -> dict[str, Any]:
+        if isinstance(texts, str):
+            return {"input_ids": self._tok.encode(texts, add_special_tokens=add_special_tokens).ids}
+        return {"input_ids": [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]}
 
 
 def check_token_lengths(pairs: list[Pair], tokenizer: Any, max_src_tokens: int, max_tgt_tokens: int,
