@@ -620,6 +620,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write(path, to_yaml(cfg))
 
 
+def given_tokenizer(cfg: "Config") -> Optional[str]:
+    """The tokenizer a run is given: ``tokenizer.path``, else the teacher's, else the student's (a directory or hub
+    id); None when phase 0 trains one on the data."""
+    return cfg.tokenizer.path or cfg.teacher.name_or_path or cfg.student.name_or_path
+
+
 def training_budgets(cfg: "Config") -> list[float]:
     """The budgets training draws from, uniformly (``budget_sampling``): the grid, or every whole percent from its
     smallest to its largest level with the grid's levels repeated so that they carry about half of the draws (the

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tw_rl.config import Config, ConfigError
+from tw_rl.config import Config, ConfigError, given_tokenizer
 
 _DATA_LOADERS = {"embedded": "tw_rl.data.embedded", "files": "tw_rl.data.files", "hf": "tw_rl.data.hf"}
 
@@ -146,7 +146,7 @@ def _local_tokenizer(cfg: Config) -> Path | None:
     """The ``tokenizer.json`` of the tokenizer the run would use when it is given as a local directory
     (``tokenizer.path``, else a given model's — the order of phase 0); None when phase 0 trains it or it is a hub
     id."""
-    given = cfg.tokenizer.path or cfg.teacher.name_or_path or cfg.student.name_or_path
+    given = given_tokenizer(cfg)
     f = Path(given).expanduser() / "tokenizer.json" if given else None
     return f if f is not None and f.is_file() else None
 

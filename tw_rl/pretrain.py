@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from tw_rl.config import Config, ConfigError, budget_prompt
+from tw_rl.config import Config, ConfigError, budget_prompt, given_tokenizer
 from tw_rl.data import DataError, Pair, load_split
 from tw_rl.examples import pad_batch
 from tw_rl.manifest import Manifest, atomic_dir, pairs_digest
@@ -369,7 +369,7 @@ def _train_data_settings(cfg: Config) -> dict:
 def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTrainedTokenizerBase, str]:
     """The shared tokenizer: ``tokenizer.path``, else a given model's tokenizer, else one trained on ``train``.
     Saved under ``run_dir/tokenizer`` and reused when its fingerprint matches."""
-    given = cfg.tokenizer.path or cfg.teacher.name_or_path or cfg.student.name_or_path
+    given = given_tokenizer(cfg)
     fp = _fingerprint("tokenizer", cfg.tokenizer, given, _train_data_settings(cfg), cfg.budget_prompt)
     tdir = run_dir / "tokenizer"
     manifest = Manifest(run_dir)

@@ -422,11 +422,11 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
     if cfg.rl.demonstrations:  # false: on-policy only (ablation)
         buffer.add_demos(demonstrations(run, references(run), student.tau_id, rng))
     start = 0
+    held = run.validation or run.train[:500]  # the inputs whose usage the dual's control variates average over
+    held_prompts = start_prompts(held, cfg.budgets)
     reference = None
     if cfg.rl.dual_estimator == "reference":  # the phase-1 student's usage per held-out input (before any resume)
-        held = run.validation or run.train[:500]
-        reference = ReferenceUsage.decode(run, student, start_prompts(held, cfg.budgets), teacher_sources(held),
-                                          cfg.eval.batch_size)
+        reference = ReferenceUsage.decode(run, student, held_prompts, teacher_sources(held), cfg.eval.batch_size)
     if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
         start, buffer = restore(ckpt, learner, multipliers, rng)
         print(f"resumed from {ckpt} at iteration {start}")
@@ -435,7 +435,7 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
     group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
                                      eos_id=run.eos_id, greedy_examples=run.validation or None)
     critic = getattr(learner, "value", None) is not None  # rl.value=learned: V_φ and V_C (tw_rl/models/value.py)
-    prompts = start_prompts(run.validation or run.train[:500], cfg.budgets) if critic else None
+    prompts = held_prompts if critic else None
     recent: list[Episode] = []  # this iteration's greedy on-policy episodes: V_C's training data
     try:
         for it in tqdm(range(start, cfg.rl.iterations), desc=f"phase 2 ({cfg.algo})", unit="iter"):
