@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Iterator, Mapping
 from tw_rl.version import code_version
 
 MANIFEST = "manifest.json"
+_ABSENT = " is absent"  # Manifest.reuse's reason when the artefact was simply not there yet
 _FORMAT = 1
 
 
@@ -203,7 +205,7 @@ class Manifest:
         rel = self._rel(path)
         rec = self.artefacts.get(name)
         if not (self.dir / rel).exists():
-            return False, f"{rel} is absent"
+            return False, f"{rel}{_ABSENT}"
         if rec is None:
             return False, f"{rel} is not recorded in {MANIFEST}"
         diff = changes(rec["settings"], flatten(settings)) + [
@@ -292,3 +294,10 @@ class Manifest:
             return str(p.relative_to(self.dir))
         except ValueError:
             return str(p.resolve().relative_to(self.dir.resolve())) if p.is_absolute() else str(p)
+
+
+def say_recomputing(name: str, why: str) -> None:
+    """Say why a cached artefact is not reused (:meth:`Manifest.reuse`'s reason: what changed), unless it simply
+    was not there yet."""
+    if why and not why.endswith(_ABSENT):
+        print(f"tw-rl: recomputing {name}: {why}", file=sys.stderr)

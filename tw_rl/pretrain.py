@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -44,7 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from tw_rl.config import Config, ConfigError, budget_prompt, given_tokenizer
 from tw_rl.data import DataError, Pair, load_split
 from tw_rl.examples import pad_batch
-from tw_rl.manifest import Manifest, atomic_dir, pairs_digest
+from tw_rl.manifest import Manifest, atomic_dir, pairs_digest, say_recomputing
 from tw_rl.models.factory import build_t5, check_shared_vocab, count_parameters, load_seq2seq, load_tokenizer, \
     save_seq2seq
 from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer
@@ -339,12 +338,6 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _recomputing(name: str, why: str) -> None:
-    """Say why a cached artefact is not reused (absent, or what changed), unless it simply was not there yet."""
-    if why and "is absent" not in why:
-        print(f"tw-rl: recomputing {name}: {why}", file=sys.stderr)
-
-
 def _read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
@@ -380,7 +373,7 @@ def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTraine
     reuse, why = manifest.reuse("tokenizer", tdir, settings, inputs)
     if reuse and marker is not None and marker.get("fingerprint") == fp:
         return load_tokenizer(str(tdir)), manifest.id("tokenizer")
-    _recomputing("tokenizer", why)
+    say_recomputing("tokenizer", why)
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     elif cfg.teacher.name_or_path:
@@ -433,7 +426,7 @@ def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenize
     model = build_t5(mcfg.arch, tok, seed)
     stats = train_seq2seq(model, training_data(), epochs, cfg, seed, role)
     stats.update(trained=True, params=count_parameters(model), arch=dataclasses.asdict(mcfg.arch))
-    _recomputing(role, why)
+    say_recomputing(role, why)
     with atomic_dir(mdir) as tmp:  # a kill leaves the old model or none, never half of one
         save_seq2seq(model, tok, tmp)
         _write_json(tmp / "done.json", {"fingerprint": fp, "stats": stats})

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from tw_rl.data.validate import prompt_tokens as validate_prompt_tokens
 from tw_rl.decoding import decode
 from tw_rl.evaluate import evaluate, write_outputs, write_report
 from tw_rl.manifest import ArtefactError, Manifest, atomic_dir, atomic_file, atomic_write, changes, flatten, \
-    pairs_digest
+    pairs_digest, say_recomputing
 from tw_rl.examples import make_examples, pad_batch
 from tw_rl.metrics import MetricsLogger, Timer
 from tw_rl.models.factory import load_seq2seq
@@ -220,12 +219,11 @@ def references(run: Run) -> list[Reference]:
     path = run.dir / "models" / "references.npz"
     manifest = Manifest(run.dir)
     settings = {"data.max_tgt_tokens": run.max_len, "phase1.num_examples": run.cfg.phase1.num_examples}
-    inputs = {k: run.inputs.get(k) for k in ("tokenizer", "teacher", "student", "data/train")}
+    inputs = phase0_inputs(run)
     reuse, why = manifest.reuse("references", path, settings, inputs)
     if reuse:
         return read_references(path)
-    if why and "is absent" not in why:
-        print(f"tw-rl: recomputing references: {why}", file=sys.stderr)
+    say_recomputing("references", why)
     base, _ = load_seq2seq(run.base_student_dir)
     refs = build_references(run.train, run.teacher, base.eval(), run.max_len, run.eos_id,
                             batch_size=run.cfg.eval.batch_size, pad_id=run.pad_id, start_id=run.start_id)
@@ -237,6 +235,12 @@ def references(run: Run) -> list[Reference]:
                  student_wrong=np.concatenate([r.student_wrong for r in refs]))
     manifest.record("references", path, settings, inputs)
     return refs
+
+
+def phase0_inputs(run: Run) -> dict:
+    """The manifest ids of what phases 1 and 2's artefacts are built from: phase 0's tokenizer and models and the
+    training data."""
+    return {k: run.inputs.get(k) for k in ("tokenizer", "teacher", "student", "data/train")}
 
 
 def read_references(path: Path) -> list[Reference]:
@@ -268,15 +272,14 @@ def phase1(run: Run, log: MetricsLogger) -> Student:
                 "budget_prompt": run.cfg.budget_prompt, "budget_sampling": run.cfg.budget_sampling}
     recorded = {"phase1": settings, "seed": run.cfg.seed, "data.max_src_tokens": run.cfg.data.max_src_tokens,
                 "data.max_tgt_tokens": run.cfg.data.max_tgt_tokens, "eval.batch_size": run.cfg.eval.batch_size}
-    inputs = {k: run.inputs.get(k) for k in ("tokenizer", "teacher", "student", "data/train")}
+    inputs = phase0_inputs(run)
     manifest = Manifest(run.dir)
     reuse, why = manifest.reuse("phase1_student", out, recorded, inputs)
     if reuse:
         cached = Student.load(out)[0]
         _phase_rng(out / PHASE1_RNG, computed=False)
         return cached
-    if why and "is absent" not in why:
-        print(f"tw-rl: recomputing phase1_student: {why}", file=sys.stderr)
+    say_recomputing("phase1_student", why)
     student = new_student(run)
     info: dict = {"steps": behaviour_cloning(run, student, log) if cfg.enabled else 0, "enabled": cfg.enabled,
                   "settings": settings}  # disabled (ablation): later phases start from the phase-0 student + <τ>
