@@ -28,7 +28,7 @@ def _find_envs_in_checkout() -> None:
                                                           submodule_search_locations=[str(folder)])
 
     if not any(type(f).__name__ == "_EnvsFinder" for f in sys.meta_path):
-        sys.meta_path.append(_EnvsFinder())
+        sys.meta_path.insert(0, _EnvsFinder())  # first: a checkout pairs with its own envs/
 
 
 _find_envs_in_checkout()
