@@ -10,6 +10,6 @@ import gymnasium
 from .token_mdp import Example, TeacherClient, TokenMDPBatch, TokenMDPEnv
 
 if "tw_rl/TokenMDP-v0" not in gymnasium.registry:
-    gymnasium.register(id="tw_rl/TokenMDP-v0", entry_point="tw_rl.envs.default:make_default_env")
+    gymnasium.register(id="tw_rl/TokenMDP-v0", entry_point="tw_rl.default_env:make_default_env")
 
 __all__ = ["Example", "TeacherClient", "TokenMDPBatch", "TokenMDPEnv"]

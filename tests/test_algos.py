@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -164,3 +166,102 @@ def test_student_rl_module_reads_the_env_observation_as_the_student_would(toy):
     assert bool(tmask.any())  # a teacher token is in the prefix: δ matters
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     assert values.shape == (5,)
+
+
+# ---- the Learner protocol ----------------------------------------------------------------------------------------
+class _TinyStudent(torch.nn.Module):
+    """An autoregressive stand-in: embedding → linear, logits over V ∪ {<τ>} (4 tokens + <τ>)."""
+
+    def __init__(self, actions: int = 5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(8, 6)
+        self.head = torch.nn.Linear(6, actions)
+
+    hidden_size = 6  # what PCL's value head reads
+
+    def forward(self, src_ids, src_mask, dec_tokens, dec_teacher_mask, return_hidden=False):
+        h = self.embed(dec_tokens)
+        return (self.head(h), h) if return_hidden else self.head(h)
+
+
+class _RecordingTeacher:
+    """Answers ``distributions`` with a fixed distribution and records the teacher inputs it was asked about."""
+
+    def __init__(self):
+        self.asked: list[list[list[int]]] = []
+
+    def distributions(self, src, outputs):
+        self.asked.append([list(s) for s in src])
+        T = max(len(o) for o in outputs)
+        return torch.log_softmax(torch.arange(4.0).repeat(len(src), T, 1), dim=-1)
+
+
+def _episodes():
+    from tw_rl.batch import Episode
+
+    def ep(src, teacher_src, actions, tokens, b):
+        n = len(actions)
+        return Episode(src_ids=np.array(src), actions=np.array(actions), tokens=np.array(tokens),
+                       teacher_logprobs=np.full(n, -0.5, np.float32), behavior_logprobs=np.full(n, -1.0, np.float32),
+                       budget=b, terminated=True, policy_version=0, teacher_src=np.array(teacher_src))
+    return [ep([7, 1, 2], [1, 2], [1, 4, 3], [1, 2, 3], 0.2), ep([6, 3], [3], [2, 3], [2, 3], 0.0)]
+
+
+def test_every_registered_learner_conforms_to_the_protocol():
+    """Each registry entry builds a Learner that declares how it is driven; the ones the driver's loop feeds take
+    one update on a batch with exactly the inputs they declare (tw_rl/algos/learner.py)."""
+    from tw_rl.algos.learner import COST_BATCH, TEACHER_SRC, Learner
+    from tw_rl.batch import EpisodeBatch
+    from tw_rl.config import Config
+
+    eps = _episodes()
+    batch = EpisodeBatch.collate(eps, pad_id=0)
+    for name in ALGORITHMS:
+        learner = get_algorithm(name).make_learner(Config(), _TinyStudent(), 0, 0, teacher=_RecordingTeacher())
+        assert isinstance(learner, Learner), name
+        assert isinstance(learner.owns_loop, bool) and learner.inputs <= {COST_BATCH, TEACHER_SRC}, name
+        if learner.owns_loop:
+            continue
+        extra = {TEACHER_SRC: [e.teacher_src.tolist() for e in eps]} if TEACHER_SRC in learner.inputs else {}
+        before = [p.detach().clone() for p in learner.student.parameters()]
+        stats = learner.update(batch, torch.tensor([0.5, 0.0]), **extra)
+        assert stats and all(isinstance(v, float) for v in stats.values()), name
+        assert any(not torch.equal(a, p) for a, p in zip(before, learner.student.parameters())), name
+        state = learner.state_dict()
+        learner.load_state_dict(state)
+        learner.close()
+        with pytest.raises(NotImplementedError, match="does not own its loop"):
+            learner.run(None, None, False)
+
+
+def test_gkd_asks_the_teacher_about_the_teacher_inputs_it_is_given():
+    """The teacher inputs come with the batch (no map from the student's prompted ids back to x)."""
+    from tw_rl.batch import EpisodeBatch
+    from tw_rl.config import Config
+
+    teacher = _RecordingTeacher()
+    learner = get_algorithm("gkd").make_learner(Config(), _TinyStudent(), 0, 0, teacher=teacher)
+    batch = EpisodeBatch.collate(_episodes(), pad_id=0)
+    learner.update(batch, torch.zeros(2), teacher_src=[[1, 2], [3]])
+    assert teacher.asked == [[[1, 2], [3]]]
+    with pytest.raises(ValueError, match="1 teacher inputs for a batch of 2"):
+        learner.update(batch, torch.zeros(2), teacher_src=[[1, 2]])
+
+
+def test_the_driver_passes_each_learner_what_it_declares():
+    from tw_rl.algos.learner import COST_BATCH, TEACHER_SRC
+    from tw_rl.train import learner_inputs
+
+    class Wants:
+        def __init__(self, inputs):
+            self.inputs = frozenset(inputs)
+
+    eps, rng = _episodes(), np.random.default_rng(0)
+    assert learner_inputs(Wants(()), eps, eps, 4, rng, 0) == {}
+    got = learner_inputs(Wants({TEACHER_SRC, COST_BATCH}), eps, eps[:1], 4, rng, 0)
+    assert got[TEACHER_SRC] == [[1, 2], [3]] and len(got[COST_BATCH]) == 1
+    assert COST_BATCH not in learner_inputs(Wants({COST_BATCH}), eps, [], 4, rng, 0)  # no greedy episodes yet
+    eps[1].teacher_src = None
+    with pytest.raises(ValueError, match="1 sampled episodes carry none"):
+        learner_inputs(Wants({TEACHER_SRC}), eps, [], 4, rng, 0)

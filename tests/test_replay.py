@@ -24,7 +24,8 @@ def episode(ident: int, n: int = 3, budget: float = 0.2, calls: int = 0, source:
     return Episode(src_ids=np.arange(ident % 4 + 1, dtype=np.int64), actions=actions, tokens=tokens,
                    teacher_logprobs=-np.linspace(0.1, 1.0, n).astype(np.float32) * (ident + 1),
                    behavior_logprobs=np.full(n, -0.5 * ident, np.float32), budget=budget, terminated=terminated,
-                   policy_version=-1 if source != "onpolicy" else ident, source=source)
+                   policy_version=-1 if source != "onpolicy" else ident, source=source,
+                   teacher_src=None if ident % 3 == 0 else np.arange(ident % 5, dtype=np.int64) + 7)
 
 
 def ids(episodes: list[Episode]) -> list[int]:
@@ -87,6 +88,9 @@ def assert_same_episode(a: Episode, b: Episode) -> None:
         assert x.dtype == y.dtype and np.array_equal(x, y), f
     assert (a.budget, a.terminated, a.policy_version, a.source) == (b.budget, b.terminated, b.policy_version,
                                                                      b.source)
+    assert (a.teacher_src is None) == (b.teacher_src is None)
+    if a.teacher_src is not None:
+        assert a.teacher_src.dtype == b.teacher_src.dtype and np.array_equal(a.teacher_src, b.teacher_src)
 
 
 def test_state_round_trip_is_exact(tmp_path) -> None:

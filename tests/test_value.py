@@ -407,7 +407,7 @@ def test_reference_usage_is_the_students_own_greedy_usage_and_a_control_variate(
 
     from tw_rl.decoding import decode
     from tw_rl.examples import pad_batch
-    from tw_rl.train import ReferenceUsage, control_variate_usage, start_prompts, teacher_sources
+    from tw_rl.train import ReferenceUsage, control_variate_usage, start_prompts
 
     from tests.conftest import EOS, TOY_BUDGETS, TOY_MAX_LEN
 
@@ -415,7 +415,7 @@ def test_reference_usage_is_the_students_own_greedy_usage_and_a_control_variate(
     run = SimpleNamespace(pad_id=0, eos_id=EOS, start_id=0, teacher=toy["teacher"],
                           cfg=SimpleNamespace(data=SimpleNamespace(max_tgt_tokens=TOY_MAX_LEN)))
     prompts = start_prompts(examples, list(TOY_BUDGETS))
-    ref = ReferenceUsage.decode(run, student, prompts, teacher_sources(examples), batch_size=4)
+    ref = ReferenceUsage.decode(run, student, examples, list(TOY_BUDGETS), batch_size=4)
     episodes = []
     for b in TOY_BUDGETS:
         ids, mask = pad_batch(prompts[b], 0)

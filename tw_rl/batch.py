@@ -26,6 +26,7 @@ class Episode:
     terminated: bool  # EOS entered X_out (terminal value 0); otherwise truncated at the length limit
     policy_version: int = -1  # learner version that produced it; -1: a demonstration
     source: str = "onpolicy"  # "onpolicy" | "greedy" | "greedy_heldout" | "teacher_demo" | "oracle"
+    teacher_src: np.ndarray | None = None  # [S'] int64: the teacher's ids of x (no budget prompt), where known
 
     @property
     def teacher_mask(self) -> np.ndarray:

@@ -109,7 +109,8 @@ def oracle_episode(example: Example, ref: Reference, budget: float, tau_id: int,
                    actions=np.where(marks, tau_id, ref.tokens), tokens=ref.tokens.copy(),
                    teacher_logprobs=ref.teacher_logprobs.copy(),
                    behavior_logprobs=np.zeros(len(ref.tokens), dtype=np.float32), budget=budget,
-                   terminated=ref.terminated, policy_version=-1, source="oracle")
+                   terminated=ref.terminated, policy_version=-1, source="oracle",
+                   teacher_src=np.asarray(example.teacher_src, dtype=np.int64))
 
 
 def demo_episode(example: Example, ref: Reference, budget: float) -> Episode:
@@ -117,7 +118,8 @@ def demo_episode(example: Example, ref: Reference, budget: float) -> Episode:
     return Episode(src_ids=np.asarray(example.student_src[budget], dtype=np.int64), actions=ref.tokens.copy(),
                    tokens=ref.tokens.copy(), teacher_logprobs=ref.teacher_logprobs.copy(),
                    behavior_logprobs=np.zeros(len(ref.tokens), dtype=np.float32), budget=budget,
-                   terminated=ref.terminated, policy_version=-1, source="teacher_demo")
+                   terminated=ref.terminated, policy_version=-1, source="teacher_demo",
+                   teacher_src=np.asarray(example.teacher_src, dtype=np.int64))
 
 
 def bc_loss(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, teacher_mask: torch.Tensor,

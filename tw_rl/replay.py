@@ -147,12 +147,17 @@ def _pack(pool: str, eps: list[Episode], sources: list[str]) -> dict[str, np.nda
         p + "terminated": np.array([e.terminated for e in eps], dtype=bool),
         p + "policy_version": np.array([e.policy_version for e in eps], dtype=np.int64),
         p + "source": np.array([sources.index(e.source) for e in eps], dtype=np.int64),
+        # the teacher's ids of x; an episode without them has offsets of an empty span and known=False
+        p + "teacher_src": _cat([e.teacher_src for e in eps if e.teacher_src is not None], np.int64),
+        p + "teacher_src_offsets": _offsets([0 if e.teacher_src is None else len(e.teacher_src) for e in eps]),
+        p + "teacher_src_known": np.array([e.teacher_src is not None for e in eps], dtype=bool),
     }
 
 
 def _unpack(pool: str, arrays: dict[str, np.ndarray], sources: list[str]) -> list[Episode]:
     p = f"{pool}."
     src, so, off = arrays[p + "src_ids"], arrays[p + "src_offsets"], arrays[p + "offsets"]
+    tsrc, tso, known = arrays[p + "teacher_src"], arrays[p + "teacher_src_offsets"], arrays[p + "teacher_src_known"]
     out: list[Episode] = []
     for i in range(len(off) - 1):
         a, b = int(off[i]), int(off[i + 1])
@@ -163,6 +168,7 @@ def _unpack(pool: str, arrays: dict[str, np.ndarray], sources: list[str]) -> lis
             terminated=bool(arrays[p + "terminated"][i]),
             policy_version=int(arrays[p + "policy_version"][i]),
             source=sources[int(arrays[p + "source"][i])],
+            teacher_src=tsrc[tso[i]:tso[i + 1]].copy() if known[i] else None,
         ))
     return out
 

@@ -205,7 +205,8 @@ class RolloutWorker:
                 tokens=out.tokens[k, :L].copy(), teacher_logprobs=np.asarray(rewards[k], dtype=np.float32),
                 behavior_logprobs=out.behavior_logprobs[k, :L].copy(), budget=budgets[k],
                 terminated=bool(out.terminated[k]), policy_version=self.version,
-                source=greedy_source if k < n_greedy else "onpolicy"))
+                source=greedy_source if k < n_greedy else "onpolicy",
+                teacher_src=np.asarray(teacher_src[k], dtype=np.int64)))
         tokens = int(out.lengths.sum())
         seconds = time.perf_counter() - t0
         stats = RolloutStats(worker_index=self.worker_index, instance=self.instance, policy_version=self.version,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from tw_rl.envs.token_mdp import Example
 from tw_rl.algos import get_algorithm
+from tw_rl.algos.learner import COST_BATCH, TEACHER_SRC, Learner
 from tw_rl.batch import Episode, EpisodeBatch
 from tw_rl.budget import BudgetMultipliers
 from tw_rl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -403,22 +404,14 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
     from tw_rl.distributed import RolloutGroup, init_ray  # Ray lives at the edge
 
     cfg = run.cfg
-    algo = get_algorithm(cfg.algo)
-    if hasattr(algo, "run_phase2"):  # an algorithm with its own sampling loop (RLlib): same inputs and output
+    student.set_trainable(cfg.rl.trainable)
+    learner = make_learner(run, student)
+    if learner.owns_loop:  # an algorithm with its own sampling loop (RLlib): same inputs and output
         if cfg.rl.trainable != "all":
             raise ValueError(f"rl.trainable={cfg.rl.trainable!r} is not supported by algo={cfg.algo!r} (its own "
                              "training loop trains the whole student); use rl.trainable=all")
-        return algo.run_phase2(run, student, log, resume), None
-    student.set_trainable(cfg.rl.trainable)
+        return learner.run(run, log, resume), None
     rng = np.random.default_rng(cfg.seed + 1)
-    if cfg.learner.num_workers > 0 and cfg.algo == "pcl":  # data-parallel: DDP replicas in Ray actors
-        from tw_rl.parallel import make_learner as make_parallel_learner
-
-        init_ray()
-        learner = make_parallel_learner(cfg, student, run.start_id, run.pad_id)
-    else:
-        learner = algo.make_learner(cfg, student, run.start_id, run.pad_id, teacher=run.teacher,
-                                    teacher_src=teacher_sources(run.train))
     multipliers = BudgetMultipliers(cfg.budgets, cfg.rl.lambda_lr, cfg.rl.lambda_init,
                                     equality=cfg.rl.budget_constraint == "equal")
     buffer = ReplayBuffer(cfg.rl.replay_capacity, cfg.rl.on_policy_fraction)
@@ -429,7 +422,7 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
     held_prompts = start_prompts(held, cfg.budgets)
     reference = None
     if cfg.rl.dual_estimator == "reference":  # the phase-1 student's usage per held-out input (before any resume)
-        reference = ReferenceUsage.decode(run, student, held_prompts, teacher_sources(held), cfg.eval.batch_size)
+        reference = ReferenceUsage.decode(run, student, held, cfg.budgets, cfg.eval.batch_size)
     if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
         start, buffer = restore(ckpt, learner, multipliers, rng)
         print(f"resumed from {ckpt} at iteration {start}")
@@ -437,7 +430,7 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
         init_ray()
     group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
                                      eos_id=run.eos_id, greedy_examples=run.validation or None)
-    critic = getattr(learner, "value", None) is not None  # rl.value=learned: V_φ and V_C (tw_rl/models/value.py)
+    critic = learner.value is not None  # rl.value=learned: V_φ and V_C (tw_rl/models/value.py)
     prompts = held_prompts if critic else None
     recent: list[Episode] = []  # this iteration's greedy on-policy episodes: V_C's training data
     try:
@@ -463,13 +456,11 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
             recent = dual  # V_C trains on this iteration's greedy episodes (so that --resume replays it exactly)
             with Timer(times, "update"):  # update: PCL steps on the mixed buffer (and V_C on recent greedy episodes)
                 for u in range(cfg.rl.updates_per_iteration):
-                    batch = EpisodeBatch.collate(buffer.sample(cfg.rl.batch_size, rng), run.pad_id)
-                    cost_batch = None
-                    if critic and recent:
-                        pick = rng.choice(len(recent), size=min(cfg.rl.cost_batch_size, len(recent)), replace=False)
-                        cost_batch = EpisodeBatch.collate([recent[i] for i in pick], run.pad_id)
-                    stats = (learner.update(batch, multipliers.for_episodes(batch.budgets), cost_batch=cost_batch)
-                             if critic else learner.update(batch, multipliers.for_episodes(batch.budgets)))
+                    sampled = buffer.sample(cfg.rl.batch_size, rng)
+                    batch = EpisodeBatch.collate(sampled, run.pad_id)
+                    stats = learner.update(batch, multipliers.for_episodes(batch.budgets),
+                                           **learner_inputs(learner, sampled, recent, cfg.rl.cost_batch_size, rng,
+                                                            run.pad_id))
             log.log(it, {**stats, **rstats.as_metrics(), **multipliers.as_metrics(), **times, **dual_stats,
                          **{f"rollout/usage_{b:g}": u for b, u in usage_by_budget(episodes).items()},
                          **{f"dual/usage_{b:g}": u for b, u in dual_usage.items()},
@@ -480,9 +471,40 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
                 checkpoint(run, it + 1, learner, multipliers, buffer, rng)
     finally:
         group.close()
-        if hasattr(learner, "close"):
-            learner.close()
+        learner.close()
     return learner.student, (learner.value if critic else None)
+
+
+def make_learner(run: Run, student: Student) -> Learner:
+    """The phase-2 learner of ``algo`` (tw_rl/algos registry), or its data-parallel form with
+    ``learner.num_workers > 0`` (DDP replicas in Ray actors; the config allows that only for the algorithms in
+    ``tw_rl.algos.DATA_PARALLEL``)."""
+    cfg = run.cfg
+    if cfg.learner.num_workers > 0:
+        from tw_rl.distributed import init_ray  # Ray lives at the edge
+        from tw_rl.parallel import make_learner as make_parallel_learner
+
+        init_ray()
+        return make_parallel_learner(cfg, student, run.start_id, run.pad_id)
+    return get_algorithm(cfg.algo).make_learner(cfg, student, run.start_id, run.pad_id, teacher=run.teacher)
+
+
+def learner_inputs(learner: Learner, sampled: list[Episode], recent: list[Episode], cost_batch_size: int,
+                   rng: np.random.Generator, pad_id: int) -> dict:
+    """The extra inputs ``learner.update`` declares (``Learner.inputs``) for the batch of ``sampled`` episodes:
+    ``cost_batch``, up to ``cost_batch_size`` of this iteration's greedy episodes (``recent``; none: not passed),
+    and ``teacher_src``, each sampled episode's teacher input."""
+    out: dict = {}
+    if COST_BATCH in learner.inputs and recent:
+        pick = rng.choice(len(recent), size=min(cost_batch_size, len(recent)), replace=False)
+        out[COST_BATCH] = EpisodeBatch.collate([recent[i] for i in pick], pad_id)
+    if TEACHER_SRC in learner.inputs:
+        missing = [i for i, e in enumerate(sampled) if e.teacher_src is None]
+        if missing:
+            raise ValueError(f"the learner needs each episode's teacher input, and {len(missing)} sampled episodes "
+                             f"carry none (Episode.teacher_src; first: {missing[0]})")
+        out[TEACHER_SRC] = [e.teacher_src.tolist() for e in sampled]
+    return out
 
 
 def start_prompts(examples: list[Example], budgets: list[float]) -> dict[float, list[list[int]]]:
@@ -538,20 +560,22 @@ class ReferenceUsage:
     usage: dict[float, dict[tuple[int, ...], float]]
 
     @classmethod
-    def decode(cls, run: Run, student: Student, prompts: dict[float, list[list[int]]],
-               teacher_src: dict[tuple[int, ...], list[int]], batch_size: int) -> "ReferenceUsage":
+    def decode(cls, run: Run, student: Student, examples: list[Example], budgets: list[float],
+               batch_size: int) -> "ReferenceUsage":
+        """Decode every example's prompt at every level of ``budgets`` (examples without that level skip it)."""
         was_training = student.training
         student.eval()
         usage: dict[float, dict[tuple[int, ...], float]] = {}
         try:
             with torch.no_grad():
-                for b, src in prompts.items():
+                for b in map(float, budgets):
                     usage[b] = {}
-                    for i in range(0, len(src), batch_size):
-                        chunk = src[i:i + batch_size]
+                    rows = [e for e in examples if b in e.student_src]
+                    for i in range(0, len(rows), batch_size):
+                        chunk = [e.student_src[b] for e in rows[i:i + batch_size]]
                         ids, mask = pad_batch(chunk, run.pad_id)
                         d = decode(student, ids, mask, max_len=run.cfg.data.max_tgt_tokens, eos_id=run.eos_id,
-                                   teacher=run.teacher, teacher_src=[teacher_src[tuple(s)] for s in chunk],
+                                   teacher=run.teacher, teacher_src=[e.teacher_src for e in rows[i:i + batch_size]],
                                    start_id=run.start_id, pad_id=run.pad_id)
                         for s, calls, n in zip(chunk, d.teacher_mask.sum(1), d.lengths):
                             usage[b][tuple(s)] = float(calls) / max(int(n), 1)
@@ -578,12 +602,6 @@ def demonstrations(run: Run, refs: list[Reference], tau_id: int, rng: np.random.
 def oracle_thresholds(run: Run, refs: list[Reference]) -> dict[float, float]:
     """``phase1.quota=corpus``: the KL level per budget (:func:`tw_rl.oracle.corpus_thresholds`); else {}."""
     return corpus_thresholds(refs, training_budgets(run.cfg)) if run.cfg.phase1.quota == "corpus" else {}
-
-
-def teacher_sources(examples: list[Example]) -> dict[tuple[int, ...], list[int]]:
-    """The student's input ids (budget prompt + x, every budget) → the teacher's ids of x: what a learner that
-    queries the teacher at update time (``gkd``) needs to turn an episode back into the teacher's input."""
-    return {tuple(ids): ex.teacher_src for ex in examples for ids in ex.student_src.values()}
 
 
 def dual_episodes(episodes: list[Episode], which: str) -> list[Episode]:

@@ -24,19 +24,21 @@ only). The loss has two terms, both pure functions below:
 Where the teacher's distributions come from (**[choice]**): never from the replay buffer, which stores only token
 ids and per-token log-probs (``tw_rl/batch.py``). The learner holds the driver's :class:`~tw_rl.teacher.Teacher`
 and calls ``teacher.distributions(x, X_out)`` once per update on the sampled batch (one teacher-forced forward,
-``[B, T, |V|]``, freed after the step). Episodes carry the student's input ids (budget prompt + ``x``); the
-driver hands the learner ``teacher_src``, a map from those ids to the teacher's ids of ``x``.
+``[B, T, |V|]``, freed after the step). The student's input ids carry the budget prompt, the teacher's do not:
+every episode carries the teacher's ids of ``x`` too (``Episode.teacher_src``), and the driver passes them with
+the batch (``update(batch, lambdas, teacher_src=...)``: the learner declares the input, tw_rl/algos/learner.py).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tw_rl.algos.learner import TEACHER_SRC, Learner
 from tw_rl.algos.common import (batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean,
                                rollout_stats)
 from tw_rl.batch import EpisodeBatch
@@ -113,17 +115,14 @@ def gkd_loss(logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tenso
 # --------------------------------------------------------------------------------------------------------------
 # the learner
 # --------------------------------------------------------------------------------------------------------------
-TeacherSource = Callable[[Sequence[int]], Sequence[int]] | Mapping[tuple[int, ...], Sequence[int]]
-
-
-class GKDLearner:
+class GKDLearner(Learner):
     """The student, AdamW and the teacher it queries for distributions at update time."""
 
-    def __init__(self, cfg: Config, student: nn.Module, start_id: int, pad_id: int, teacher,
-                 teacher_src: TeacherSource) -> None:
+    inputs = frozenset({TEACHER_SRC})  # the teacher's ids of x for every episode of the batch
+
+    def __init__(self, cfg: Config, student: nn.Module, start_id: int, pad_id: int, teacher) -> None:
         self.cfg, self.student, self.start_id, self.pad_id = cfg, student, start_id, pad_id
         self.teacher = teacher
-        self._teacher_src = teacher_src
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.rl.lr, weight_decay=0.0)
         self.step = 0
 
@@ -131,16 +130,14 @@ class GKDLearner:
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
 
-    def teacher_sources(self, batch: EpisodeBatch) -> list[list[int]]:
-        """The teacher's ids of ``x`` for every episode (the student's ids carry the budget prompt)."""
-        rows = [tuple(r[m].tolist()) for r, m in zip(batch.src_ids.cpu(), batch.src_mask.cpu())]
-        f = self._teacher_src
-        return [list(f[r]) if isinstance(f, Mapping) else list(f(r)) for r in rows]
-
-    def update(self, batch: EpisodeBatch, lambdas: torch.Tensor) -> dict[str, float]:
+    def update(self, batch: EpisodeBatch, lambdas: torch.Tensor, *,
+               teacher_src: Sequence[Sequence[int]]) -> dict[str, float]:
+        """One step; ``teacher_src[i]`` is episode ``i``'s teacher input (``x`` without the budget prompt)."""
+        if len(teacher_src) != len(batch):
+            raise ValueError(f"gkd: {len(teacher_src)} teacher inputs for a batch of {len(batch)} episodes")
         cfg = self.cfg
         outputs = [r[:n].tolist() for r, n in zip(batch.tokens, batch.lengths.tolist())]
-        teacher_logp = self.teacher.distributions(self.teacher_sources(batch), outputs)  # [B, T, |V|]
+        teacher_logp = self.teacher.distributions([list(s) for s in teacher_src], outputs)  # [B, T, |V|]
         batch = batch.to(self.device)
         T = batch.tokens.shape[1]
         teacher_logp = teacher_logp[:, :T].to(self.device)
@@ -163,9 +160,9 @@ class GKDLearner:
 
 
 def make_learner(cfg: Config, student: nn.Module, start_id: int, pad_id: int, *, teacher=None,
-                 teacher_src: TeacherSource | None = None, **_) -> GKDLearner:
-    """Registry entry point (``ALGORITHMS["gkd"]``): needs the driver's teacher and the ``teacher_src`` map."""
-    if teacher is None or teacher_src is None:
+                 **_) -> GKDLearner:
+    """Registry entry point (``ALGORITHMS["gkd"]``): needs the driver's teacher (with ``.distributions``)."""
+    if teacher is None:
         raise ValueError("gkd queries the teacher's distributions at update time: make_learner needs teacher= "
-                         "(with .distributions) and teacher_src= (student input ids → teacher input ids)")
-    return GKDLearner(cfg, student, start_id, pad_id, teacher, teacher_src)
+                         "(with .distributions)")
+    return GKDLearner(cfg, student, start_id, pad_id, teacher)

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tw_rl.algos.learner import COST_BATCH, Learner
 from tw_rl.algos.common import (batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean,
                                rollout_stats)
 from tw_rl.batch import EpisodeBatch
@@ -258,7 +259,7 @@ def soft_returns(v_target: torch.Tensor, alpha_log_pi: torch.Tensor, rewards: to
 # --------------------------------------------------------------------------------------------------------------
 # the learner
 # --------------------------------------------------------------------------------------------------------------
-class PCLLearner:
+class PCLLearner(Learner):
     """One PCL learner: the student, its Polyak target copy, AdamW, gradient clipping (SPEC §4).
 
     ``student`` is any module with ``forward(src_ids [B,S], src_mask [B,S], dec_tokens [B,L],
@@ -290,6 +291,7 @@ class PCLLearner:
                           else ValueHead(d_model, cfg.value_hidden, max_len)).to(self.device)
             self.value_target = copy.deepcopy(self.value).requires_grad_(False)
             groups.append({"params": list(self.value.parameters()), "lr": cfg.value_lr})
+            self.inputs = frozenset({COST_BATCH})  # V_C trains on greedy on-policy episodes in the same step
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)  # logits are Q-values: no decay
         self.step = 0
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tw_rl.algos.learner import Learner
 from tw_rl.algos.common import (batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean,
                                rollout_stats)
 from tw_rl.algos.pcl import lagrangian_rewards
@@ -73,7 +74,7 @@ def ppo_clip_loss(logp: torch.Tensor, behavior_logp: torch.Tensor, advantages: t
 # --------------------------------------------------------------------------------------------------------------
 # the learner
 # --------------------------------------------------------------------------------------------------------------
-class PPOLearner:
+class PPOLearner(Learner):
     def __init__(self, cfg: Config, student: nn.Module, start_id: int, pad_id: int) -> None:
         self.cfg, self.student, self.start_id, self.pad_id = cfg, student, start_id, pad_id
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.rl.lr, weight_decay=0.0)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from tw_rl.algos.learner import Learner
 from tw_rl.algos.common import (batch_logits, clip_gradients, learner_state, load_learner_state, masked_mean,
                                rollout_stats)
 from tw_rl.algos.pcl import lagrangian_rewards
 from tw_rl.algos.ppo import returns_to_go
 
 
-class ReinforceLearner:
+class ReinforceLearner(Learner):
     def __init__(self, cfg, student, start_id: int, pad_id: int) -> None:
         self.cfg, self.student, self.start_id, self.pad_id = cfg, student, start_id, pad_id
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.rl.lr, weight_decay=0.0)

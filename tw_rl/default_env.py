@@ -6,7 +6,7 @@ which imports no model code. Building takes a few seconds on a CPU.
 
 from __future__ import annotations
 
-from .token_mdp import TokenMDPEnv
+from tw_rl.envs.token_mdp import TokenMDPEnv
 from tw_rl.config import ArchConfig, Config, EmbeddedTaskConfig
 from tw_rl.data.embedded import EmbeddedTask
 from tw_rl.examples import make_examples
