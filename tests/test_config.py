@@ -191,3 +191,34 @@ def test_driver_device_cuda_without_a_gpu_is_a_config_error(monkeypatch):
     assert check_device("teacher.driver_device", "cpu").type == "cpu"
     repo = Path(__file__).resolve().parents[1]
     assert load_config(repo / "launch" / "configs" / "wmt19_flan_t5.yaml").teacher.driver_device == "cuda"
+
+
+def test_the_prompt_length_rule_counts_the_prompts_the_student_reads():
+    """One rule (config.prompt_tokens / source_room) over every budget training draws, each prompt written as the
+    student's input writes it (budget_prompt rounds: 0.29 is "29%", which int() would truncate to 28)."""
+    from tw_rl.config import budget_prompt, prompt_tokens, source_room, training_budgets
+
+    def tok(text, add_special_tokens=False):  # "29" costs 100 tokens, every other character one
+        return {"input_ids": [0] * (len(text) + (99 if "29" in text else 0))}
+
+    cfg = load_config(None, ["budgets=[0.0,0.5]", "budget_sampling=continuous", "data.max_src_tokens=200"])
+    assert 0.29 in training_budgets(cfg) and budget_prompt(cfg.budget_prompt, 0.29).count("29") == 1
+    assert prompt_tokens(cfg, tok) == len(tok(budget_prompt(cfg.budget_prompt, 0.29))["input_ids"])
+    assert source_room(cfg, tok) == 200 - prompt_tokens(cfg, tok)
+    grid = load_config(None, ["budgets=[0.0,0.5]", "budget_sampling=grid"])
+    assert prompt_tokens(grid, tok) == len(budget_prompt(grid.budget_prompt, 0.5))  # no 29 % on the grid
+
+
+def test_every_dual_usage_choice_names_the_episodes_it_follows():
+    from tw_rl.batch import DUAL_USAGE_SOURCES, Episode, Source
+    from tw_rl.config import RLConfig
+    from tw_rl.train import dual_episodes
+
+    field = next(f for f in __import__("dataclasses").fields(RLConfig) if f.name == "dual_usage")
+    assert set(DUAL_USAGE_SOURCES) == set(field.metadata["choices"])
+    import numpy as np
+
+    eps = [Episode(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32),
+                   np.zeros(1, np.float32), 0.2, True, source=s) for s in (Source.ONPOLICY, Source.GREEDY_HELDOUT)]
+    assert [e.source for e in dual_episodes(eps, "heldout")] == [Source.GREEDY_HELDOUT]
+    assert dual_episodes(eps, "all") == eps and dual_episodes(eps, "greedy") == eps  # none greedy: all of them

@@ -152,8 +152,8 @@ def test_dry_run_token_lengths_match_the_hugging_face_tokenizer(tmp_path):
     the budget prompt included)."""
     from transformers import AutoTokenizer
 
-    from tw_rl.config import load_config
-    from tw_rl.data.validate import FileTokenizer, prompt_tokens
+    from tw_rl.config import load_config, prompt_tokens
+    from tw_rl.data.validate import FileTokenizer
     from tw_rl.pretrain import tokenizer as phase0_tokenizer
 
     data = _files_data(tmp_path / "data")
@@ -165,7 +165,7 @@ def test_dry_run_token_lengths_match_the_hugging_face_tokenizer(tmp_path):
     texts = ["das haus 3", "the house very very long", "teacher budget 20%: das haus"]
     assert raw(texts)["input_ids"] == hf(texts, add_special_tokens=True)["input_ids"]
     assert raw(texts[0])["input_ids"] == hf(texts[0])["input_ids"]
-    assert prompt_tokens(cfg.budget_prompt, cfg.budgets, raw) == prompt_tokens(cfg.budget_prompt, cfg.budgets, hf) > 0
+    assert prompt_tokens(cfg, raw) == prompt_tokens(cfg, hf) > 0
 
 
 @pytest.mark.parametrize("algo", ["pcl", "gkd", "ppo", "rllib_ppo", "reinforce"])

@@ -28,11 +28,13 @@ from typing import Sequence
 import torch
 
 from tw_rl.envs.token_mdp import Example
-from tw_rl.config import Config, budget_prompt, load_config
+from tw_rl.budget import GRID_TOLERANCE, grid_level
+from tw_rl.config import Config, budget_prompt, load_config, source_room
 from tw_rl.data import Pair
 from tw_rl.decoding import Decoded, TauRule, decode
 from tw_rl.examples import make_examples, pad_batch
 from tw_rl.models.student import Student
+from tw_rl.rundir import RunDir
 from tw_rl.teacher import Teacher
 
 BRACKETS = ("⟦", "⟧")  # marks teacher tokens in plain text
@@ -156,8 +158,8 @@ class TrainedModel:
 
     # ----------------------------------------------------------------------------------------------------------
     def check_budget(self, budget: float) -> float:
-        """``budget`` as a float in ``[0, largest trained level]`` (a grid level exactly when it is one, within
-        1e-9); :class:`InputError` naming the range otherwise. A budget between levels is read from the prompt like
+        """``budget`` as a float in ``[0, largest trained level]`` (a grid level exactly when it is one,
+        :func:`tw_rl.budget.grid_level`); :class:`InputError` naming the range otherwise. A budget between levels is read from the prompt like
         any other (the student was trained with ``budget_sampling=continuous`` or must interpolate); its optional
         ``<τ>`` trim is interpolated between the levels' offsets (:meth:`Student.tau_bias_for`)."""
         try:
@@ -165,13 +167,11 @@ class TrainedModel:
         except (TypeError, ValueError):
             raise InputError(f"budget={budget!r} is not a number; trained budgets: {self.budgets}") from None
         top = max(self.budgets)
-        if not (0.0 <= b <= top + 1e-9):  # also NaN
+        if not (0.0 <= b <= top + GRID_TOLERANCE):  # also NaN
             raise InputError(f"budget={budget!r} is outside [0, {top:g}], the range the student was trained on "
                              f"(levels {self.budgets})")
-        for g in self.budgets:
-            if abs(g - b) < 1e-9:
-                return g
-        return b
+        level = grid_level(b, self.budgets)
+        return b if level is None else level
 
     def examples(self, texts: Sequence[str], budgets: Sequence[float] | None = None, truncate: bool = False,
                  references: Sequence[str] | None = None) -> tuple[list[Example], list[bool]]:
@@ -228,9 +228,7 @@ class TrainedModel:
         from tw_rl.data.validate import check_token_lengths
 
         pairs = load_split(self.cfg.data, split)[:limit]
-        prompt_len = max(len(self.tokenizer(budget_prompt(self.cfg.budget_prompt, b), add_special_tokens=False)
-                             ["input_ids"]) for b in self.budgets)
-        pairs = check_token_lengths(pairs, self.tokenizer, self.max_src_tokens - prompt_len, self.max_len,
+        pairs = check_token_lengths(pairs, self.tokenizer, source_room(self.cfg, self.tokenizer), self.max_len,
                                     self.cfg.data.on_error)
         return make_examples(pairs, self.tokenizer, self.budgets, self.cfg.budget_prompt)
 
@@ -318,9 +316,9 @@ def student_dir(run_dir: Path, cfg: Config | None = None) -> Path:
 
     run_dir = Path(run_dir)
     if cfg is None:
-        cfg = load_config(run_dir / "config.yaml")
-    name = "final" if cfg.rl.enabled else "phase1"
-    d = run_dir / "models" / name
+        cfg = load_config(RunDir(run_dir).config)
+    name = RunDir.trained_student_name(cfg.rl.enabled)
+    d = RunDir(run_dir).model(name)
     manifest = Manifest(run_dir)
     if manifest.entry(f"{name}_student") is not None:
         manifest.verify(f"{name}_student")
@@ -340,15 +338,15 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", overrides: Seq
     from tw_rl.models.factory import load_seq2seq
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
+    if not RunDir(run).config.is_file():
         raise FileNotFoundError(f"{run} is not a tw-rl run directory (no config.yaml)")
-    cfg = load_config(run / "config.yaml", list(overrides))
+    cfg = load_config(RunDir(run).config, list(overrides))
     manifest = Manifest(run)
     for role in ("teacher", "student"):
         if getattr(cfg, role).name_or_path is None and manifest.entry(role) is not None:
             manifest.verify(role)
-    teacher_dir = cfg.teacher.name_or_path or run / "models" / "teacher"
-    base_dir = cfg.student.name_or_path or run / "models" / "student"
+    teacher_dir = cfg.teacher.name_or_path or RunDir(run).model("teacher")
+    base_dir = cfg.student.name_or_path or RunDir(run).model("student")
     student, _ = Student.load(student_dir(run, cfg), trust_remote_code=cfg.student.trust_remote_code)
     model, tok = load_seq2seq(str(teacher_dir), trust_remote_code=cfg.teacher.trust_remote_code)
     teacher = Teacher(model, vocab_size=len(tok), pad_id=tok.pad_token_id,

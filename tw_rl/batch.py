@@ -8,9 +8,24 @@ torch tensors, which is what learners consume. Shapes: ``B`` episodes, ``S`` sou
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Final
 
 import numpy as np
 import torch
+
+
+class Source:
+    """Where an episode comes from: the values of ``Episode.source`` (plain strings, stored as they are)."""
+
+    ONPOLICY: Final = "onpolicy"  # sampled by a rollout worker at temperature rollout.temperature: trained on
+    GREEDY: Final = "greedy"  # decoded greedily on training inputs, as the student is deployed: trained on
+    GREEDY_HELDOUT: Final = "greedy_heldout"  # greedily on held-out inputs: drives the multipliers, never trained on
+    TEACHER_DEMO: Final = "teacher_demo"  # the teacher's output as a demonstration with no calls
+    ORACLE: Final = "oracle"  # a phase-1 KL-oracle trace
+
+
+# rl.dual_usage → the episodes whose usage the dual ascent follows (None: every episode)
+DUAL_USAGE_SOURCES: dict[str, str | None] = {"heldout": Source.GREEDY_HELDOUT, "greedy": Source.GREEDY, "all": None}
 
 
 @dataclass
@@ -25,7 +40,7 @@ class Episode:
     budget: float  # b
     terminated: bool  # EOS entered X_out (terminal value 0); otherwise truncated at the length limit
     policy_version: int = -1  # learner version that produced it; -1: a demonstration
-    source: str = "onpolicy"  # "onpolicy" | "greedy" | "greedy_heldout" | "teacher_demo" | "oracle"
+    source: str = Source.ONPOLICY  # one of Source
     teacher_src: np.ndarray | None = None  # [S'] int64: the teacher's ids of x (no budget prompt), where known
 
     @property

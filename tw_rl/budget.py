@@ -13,7 +13,17 @@ from typing import Iterable
 import numpy as np
 import torch
 
-_TOL = 1e-6
+GRID_TOLERANCE = 1e-6  # a budget within this of a grid level is that level (YAML, CLI and float round trips)
+
+
+def grid_level(budget: float, grid: Iterable[float]) -> float | None:
+    """The level of ``grid`` that ``budget`` is (within :data:`GRID_TOLERANCE`), or None: the one rule by which
+    a budget is matched to the grid (multipliers, usage per level, the API's budget check)."""
+    levels = [float(g) for g in grid]
+    if not levels:
+        return None
+    best = min(levels, key=lambda g: abs(g - float(budget)))
+    return best if abs(best - float(budget)) <= GRID_TOLERANCE else None
 
 
 class BudgetMultipliers:
@@ -23,7 +33,7 @@ class BudgetMultipliers:
         self.budgets = np.array(sorted(float(b) for b in budgets), dtype=np.float64)  # [K]
         if self.budgets.size == 0:
             raise ValueError("budgets is empty")
-        if np.any(np.diff(self.budgets) <= _TOL):
+        if np.any(np.diff(self.budgets) <= GRID_TOLERANCE):
             raise ValueError(f"budget levels must be distinct: {self.budgets.tolist()}")
         if lr < 0 or init < 0:
             raise ValueError(f"lr={lr} and init={init} must be >= 0")
@@ -32,15 +42,15 @@ class BudgetMultipliers:
         self.lambdas = np.full(self.budgets.shape, float(init), dtype=np.float64)  # [K], ≥ 0 unless equality
 
     def __contains__(self, budget: float) -> bool:
-        """Whether ``budget`` is a level of the grid (within 1e-6)."""
-        return bool(np.min(np.abs(self.budgets - float(budget))) <= _TOL)
+        """Whether ``budget`` is a level of the grid (:func:`grid_level`)."""
+        return grid_level(budget, self.budgets) is not None
 
     def level_index(self, budget: float) -> int:
-        """Index of the grid level equal to ``budget`` (within 1e-6); ValueError if there is none."""
-        i = int(np.argmin(np.abs(self.budgets - budget)))
-        if abs(self.budgets[i] - budget) > _TOL:
+        """Index of the grid level equal to ``budget`` (:func:`grid_level`); ValueError if there is none."""
+        level = grid_level(budget, self.budgets)
+        if level is None:
             raise ValueError(f"budget {budget} is not a level of the grid {self.budgets.tolist()}")
-        return i
+        return int(np.flatnonzero(self.budgets == level)[0])
 
     def update(self, usage_by_budget: dict[float, float]) -> None:
         """``λ_b ← max(0, λ_b + η (usage_b − b))`` for each level in ``usage_by_budget`` (``equality``: without the
@@ -55,7 +65,7 @@ class BudgetMultipliers:
         levels gets the linear interpolation of their multipliers (``budget_sampling=continuous``: ``λ`` is a
         piecewise-linear function of ``b``); one outside the grid's range is an error."""
         b = budgets.detach().cpu().to(torch.float64).numpy()
-        bad = (b < self.budgets[0] - _TOL) | (b > self.budgets[-1] + _TOL)
+        bad = (b < self.budgets[0] - GRID_TOLERANCE) | (b > self.budgets[-1] + GRID_TOLERANCE)
         if bad.any():
             raise ValueError(f"budgets {b[bad].tolist()} lie outside the grid {self.budgets.tolist()}")
         lam = np.interp(b, self.budgets, self.lambdas) if self.budgets.size > 1 else np.full(b.shape, self.lambdas[0])
@@ -70,6 +80,6 @@ class BudgetMultipliers:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         budgets = state["budgets"].to(torch.float64).numpy()
-        if budgets.shape != self.budgets.shape or np.abs(budgets - self.budgets).max() > _TOL:
+        if budgets.shape != self.budgets.shape or np.abs(budgets - self.budgets).max() > GRID_TOLERANCE:
             raise ValueError(f"checkpoint budgets {budgets.tolist()} differ from {self.budgets.tolist()}")
         self.lambdas = state["lambdas"].to(torch.float64).numpy().copy()

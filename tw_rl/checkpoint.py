@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-CHECKPOINTS_DIR = "checkpoints"
+from tw_rl.rundir import RunDir
+
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 COMPLETE_FILE = "COMPLETE"
@@ -63,7 +64,7 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: Mapping[str, Mappin
             raise ValueError(f"tensor group {group!r} must match {_GROUP_NAME.pattern} (it becomes a file name)")
     state_json = _dumps_state(state)  # fail before touching the disk
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     if final.exists():
@@ -93,7 +94,7 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: Mapping[str, Mappin
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest (smallest step) first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = []

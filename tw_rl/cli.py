@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from tw_rl.rundir import RunDir
+
 # No hub at run time unless the user says otherwise: fail fast and clearly instead of retrying for a minute.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -132,7 +134,7 @@ def phase1_dir(run: Path, cfg) -> Path | None:
 
     if not cfg.rl.enabled:
         return None
-    phase1 = Path(run) / "models" / "phase1"
+    phase1 = RunDir(run).model("phase1")
     manifest = Manifest(run)
     if manifest.entry("phase1_student") is not None:
         manifest.verify("phase1_student")
@@ -158,19 +160,19 @@ def run_calibrate(args) -> int:
                 print(f"{name} b={r['budget']:g}: <τ> offset {r['bias']:+.4f}, validation usage "
                       f"{r['usage_before']} → {r['usage']} ({r['evaluations']} decodes)")
     print(f"offsets stored in {', '.join(str(d / 'tw_student.json') for _, d in students.values())}; "
-          f"{Path(args.run) / 'calibration.json'}")
+          f"{RunDir(args.run).calibration}")
     return 0
 
 
 def eval_out(args) -> Path:
     """Where ``tw-rl eval`` writes: ``--out``, else ``RUN/eval``. Raises FileExistsError over an existing report
     unless ``--overwrite``."""
-    out = Path(args.out) if args.out is not None else Path(args.run) / "eval"
-    if (out / "report.json").exists() and not args.overwrite:
-        what = "the training report" if out.resolve() == Path(args.run).resolve() else "a report"
-        raise FileExistsError(f"{out / 'report.json'} exists ({what}); give --out NEW_DIR, or --overwrite to "
+    out = RunDir(args.out) if args.out is not None else RunDir(RunDir(args.run).eval_dir)
+    if out.report_json.exists() and not args.overwrite:
+        what = "the training report" if out.root.resolve() == Path(args.run).resolve() else "a report"
+        raise FileExistsError(f"{out.report_json} exists ({what}); give --out NEW_DIR, or --overwrite to "
                               f"replace it")
-    return out
+    return out.root
 
 
 def run_eval(args) -> int:
@@ -196,8 +198,8 @@ def run_eval(args) -> int:
     phase1_student = Student.load(phase1)[0] if phase1 is not None else None
     report, outputs = evaluate(model, test, validation, budgets=budgets, phase1_student=phase1_student,
                                split=cfg.data.test_split)
-    if (Path(args.run) / "calibration.json").is_file() and model.student.tau_bias:
-        report["calibration"] = json.loads((Path(args.run) / "calibration.json").read_text())
+    if (calibration := RunDir(args.run).calibration).is_file() and model.student.tau_bias:
+        report["calibration"] = json.loads(calibration.read_text())
     from tw_rl.train import provenance
 
     report.update(provenance(cfg))
@@ -250,92 +252,84 @@ def main(argv: list[str] | None = None) -> int:
     from tw_rl.models.factory import quiet_weight_loading
 
     quiet_weight_loading()
+    try:
+        return run_command(args)
+    except user_errors(args.command) as e:  # the message names the problem (file, line, key, value): no traceback
+        print(f"tw-rl {args.command}: {error_kind(e)}{e}", file=sys.stderr)
+        return 2
+
+
+def user_errors(command: str) -> tuple[type[BaseException], ...]:
+    """The errors a user can mend from the message alone (a config key, a data file and line, a missing or corrupt
+    artefact, an input, a model that is not available offline, a path that exists or does not): ``tw-rl`` prints
+    them in one line and exits 2. ``head`` and ``submit`` also report what Ray and the launcher refuse."""
+    from tw_rl.api import InputError
+    from tw_rl.config import ConfigError
+    from tw_rl.data import DataError
+    from tw_rl.manifest import ArtefactError
+    from tw_rl.models.factory import ModelNotAvailableError
+
+    errors = (ConfigError, DataError, ArtefactError, InputError, ModelNotAvailableError, FileNotFoundError,
+              FileExistsError)
+    return errors + ((ValueError, RuntimeError) if command in ("head", "submit") else ())
+
+
+def error_kind(e: BaseException) -> str:
+    from tw_rl.config import ConfigError
+    from tw_rl.data import DataError
+
+    return "config error: " if isinstance(e, ConfigError) else "data error: " if isinstance(e, DataError) else ""
+
+
+def run_command(args) -> int:
+    """Run one ``tw-rl`` command; user errors propagate to :func:`main`'s one handler."""
     from tw_rl.config import ConfigError, load_config
 
     if args.command in ("head", "submit"):
         from tw_rl.launch import run_head, run_submit
 
-        try:
-            return run_head(args) if args.command == "head" else run_submit(args)
-        except (ConfigError, ValueError, RuntimeError) as e:
-            print(f"tw-rl {args.command}: {e}", file=sys.stderr)
-            return 2
+        return run_head(args) if args.command == "head" else run_submit(args)
     if args.command == "sweep":
         from tw_rl.sweep import run_cli
 
-        try:
-            return run_cli(args)
-        except ConfigError as e:
-            print(f"tw-rl sweep: config error: {e}", file=sys.stderr)
-            return 2
+        return run_cli(args)
     if args.command in ("eval", "generate", "calibrate"):
         if args.run is None:
-            print(f"tw-rl {args.command}: --run DIR is required (a run directory written by tw-rl train or "
-                  f"tw-rl demo)", file=sys.stderr)
-            return 2
-        from tw_rl.api import InputError
-        from tw_rl.data import DataError
-        from tw_rl.manifest import ArtefactError
-        from tw_rl.models.factory import ModelNotAvailableError
-
-        try:
-            return {"eval": run_eval, "generate": run_generate, "calibrate": run_calibrate}[args.command](args)
-        except (ConfigError, InputError, DataError, ModelNotAvailableError, FileNotFoundError, FileExistsError,
-                ArtefactError) as e:
-            print(f"tw-rl {args.command}: {e}", file=sys.stderr)
-            return 2
+            raise ConfigError("--run DIR is required (a run directory written by tw-rl train or tw-rl demo)")
+        return {"eval": run_eval, "generate": run_generate, "calibrate": run_calibrate}[args.command](args)
     overrides = list(args.overrides)
     if args.command == "demo":
         overrides.append(f"out_dir={args.out}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"tw-rl: config error: {e}", file=sys.stderr)
-        return 2
-    from tw_rl.data import DataError, load_split
-    from tw_rl.manifest import ArtefactError
-
+    cfg = load_config(args.config, overrides)
     if getattr(args, "dry_run", False):
         from tw_rl.dryrun import plan, print_plan
 
-        try:
-            print_plan(plan(cfg))
-        except ConfigError as e:
-            print(f"tw-rl: config error: {e}", file=sys.stderr)
-            return 2
-        except DataError as e:  # a split that does not open: the message names the file (and line)
-            print(f"tw-rl: data error: {e}", file=sys.stderr)
-            return 2
+        print_plan(plan(cfg))
         return 0
-    name = "pretrain" if args.command == "pretrain" else "train"
-    try:
-        if args.command == "pretrain":
-            from tw_rl.config import save_config
-            from tw_rl.pretrain import pretrain
+    if args.command == "pretrain":
+        return run_pretrain(cfg)
+    from tw_rl.train import train
 
-            for split in (cfg.data.train_split, cfg.data.test_split):  # opened before config.yaml is written
-                load_split(cfg.data, split)
-            save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-            summary = pretrain(cfg, Path(cfg.out_dir))
-            print(f"phase 0 done: teacher BLEU {summary['teacher']['eval']['bleu']}, student BLEU "
-                  f"{summary['student']['eval']['bleu']} — {Path(cfg.out_dir) / 'pretrain.json'}")
-            return 0
-        from tw_rl.train import train
-
-        report = train(cfg, resume=getattr(args, "resume", False))
-    except DataError as e:  # missing or bad data: the message names the path (or file and line)
-        print(f"tw-rl {name}: data error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:  # a run directory it must not write into, a --resume with another config
-        print(f"tw-rl {name}: {e}", file=sys.stderr)
-        return 2
-    except ArtefactError as e:  # a cached artefact that is missing, truncated or corrupt: named, never replaced
-        print(f"tw-rl {name}: {e}", file=sys.stderr)
-        return 2
-    out = Path(cfg.out_dir)
-    print(f"report: {out / 'report.md'} (and {out / 'report.json'})")
+    report = train(cfg, resume=getattr(args, "resume", False))
+    out = RunDir(cfg.out_dir)
+    print(f"report: {out.report_md} (and {out.report_json})")
     print(f"gap closed at b=0.2: {report['gap_closed'].get('0.2')}; usage: "
           + ", ".join(f"b={r['budget']:g}→{r['usage_mean']}" for r in report["tw"]))
+    return 0
+
+
+def run_pretrain(cfg) -> int:
+    from tw_rl.config import save_config
+    from tw_rl.data import load_split
+    from tw_rl.pretrain import pretrain
+
+    for split in (cfg.data.train_split, cfg.data.test_split):  # opened before config.yaml is written
+        load_split(cfg.data, split)
+    out = RunDir(cfg.out_dir)
+    save_config(cfg, out.config)
+    summary = pretrain(cfg, out.root)
+    print(f"phase 0 done: teacher BLEU {summary['teacher']['eval']['bleu']}, student BLEU "
+          f"{summary['student']['eval']['bleu']} — {out.pretrain}")
     return 0
 
 

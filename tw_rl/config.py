@@ -641,3 +641,17 @@ def training_budgets(cfg: "Config") -> list[float]:
 def budget_prompt(cfg_prompt: str, budget: float) -> str:
     """The natural-language budget prefix of the student's input (SPEC §2)."""
     return cfg_prompt.format(pct=int(round(100 * budget)))
+
+
+def prompt_tokens(cfg: "Config", tokenizer: Any) -> int:
+    """The longest budget prompt (:func:`budget_prompt`) of any budget training draws (:func:`training_budgets`),
+    in tokens, without special tokens."""
+    return max(len(tokenizer(budget_prompt(cfg.budget_prompt, b), add_special_tokens=False)["input_ids"])
+               for b in sorted(set(training_budgets(cfg))))
+
+
+def source_room(cfg: "Config", tokenizer: Any) -> int:
+    """The most tokens a source may have: ``data.max_src_tokens`` less :func:`prompt_tokens`, the room the budget
+    prompt takes. The one length rule of the data checks, phase 0, training, evaluation and the dry run (one input
+    at a time, :meth:`tw_rl.api.TrainedModel.examples` checks its exact prompted ids instead)."""
+    return cfg.data.max_src_tokens - prompt_tokens(cfg, tokenizer)

@@ -158,11 +158,11 @@ def _lengths(cfg: Config, pairs: dict[str, list]) -> dict[str, Any] | str:
     path = _local_tokenizer(cfg)
     if path is None:
         return "checked by tw-rl train before phase 0 (phase 0 builds the tokenizer)"
-    from tw_rl.config import training_budgets
-    from tw_rl.data.validate import FileTokenizer, check_token_lengths_with_report, prompt_tokens
+    from tw_rl.config import source_room
+    from tw_rl.data.validate import FileTokenizer, check_token_lengths_with_report
 
     tok, d = FileTokenizer(path), cfg.data
-    room = d.max_src_tokens - prompt_tokens(cfg.budget_prompt, training_budgets(cfg), tok)
+    room = source_room(cfg, tok)
     out: dict[str, Any] = {"tokenizer": str(path)}
     for split, ps in pairs.items():
         _, report = check_token_lengths_with_report(ps, tok, room, d.max_tgt_tokens, d.on_error)

@@ -31,9 +31,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from tw_rl.rundir import RunDir
 from tw_rl.version import code_version
 
-MANIFEST = "manifest.json"
 _ABSENT = " is absent"  # Manifest.reuse's reason when the artefact was simply not there yet
 _FORMAT = 1
 
@@ -174,7 +174,7 @@ class Manifest:
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
-        self.path = self.dir / MANIFEST
+        self.path = RunDir(self.dir).manifest
         self.artefacts: dict[str, dict] = {}
         self._load()
 
@@ -207,7 +207,7 @@ class Manifest:
         if not (self.dir / rel).exists():
             return False, f"{rel}{_ABSENT}"
         if rec is None:
-            return False, f"{rel} is not recorded in {MANIFEST}"
+            return False, f"{rel} is not recorded in {self.path.name}"
         diff = changes(rec["settings"], flatten(settings)) + [
             f"input {k} changed" for k in sorted(set(rec["inputs"]) | set(inputs))
             if rec["inputs"].get(k) != inputs.get(k)]

@@ -21,8 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
+from tw_rl.rundir import RunDir
+
 _RESERVED = ("step", "phase", "time")
 
 
@@ -32,13 +32,13 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / METRICS_FILE
+        self.path = RunDir(run_dir).metrics
         self._file = open(self.path, "a", encoding="utf-8")
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only when asked for
 
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / TB_DIR))
+            self._writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard))
 
     def log(self, step: int, metrics: Mapping[str, Any], phase: str | None = None) -> dict[str, Any]:
         """Write one record and return it. Values: Python/numpy numbers or one-element tensors."""
@@ -78,7 +78,7 @@ def read_metrics(run_dir: str | Path, phase: str | None = None) -> list[dict[str
 
     A torn last line (the process died mid-write) is skipped; a bad line elsewhere is an error.
     """
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     lines = path.read_text(encoding="utf-8").splitlines()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tw_rl.envs.token_mdp import Example
-from tw_rl.batch import Episode
+from tw_rl.batch import Episode, Source
 from tw_rl.examples import pad_batch
 
 
@@ -109,7 +109,7 @@ def oracle_episode(example: Example, ref: Reference, budget: float, tau_id: int,
                    actions=np.where(marks, tau_id, ref.tokens), tokens=ref.tokens.copy(),
                    teacher_logprobs=ref.teacher_logprobs.copy(),
                    behavior_logprobs=np.zeros(len(ref.tokens), dtype=np.float32), budget=budget,
-                   terminated=ref.terminated, policy_version=-1, source="oracle",
+                   terminated=ref.terminated, policy_version=-1, source=Source.ORACLE,
                    teacher_src=np.asarray(example.teacher_src, dtype=np.int64))
 
 
@@ -118,7 +118,7 @@ def demo_episode(example: Example, ref: Reference, budget: float) -> Episode:
     return Episode(src_ids=np.asarray(example.student_src[budget], dtype=np.int64), actions=ref.tokens.copy(),
                    tokens=ref.tokens.copy(), teacher_logprobs=ref.teacher_logprobs.copy(),
                    behavior_logprobs=np.zeros(len(ref.tokens), dtype=np.float32), budget=budget,
-                   terminated=ref.terminated, policy_version=-1, source="teacher_demo",
+                   terminated=ref.terminated, policy_version=-1, source=Source.TEACHER_DEMO,
                    teacher_src=np.asarray(example.teacher_src, dtype=np.int64))
 
 

@@ -40,13 +40,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from tw_rl.config import Config, ConfigError, budget_prompt, given_tokenizer
+from tw_rl.config import Config, ConfigError, given_tokenizer, prompt_tokens, source_room
 from tw_rl.data import DataError, Pair, load_split
 from tw_rl.examples import pad_batch
 from tw_rl.manifest import Manifest, atomic_dir, pairs_digest, say_recomputing
 from tw_rl.models.factory import build_t5, check_shared_vocab, count_parameters, load_seq2seq, load_tokenizer, \
     save_seq2seq
 from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer
+from tw_rl.rundir import RunDir
 
 ROLES = ("teacher", "student")
 _SEED_OFFSET = {"teacher": 1, "student": 2}  # teacher and student get different initialisations and data orders
@@ -364,7 +365,7 @@ def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTraine
     Saved under ``run_dir/tokenizer`` and reused when its fingerprint matches."""
     given = given_tokenizer(cfg)
     fp = _fingerprint("tokenizer", cfg.tokenizer, given, _train_data_settings(cfg), cfg.budget_prompt)
-    tdir = run_dir / "tokenizer"
+    tdir = RunDir(run_dir).tokenizer
     manifest = Manifest(run_dir)
     settings = {"tokenizer": cfg.tokenizer, "given": given, "data": _train_data_settings(cfg),
                 "budget_prompt": cfg.budget_prompt}
@@ -402,7 +403,7 @@ def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenize
         check_shared_vocab(tok, mtok)
         return model, {"source": mcfg.name_or_path, "trained": False, "params": count_parameters(model)}, \
             mcfg.name_or_path
-    mdir = run_dir / "models" / role
+    mdir = RunDir(run_dir).model(role)
     epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
     seed = cfg.seed * 1000 + _SEED_OFFSET[role]
     pre = dataclasses.asdict(cfg.pretrain)
@@ -456,10 +457,9 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
         test = test[:cfg.eval.max_examples]
     tok, tok_fp = _tokenizer(cfg, train, run_dir)
     train_hash = pairs_digest(train)
-    longest_prompt = max(len(tok(budget_prompt(cfg.budget_prompt, b), add_special_tokens=False)["input_ids"])
-                         for b in cfg.budgets)
+    longest_prompt = prompt_tokens(cfg, tok)
 
-    summary: dict[str, Any] = {"tokenizer_dir": str(run_dir / "tokenizer"), "vocab_size": len(tok),
+    summary: dict[str, Any] = {"tokenizer_dir": str(RunDir(run_dir).tokenizer), "vocab_size": len(tok),
                                "longest_budget_prompt_tokens": longest_prompt, "train_pairs": len(train),
                                "test_split": cfg.data.test_split, "test_pairs": len(test)}
     encoded: list[Encoded] = []  # tokenized once, and only when a model is trained
@@ -467,7 +467,7 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
     def training_data() -> Encoded:
         if not encoded:
             # later phases prepend the budget prompt to the student's source: leave room for it
-            encoded.append(encode_pairs(train, tok, cfg.data.max_src_tokens - longest_prompt,
+            encoded.append(encode_pairs(train, tok, source_room(cfg, tok),
                                         cfg.data.max_tgt_tokens, cfg.data.on_error))
         return encoded[0]
 
@@ -480,7 +480,7 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     eval_fp = _fingerprint("eval", model_ids, pairs_digest(test), cfg.data.test_split, cfg.eval.max_examples,
                            cfg.data.max_tgt_tokens)
-    old = _read_json(run_dir / "pretrain.json")
+    old = _read_json(RunDir(run_dir).pretrain)
     if old is not None and old.get("eval_fingerprint") == eval_fp:
         for role in ROLES:
             summary[role].update({k: old[role][k] for k in ("eval", "error_locations") if k in old[role]})
@@ -493,5 +493,5 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
     summary["train_time_s_total"] = sum(summary[r].get("train_time_s", 0.0) for r in ROLES
                                         if summary[r].get("trained"))
     summary["wall_time_s"] = time.perf_counter() - t_start
-    _write_json(run_dir / "pretrain.json", summary)
+    _write_json(RunDir(run_dir).pretrain, summary)
     return summary

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from tw_rl.batch import Episode
+from tw_rl.budget import grid_level
 
 _ARRAY_FIELDS = ("actions", "tokens", "teacher_logprobs", "behavior_logprobs")
 
@@ -93,7 +94,7 @@ class ReplayBuffer:
         recent = self.onpolicy_episodes()[::-1]  # newest first
         out: dict[float, float] = {}
         for level in budget_levels:
-            usages = [e.usage() for e in recent if abs(e.budget - level) <= 1e-6][:last_n]
+            usages = [e.usage() for e in recent if grid_level(e.budget, [level]) is not None][:last_n]
             if usages:
                 out[float(level)] = float(np.mean(usages))
         return out

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tw_rl.envs.token_mdp import Example, TeacherClient
-from tw_rl.batch import Episode
+from tw_rl.batch import Episode, Source
 from tw_rl.decoding import decode
 from tw_rl.examples import pad_batch
 from tw_rl.models.student import Student
@@ -179,7 +179,7 @@ class RolloutWorker:
         if self.greedy_examples and n_greedy:
             held = rng.integers(len(self.greedy_examples), size=n_greedy)
             examples[:n_greedy] = [self.greedy_examples[i] for i in held]
-        greedy_source = "greedy_heldout" if self.greedy_examples else "greedy"
+        greedy_source = Source.GREEDY_HELDOUT if self.greedy_examples else Source.GREEDY
         src = [ex.student_src[b] for ex, b in zip(examples, budgets)]
         teacher_src = [ex.teacher_src for ex in examples]
         src_ids, src_mask = pad_batch(src, self.pad_id, self.device)
@@ -205,7 +205,7 @@ class RolloutWorker:
                 tokens=out.tokens[k, :L].copy(), teacher_logprobs=np.asarray(rewards[k], dtype=np.float32),
                 behavior_logprobs=out.behavior_logprobs[k, :L].copy(), budget=budgets[k],
                 terminated=bool(out.terminated[k]), policy_version=self.version,
-                source=greedy_source if k < n_greedy else "onpolicy",
+                source=greedy_source if k < n_greedy else Source.ONPOLICY,
                 teacher_src=np.asarray(teacher_src[k], dtype=np.int64)))
         tokens = int(out.lengths.sum())
         seconds = time.perf_counter() - t0

@@ -21,14 +21,13 @@ from tqdm.auto import tqdm
 from tw_rl.envs.token_mdp import Example
 from tw_rl.algos import get_algorithm
 from tw_rl.algos.learner import COST_BATCH, TEACHER_SRC, Learner
-from tw_rl.batch import Episode, EpisodeBatch
+from tw_rl.batch import DUAL_USAGE_SOURCES, Episode, EpisodeBatch, Source
 from tw_rl.budget import BudgetMultipliers
-from tw_rl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from tw_rl.config import (Config, ConfigError, check_device, load_config, save_config, to_dict, to_yaml,
-                           training_budgets)
+from tw_rl.checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tw_rl.config import (Config, ConfigError, check_device, load_config, save_config, source_room, to_dict,
+                           to_yaml, training_budgets)
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
-from tw_rl.data.validate import prompt_tokens as validate_prompt_tokens
 from tw_rl.decoding import decode
 from tw_rl.evaluate import evaluate, write_outputs, write_report
 from tw_rl.manifest import ArtefactError, Manifest, atomic_dir, atomic_file, atomic_write, changes, flatten, \
@@ -41,6 +40,7 @@ from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds
 from tw_rl.pretrain import lr_at, pretrain
 from tw_rl.refit import refit_gate, write_fit
 from tw_rl.replay import ReplayBuffer
+from tw_rl.rundir import RunDir
 from tw_rl.teacher import Teacher
 
 
@@ -66,6 +66,10 @@ class Run:
     def max_len(self) -> int:
         return self.cfg.data.max_tgt_tokens
 
+    @property
+    def paths(self) -> RunDir:
+        return RunDir(self.dir)
+
 
 # ------------------------------------------------------------------------------------------------------------------
 def train(cfg: Config, resume: bool = False) -> dict:
@@ -81,13 +85,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
     _seed_everything(cfg.seed)
     torch.set_num_threads(cfg.num_threads)
     check_data(cfg, run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, RunDir(run_dir).config)
     with MetricsLogger(run_dir, tensorboard=cfg.tensorboard) as log:
         with Timer(times := {}, "phase0"):
             run = phase0(cfg, run_dir)
         with Timer(times, "phase1"):
             student = phase1(run, log)
-        phase1_student = Student.load(run.dir / "models" / "phase1")[0] if cfg.rl.enabled else student
+        phase1_student = Student.load(run.paths.model("phase1"))[0] if cfg.rl.enabled else student
         with Timer(times, "phase2"):
             student = phase2(run, student, log, resume)
         calibration = None
@@ -113,7 +117,8 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
     key but ``out_dir``. Raises :class:`ConfigError` naming what is there or the keys that differ; a corrupt
     manifest is an :class:`~tw_rl.manifest.ArtefactError`."""
     manifest = Manifest(run_dir)  # a corrupt manifest.json stops the run here
-    found = [str(p) for p in (latest_checkpoint(run_dir), run_dir / "models" / "final", run_dir / "report.json")
+    paths = RunDir(run_dir)
+    found = [str(p) for p in (latest_checkpoint(run_dir), paths.model("final"), paths.report_json)
              if p is not None and p.exists()]
     if found and not resume:
         raise ConfigError(f"out_dir={str(run_dir)!r} already holds a run that reached phase 2 ({', '.join(found)}); "
@@ -124,7 +129,7 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
         return
     ckpt = latest_checkpoint(run_dir)
     now = flatten(dataclasses.asdict(cfg))
-    for path in (run_dir / "config.yaml", ckpt / "config.yaml" if ckpt is not None else None):
+    for path in (paths.config, ckpt / CONFIG_FILE if ckpt is not None else None):
         if path is None or not path.is_file():
             continue
         before = flatten(dataclasses.asdict(load_config(path)))
@@ -134,16 +139,11 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
                               f"Resume without these overrides, or start a new run in a new out_dir")
 
 
-def prompt_tokens(cfg: Config, tok) -> int:
-    """The longest budget prompt of any budget training draws, in tokens: the room every source leaves for it."""
-    return validate_prompt_tokens(cfg.budget_prompt, training_budgets(cfg), tok)
-
-
 def checked_pairs(cfg: Config, tok, name: str, limit: int | None) -> list:
     """Split ``name`` (its first ``limit`` pairs) within the token limits (``data.on_error``), the budget prompt
     counted: the one length rule of every phase (tw_rl/data/validate.py)."""
     pairs = load_split(cfg.data, name)[:limit]
-    return check_token_lengths(pairs, tok, cfg.data.max_src_tokens - prompt_tokens(cfg, tok), cfg.data.max_tgt_tokens,
+    return check_token_lengths(pairs, tok, source_room(cfg, tok), cfg.data.max_tgt_tokens,
                                cfg.data.on_error)
 
 
@@ -169,7 +169,7 @@ def check_data(cfg: Config, run_dir: Path) -> None:
 def phase0(cfg: Config, run_dir: Path) -> Run:
     """Phase 0 (cached in the run directory): tokenizer, teacher and student; then the tokenized splits."""
     summary = pretrain(cfg, run_dir)
-    _phase_rng(run_dir / "models" / PHASE0_RNG, computed=any(summary[r].get("trained") and not summary[r].get("cached")
+    _phase_rng(RunDir(run_dir).phase0_rng, computed=any(summary[r].get("trained") and not summary[r].get("cached")
                                                             for r in ("teacher", "student")))
     teacher_dir = cfg.teacher.name_or_path or summary["teacher"]["dir"]
     student_dir = cfg.student.name_or_path or summary["student"]["dir"]
@@ -195,7 +195,6 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
                inputs={**summary["artefact_ids"], "data/train": pairs_digest(train_pairs)})
 
 
-PHASE0_RNG = "phase0_rng.json"
 PHASE1_RNG = "rng_after.json"
 
 
@@ -217,7 +216,7 @@ def _phase_rng(path: Path, computed: bool) -> None:
 def references(run: Run) -> list[Reference]:
     """Teacher greedy paths of the training inputs with per-position KL to the phase-0 student (cached in
     ``models/references.npz``, recorded in the manifest with the phase-0 models and the training data)."""
-    path = run.dir / "models" / "references.npz"
+    path = run.paths.references
     manifest = Manifest(run.dir)
     settings = {"data.max_tgt_tokens": run.max_len, "phase1.num_examples": run.cfg.phase1.num_examples}
     inputs = phase0_inputs(run)
@@ -266,7 +265,7 @@ def new_student(run: Run) -> Student:
 def phase1(run: Run, log: MetricsLogger) -> Student:
     """Behaviour cloning on KL-oracle traces (SPEC §6), then (``phase1.refit``) the gate refitted on the student's
     own states (tw_rl/refit.py); the result is saved to ``models/phase1``."""
-    cfg, out = run.cfg.phase1, run.dir / "models" / "phase1"
+    cfg, out = run.cfg.phase1, run.paths.model("phase1")
     # cached: redone when its settings, δ, the <τ> head (ablations), the phase-0 models or the training data changed
     settings = {**dataclasses.asdict(cfg), "use_delta": run.cfg.student.use_delta,
                 "tau_head": run.cfg.student.tau_head, "budgets": list(run.cfg.budgets),
@@ -346,7 +345,7 @@ def phase2(run: Run, student: Student, log: MetricsLogger, resume: bool) -> Stud
         student = call_rounds(run, student, log, first_step=cfg.rl.iterations if pcl_loop else 0)
     student.eval()
     student.tau_bias = {}  # offsets fitted to the phase-1 student do not carry over (calibrate() refits)
-    final = run.dir / "models" / "final"
+    final = run.paths.model("final")
     with atomic_dir(final) as tmp:  # a kill leaves no final student, never half of one
         student.save(tmp, run.tokenizer)
         if value is not None:  # saved beside the final student (deployment never reads it)
@@ -378,7 +377,7 @@ def call_rounds(run: Run, student: Student, log: MetricsLogger, first_step: int 
     if cfg.rollout.num_workers > 0:
         init_ray()
     student.eval()
-    group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
+    group = RolloutGroup.from_config(cfg, run.paths.model("phase1"), run.teacher_dir, run.train, run.teacher,
                                      eos_id=run.eos_id)
     try:
         for r in tqdm(range(cfg.rl.call_rounds), desc="phase 2 (call learner)", unit="round"):
@@ -428,7 +427,7 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
         print(f"resumed from {ckpt} at iteration {start}")
     if cfg.rollout.num_workers > 0:
         init_ray()
-    group = RolloutGroup.from_config(cfg, run.dir / "models" / "phase1", run.teacher_dir, run.train, run.teacher,
+    group = RolloutGroup.from_config(cfg, run.paths.model("phase1"), run.teacher_dir, run.train, run.teacher,
                                      eos_id=run.eos_id, greedy_examples=run.validation or None)
     critic = learner.value is not None  # rl.value=learned: V_φ and V_C (tw_rl/models/value.py)
     prompts = held_prompts if critic else None
@@ -438,11 +437,11 @@ def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tup
             times: dict[str, float] = {}
             with Timer(times, "rollout"):  # sample: on-policy episodes, <τ> answered, rewards scored
                 episodes, rstats = group.sample(learner.student.state_dict(), version=it, seed=it)
-            buffer.add([e for e in episodes if e.source != "greedy_heldout"])  # buffer (held-out inputs: never)
+            buffer.add([e for e in episodes if e.source != Source.GREEDY_HELDOUT])  # buffer (held-out inputs: never)
             dual = [e for e in dual_episodes(episodes, cfg.rl.dual_usage) if e.budget in multipliers]
             dual_usage, dual_stats = usage_by_budget(dual), {}
             if critic and it == 0:  # warm start: V_φ on MC soft returns, V_C on usage, before the first update
-                warm = EpisodeBatch.collate([e for e in episodes if e.source == "onpolicy"] or episodes, run.pad_id)
+                warm = EpisodeBatch.collate([e for e in episodes if e.source == Source.ONPOLICY] or episodes, run.pad_id)
                 dual_stats.update(learner.warm_start(warm, multipliers.for_episodes(warm.budgets),
                                                      EpisodeBatch.collate(dual, run.pad_id) if dual else None,
                                                      cfg.rl.value_warmup_steps))
@@ -609,8 +608,8 @@ def dual_episodes(episodes: list[Episode], which: str) -> list[Episode]:
     on held-out inputs (how the student is deployed and evaluated — greedily, on inputs it was not trained on: it
     calls less on its training inputs); ``greedy``, the greedy ones on training inputs (sampling at temperature 1
     calls at a different rate); or ``all``. Falls back to all episodes when the chosen kind is missing."""
-    kind = {"heldout": "greedy_heldout", "greedy": "greedy"}.get(which)
-    chosen = [e for e in episodes if e.source == kind]
+    kind = DUAL_USAGE_SOURCES[which]
+    chosen = [e for e in episodes if kind is None or e.source == kind]
     return chosen or episodes
 
 
@@ -649,9 +648,9 @@ def calibrate(run: Run, student: Student, phase1_student: Student) -> dict:
 
     model = TrainedModel(run.cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir,
                          device=run.teacher.device)  # teacher.driver_device: both models, as tw-rl eval --device
-    students = {"final": (student, run.dir / "models" / ("final" if run.cfg.rl.enabled else "phase1"))}
+    students = {"final": (student, run.paths.trained_student(run.cfg.rl.enabled))}
     if phase1_student is not student:
-        students["phase1"] = (phase1_student, run.dir / "models" / "phase1")
+        students["phase1"] = (phase1_student, run.paths.model("phase1"))
     return calibrate_run(model, students, run.dir)
 
 

@@ -12,12 +12,6 @@ log = logging.getLogger(__name__)
 _BATCH = 1024  # pairs tokenized per call: fast tokenizers parallelize a batch; bounded for memory
 
 
-def prompt_tokens(budget_prompt: str, budgets, tokenizer: Any) -> int:
-    """The longest budget prompt over ``budgets``, in tokens: the room every source leaves for it."""
-    return max(len(tokenizer(budget_prompt.format(pct=int(100 * b)), add_special_tokens=False)["input_ids"])
-               for b in sorted(set(budgets)))
-
-
 class FileTokenizer:
     """A ``tokenizer.json`` read with the ``tokenizers`` library alone (no torch, no transformers: what
     ``tw-rl train --dry-run`` may load), callable as :func:`check_token_lengths` calls a Hugging Face tokenizer.
