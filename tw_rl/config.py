@@ -379,7 +379,7 @@ class Config:
 
     out_dir: str = param("runs/demo", "the run directory: config, models, checkpoints, metrics, reports")
     seed: int = param(0, "seed of everything random in the run")
-    algo: str = param("pcl", "the phase-2 learner (tw_rl.algos.ALGORITHMS)")
+    algo: str = param("pcl", "the phase-2 learner (tw_rl.registry.ALGORITHMS)")
     budgets: list[float] = param(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                                  help="teacher budgets trained and evaluated", ge=0.0, le=1.0)
     budget_prompt: str = param("teacher budget {pct}%: ", "prefix of the student's input; {pct} = 100·b")
@@ -440,7 +440,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
                                                    f"<= {hi}" if hi is not None else ""] if s)
                     raise ConfigError(f"{key}={v!r} is out of range; allowed: {rng}")
     if prefix == "":
-        from tw_rl.algos import ALGORITHMS, requirements  # the registry is the list of allowed learners
+        from tw_rl.registry import ALGORITHMS, requirements  # the registry is the list of allowed learners
 
         if cfg.algo not in ALGORITHMS:
             raise ConfigError(f"algo={cfg.algo!r} is unknown; allowed values: {sorted(ALGORITHMS)}")
@@ -529,7 +529,7 @@ def _apply_algorithm_requirements(merged: DictConfig, sources: list[tuple[str, D
     """The settings the chosen algorithm needs (``tw_rl.algos.requirements``), in place: a key that no source (the
     YAML file, an override) sets takes the algorithm's value; one set explicitly to another value is a
     :class:`ConfigError` naming both keys and where the value came from."""
-    from tw_rl.algos import ALGORITHMS, requirements
+    from tw_rl.registry import ALGORITHMS, requirements
 
     algo = merged.algo
     if algo not in ALGORITHMS:

@@ -195,7 +195,7 @@ def _resources(cfg: Config, algo_module) -> dict[str, Any]:
 
 def plan(cfg: Config) -> dict[str, Any]:
     """The resolved run: components, downloads and Ray resources. Raises ConfigError on what would fail later."""
-    from tw_rl.algos import ALGORITHMS
+    from tw_rl.registry import ALGORITHMS
 
     if cfg.algo not in ALGORITHMS:
         raise ConfigError(f"algo={cfg.algo!r} is unknown; known: {sorted(ALGORITHMS)}")

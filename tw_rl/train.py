@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tw_rl.envs.token_mdp import Example
-from tw_rl.algos import get_algorithm
+from tw_rl.registry import get_algorithm
 from tw_rl.algos.learner import COST_BATCH, TEACHER_SRC, Learner
 from tw_rl.batch import DUAL_USAGE_SOURCES, Episode, EpisodeBatch, Source
 from tw_rl.budget import BudgetMultipliers

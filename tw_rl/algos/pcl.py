@@ -452,7 +452,7 @@ class PCLLearner(Learner):
 
 def make_learner(cfg: RLConfig | Config, student: nn.Module, start_id: int, pad_id: int,
                  value: Optional[ValueHead] = None, **_) -> PCLLearner:
-    """The registry entry point (``tw_rl.algos.ALGORITHMS["pcl"]``); accepts the run config or its ``rl`` part."""
+    """The registry entry point (``tw_rl.registry.ALGORITHMS["pcl"]``); accepts the run config or its ``rl`` part."""
     rl = cfg.rl if isinstance(cfg, Config) else cfg
     max_len = cfg.data.max_tgt_tokens if isinstance(cfg, Config) else 32
     return PCLLearner(rl, student, start_id, pad_id, value=value, max_len=max_len)
