@@ -46,6 +46,10 @@ class TokenMDPBatch:
 
     State of row ``i``: ``X_out`` (``tokens[i, :t]``) and the teacher-token mask (``teacher_mask[i, :t]``), the
     step ``t`` and whether the episode is over. Rows that are over ignore their actions and get reward 0.
+
+    The decoding loop (``tw_rl.decoding.decode_with``) writes the same transition again in torch, on the student's
+    device and without the rewards (which would cost a ``teacher.score`` per step); tests/test_env.py steps the
+    two in lockstep and checks they agree at every step.
     """
 
     def __init__(self, teacher: TeacherClient, tau_id: int, eos_id: int, max_len: int, pad_id: int = 0):

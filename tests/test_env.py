@@ -160,27 +160,77 @@ def test_tau_masked_is_plain_greedy(toy, budget):
     assert unmasked.teacher_mask.any() == (budget > 0)  # at b = 0.5 the mask is what keeps <τ> out
 
 
-def test_sampled_decoding_matches_env_trajectories(toy):
-    """The KV-cached decoder and the environment agree on X_out, teacher marks, ends and rewards."""
-    idx = list(range(len(toy["examples"])))
-    ids, mask = _student_inputs(toy, 0.5, idx)
-    tsrc = [toy["examples"][i].teacher_src for i in idx]
-    out = decode(toy["student"], ids, mask, max_len=MAX_LEN, eos_id=toy["eos"], teacher=toy["teacher"],
-                 teacher_src=tsrc, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert out.teacher_mask.any(), "the toy student should call the teacher sometimes"
-    scores = toy["teacher"].score(tsrc, [out.tokens[k, :out.lengths[k]].tolist() for k in idx])
-    env = make_env(toy)
-    for k in idx:
-        env.reset(options={"example": k, "budget": 0.5})
-        rewards = []
-        for a in out.actions[k, :out.lengths[k]]:
-            obs, r, term, trunc, _ = env.step(int(a))
-            rewards.append(r)
-        n = out.lengths[k]
-        assert obs["prefix"][:n].tolist() == out.tokens[k, :n].tolist()
-        assert obs["teacher_mask"][:n].astype(bool).tolist() == out.teacher_mask[k, :n].tolist()
-        assert term == bool(out.terminated[k]) and (term or trunc)
-        np.testing.assert_allclose(rewards, scores[k], atol=1e-5)
+class Lockstep:
+    """An action piece, last in :func:`decode_with`'s list, that steps a :class:`TokenMDPBatch` with the actions the
+    loop is about to take, after checking that the env's state equals the loop's (``X_out``, calls) at every step."""
+
+    def __init__(self, env: TokenMDPBatch):
+        self.env, self.rewards = env, []
+
+    def __call__(self, step, a):
+        t = step.t
+        np.testing.assert_array_equal(self.env.tokens[:, :t], step.prefix.numpy())
+        np.testing.assert_array_equal(self.env.calls, step.calls.numpy())
+        assert (self.env.t == np.where(self.env.done, self.env.t, t)).all()  # live rows are at step t
+        self.rewards.append(self.env.step(a.numpy())[0])
+        return a
+
+
+LOCKSTEP_MODES = {
+    "greedy": {},
+    "sampled": {"temperature": 1.0},
+    "row_temperatures": {"temperature": torch.tensor([0.0, 1.0, 0.5, 0.0, 2.0, 1.0])},
+    "cap_and_bias": {"temperature": 1.0, "call_cap": torch.full((6,), 1), "tau_bias": torch.full((6,), 1.5)},
+    "forced_every_3rd": {"temperature": 1.0, "allow_tau": False,
+                         "tau_rule": lambda t, logits, calls: torch.full((logits.shape[0],), t % 3 == 1)},
+    "flip": {"flip_at": torch.tensor([0, 1, 2, 3, -1, 1])},
+}
+
+
+@pytest.mark.parametrize("mode", list(LOCKSTEP_MODES))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decoding_loop_and_env_take_the_same_transitions_step_by_step(toy, mode, seed):
+    """The transition is written twice (``TokenMDPBatch.step`` in numpy with rewards, :func:`decode_with`'s loop in
+    torch); stepped in lockstep with the loop's actions the env holds the loop's ``X_out``, calls, teacher marks,
+    lengths and ends at every step, at every budget of a mixed batch, and its rewards are the teacher's scores of
+    the loop's outputs minus λ (c_t − b)."""
+    from tw_rl.decoding import decode_with, pieces
+
+    rng = np.random.default_rng(seed)
+    n, lam = 6, 0.3
+    idx = rng.permutation(len(toy["examples"]))[:n]
+    budgets = rng.choice(TOY_BUDGETS, size=n)
+    examples = [toy["examples"][i] for i in idx]
+    srcs = [ex.student_src[b] for ex, b in zip(examples, budgets)]
+    S = max(map(len, srcs))
+    ids, mask = torch.zeros(n, S, dtype=torch.long), torch.zeros(n, S, dtype=torch.bool)
+    for k, s in enumerate(srcs):
+        ids[k, :len(s)], mask[k, :len(s)] = torch.tensor(s), True
+    tsrc = [ex.teacher_src for ex in examples]
+    env = TokenMDPBatch(toy["teacher"], tau_id=toy["V"], eos_id=toy["eos"], max_len=MAX_LEN)
+    env.reset(examples, budgets, lam=lam)
+    kw = dict(LOCKSTEP_MODES[mode])
+    steps = pieces(generator=torch.Generator().manual_seed(seed), **kw)
+    lockstep = Lockstep(env)
+    steps.actions.append(lockstep)
+    out = decode_with(toy["student"], ids, mask, steps, max_len=MAX_LEN, eos_id=toy["eos"], teacher=toy["teacher"],
+                      teacher_src=tsrc)
+    T = out.tokens.shape[1]
+    np.testing.assert_array_equal(env.t, out.lengths)
+    np.testing.assert_array_equal(env.tokens[:, :T], out.tokens)
+    np.testing.assert_array_equal(env.teacher_mask[:, :T], out.teacher_mask)
+    assert (env.tokens[:, T:] == 0).all() and env.done.all()
+    np.testing.assert_array_equal(env.calls, out.teacher_mask.sum(1))
+    terminated = np.array([env.tokens[k, env.t[k] - 1] == toy["eos"] for k in range(n)])
+    np.testing.assert_array_equal(terminated, out.terminated)
+    assert out.teacher_mask.any() and (out.lengths < MAX_LEN).any()  # calls made, some rows end before the limit
+    scores = toy["teacher"].score(tsrc, [out.tokens[k, :out.lengths[k]].tolist() for k in range(n)])
+    rewards = np.stack(lockstep.rewards, 1)
+    for k in range(n):
+        L = out.lengths[k]
+        want = scores[k] - lam * (out.teacher_mask[k, :L] - budgets[k])
+        np.testing.assert_allclose(rewards[k, :L], want, atol=1e-5)
+        assert (rewards[k, L:] == 0).all()
 
 
 def test_registered_env_passes_gymnasium_checker():

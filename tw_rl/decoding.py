@@ -1,8 +1,21 @@
 """Batched, KV-cached decoding over ``V ∪ {<τ>}`` — shared by rollout workers, evaluation and ``generate``.
 
-One student decoder position per step (the acting forward, :meth:`Student.step`); rows that choose ``<τ>`` are
-answered by one batched ``teacher.next_tokens`` call and the teacher's token enters the student's cache with the
-offset δ (SPEC §2). The transitions are those of :class:`tw_rl.envs.token_mdp.TokenMDPBatch` (tested equal).
+One loop, :func:`decode_with`: one student decoder position per step (the acting forward, :meth:`Student.step`),
+then small per-step pieces in a fixed order, in the spirit of Hugging Face's ``LogitsProcessorList``:
+
+1. **logit pieces** edit the step's logits in place (no copy): :class:`TauBias` (the calibrated ``<τ>`` offset),
+   :class:`MaskTau` (the student alone), :class:`HardCap` (SPEC §5's inference-time cap);
+2. **the sampler** picks the actions and their log-probs: :class:`Greedy`, :class:`Sample` (one temperature),
+   :class:`RowSample` (one per row; 0: that row is greedy);
+3. **action pieces** override the chosen actions: :class:`ForcedCalls` (a :data:`TauRule`: baselines),
+   :class:`Flip` (the other side of one ``<τ>`` decision, tw_rl/refit.py), :class:`Replay` (repeat a known path
+   without asking the teacher again).
+
+Then the transition: rows that chose ``<τ>`` are answered by one batched ``teacher.next_tokens`` call and the
+teacher's token enters the student's cache with the offset δ (SPEC §2). The transition is also written, in
+numpy with rewards, as :class:`tw_rl.envs.token_mdp.TokenMDPBatch`; the two are tested equal step by step
+(tests/test_env.py). :func:`decode` is the keyword front that turns its options into the pieces
+(:func:`pieces`), as ``generate``'s flags become logits processors.
 
 :func:`decode_teacher` is the same loop for the teacher alone (one teacher decoder position per step,
 :class:`TeacherSteps`), so that evaluation times the student alone, the teacher alone and Training Wheels with
@@ -11,7 +24,7 @@ one loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -24,6 +37,7 @@ from tw_rl.models.student import Student
 TauRule = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 TEACHER_ACTION = -1  # decode_teacher's action at every position it produced: every token is the teacher's
+_NEEDS_TEACHER = "decoding with <τ> needs a teacher and teacher_src"
 
 
 class PrefixRule(Protocol):
@@ -57,6 +71,198 @@ class Decoded:
         return self.actions[i, :n], self.tokens[i, :n]
 
 
+# ------------------------------------------------------------------------------------------------------------
+# The pieces of one step
+
+
+@dataclass
+class Step:
+    """What the pieces of step ``t`` see. ``logits [B, A]`` (float32, the student's; logit pieces edit them in
+    place), ``calls [B]`` the ``<τ>`` taken so far, ``prefix [B, t]`` (int64, CPU) ``X_out`` so far (``pad_id``
+    after a row's EOS). An action piece may set ``given = (rows [B] bool, tokens [B])``: the tokens of those rows
+    are known (their ``<τ>`` asks the teacher nothing)."""
+
+    t: int
+    tau: int
+    logits: torch.Tensor
+    calls: torch.Tensor
+    prefix: torch.Tensor
+    given: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class LogitPiece(Protocol):
+    def __call__(self, step: Step) -> None:
+        """Edit ``step.logits`` in place."""
+        ...
+
+
+class ActionPiece(Protocol):
+    def __call__(self, step: Step, a: torch.Tensor) -> torch.Tensor:
+        """The actions ``[B]`` after this piece (``a`` itself where it changes nothing)."""
+        ...
+
+
+class Sampler(Protocol):
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log μ(·|s) [B, A], actions [B])`` of the acting distribution μ."""
+        ...
+
+
+@dataclass
+class TauBias:
+    """``bias [B]`` added to each row's ``<τ>`` logit (the calibrated per-budget offset, tw_rl/calibration.py):
+    ``π(<τ>) = σ(logit_τ + b − logsumexp(logits_V))``."""
+
+    bias: torch.Tensor
+
+    def __call__(self, step: Step) -> None:
+        step.logits[:, step.tau] += self.bias
+
+
+class MaskTau:
+    """``<τ>`` is never chosen (the student alone)."""
+
+    def __call__(self, step: Step) -> None:
+        step.logits[:, step.tau] = float("-inf")
+
+
+@dataclass
+class HardCap:
+    """``<τ>`` is forbidden once a row's calls reach ``cap [B]`` (the inference-time hard cap of SPEC §5)."""
+
+    cap: torch.Tensor
+
+    def __call__(self, step: Step) -> None:
+        step.logits[step.calls >= self.cap, step.tau] = float("-inf")
+
+
+class Greedy:
+    """The argmax; μ is ``softmax(logits)``."""
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.log_softmax(logits, dim=-1), logits.argmax(dim=-1)
+
+
+@dataclass
+class Sample:
+    """An exact sample of ``softmax(logits / temperature)`` by Gumbel-max: ``argmax(log p + G)``,
+    ``G ~ Gumbel(0, 1)`` from one ``torch.rand([B, A], generator=)`` per step — ~3x cheaper than
+    ``torch.multinomial`` on CPU (bench/rollout.py; docs/benchmarks.md)."""
+
+    temperature: float
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(logits / self.temperature, dim=-1)
+        u = torch.rand(logp.shape, generator=self.generator, device=logp.device)
+        return logp, (logp - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+@dataclass
+class RowSample:
+    """:class:`Sample` with a temperature per row ``[B]``; rows at 0 are greedy (their Gumbel noise is zeroed, the
+    draw still made for every row)."""
+
+    temperature: torch.Tensor
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sampled = self.temperature > 0
+        logp = torch.log_softmax(logits / torch.where(sampled, self.temperature, 1.0)[:, None], dim=-1)
+        u = torch.rand(logp.shape, generator=self.generator, device=logp.device)
+        return logp, (logp - torch.log(-torch.log(u)) * sampled[:, None]).argmax(dim=-1)
+
+
+@dataclass
+class ForcedCalls:
+    """``<τ>`` on the rows ``rule`` picks, whatever the student prefers (baselines: random positions, confidence
+    fallback, the oracle). The rule reads the step's (edited) logits and a copy of the calls; a
+    :class:`PrefixRule` also reads the prefix."""
+
+    rule: TauRule | PrefixRule
+
+    def __call__(self, step: Step, a: torch.Tensor) -> torch.Tensor:
+        forced = (self.rule(step.t, step.logits, step.calls.clone(), step.prefix)
+                  if getattr(self.rule, "reads_prefix", False) else self.rule(step.t, step.logits, step.calls.clone()))
+        return torch.where(forced.to(a.device), torch.full_like(a, step.tau), a)
+
+
+@dataclass
+class Flip:
+    """At step ``flip_at[i]`` row ``i`` takes the other side of its ``<τ>`` decision: it calls where the policy
+    would not, or takes its own most likely token of ``V`` where the policy would call; −1: never."""
+
+    flip_at: torch.Tensor  # [B] int64
+
+    def __call__(self, step: Step, a: torch.Tensor) -> torch.Tensor:
+        here = self.flip_at == step.t
+        if not bool(here.any()):
+            return a
+        other = torch.where(a == step.tau, step.logits[:, :step.tau].argmax(dim=-1), torch.full_like(a, step.tau))
+        return torch.where(here, other, a)
+
+
+@dataclass
+class Replay:
+    """Row ``i`` repeats a known path ``(tokens [B, T0], teacher_mask [B, T0])`` at steps ``t < until[i]`` (the
+    student still reads every token); the teacher's tokens there are given, not asked for again."""
+
+    tokens: torch.Tensor
+    teacher_mask: torch.Tensor
+    until: torch.Tensor  # [B] int64
+
+    def __call__(self, step: Step, a: torch.Tensor) -> torch.Tensor:
+        t = step.t
+        if t >= self.tokens.shape[1]:
+            return a
+        replaying = t < self.until
+        step.given = (replaying, self.tokens[:, t])
+        return torch.where(replaying, torch.where(self.teacher_mask[:, t], torch.full_like(a, step.tau),
+                                                  self.tokens[:, t]), a)
+
+
+@dataclass
+class Pieces:
+    """One step's pieces, applied in this order: ``logits``, then ``sampler``, then ``actions``."""
+
+    logits: list[LogitPiece] = field(default_factory=list)
+    sampler: Sampler = field(default_factory=Greedy)
+    actions: list[ActionPiece] = field(default_factory=list)
+
+
+def pieces(*, temperature: float | torch.Tensor = 0.0, generator: torch.Generator | None = None,
+           allow_tau: bool = True, call_cap: torch.Tensor | None = None, tau_bias: torch.Tensor | None = None,
+           tau_rule: TauRule | PrefixRule | None = None, flip_at: torch.Tensor | None = None,
+           replay: tuple[torch.Tensor, torch.Tensor] | None = None,
+           device: torch.device | str = "cpu") -> Pieces:
+    """:func:`decode`'s options as :class:`Pieces` (tensors moved to ``device``, where the student decodes)."""
+    logits: list[LogitPiece] = []
+    if tau_bias is not None:
+        logits.append(TauBias(tau_bias))
+    if not allow_tau:
+        logits.append(MaskTau())
+    if call_cap is not None:
+        logits.append(HardCap(call_cap))
+    if isinstance(temperature, torch.Tensor):
+        sampler: Sampler = RowSample(temperature, generator)
+    elif temperature > 0:
+        sampler = Sample(temperature, generator)
+    else:
+        sampler = Greedy()
+    actions: list[ActionPiece] = []
+    if tau_rule is not None:
+        actions.append(ForcedCalls(tau_rule))
+    if flip_at is not None:
+        flip_at = flip_at.to(device)
+        actions.append(Flip(flip_at))
+    if replay is not None:
+        if flip_at is None:
+            raise ValueError("replay needs flip_at (the step up to which each row repeats the given path)")
+        tokens, teacher_mask = (r.to(device) for r in replay)
+        actions.append(Replay(tokens, teacher_mask, until=flip_at))
+    return Pieces(logits, sampler, actions)
+
+
 @torch.no_grad()
 def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, max_len: int, eos_id: int,
            teacher: TeacherClient | None = None, teacher_src: Sequence[Sequence[int]] | None = None,
@@ -65,7 +271,7 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
            tau_bias: torch.Tensor | None = None, generator: torch.Generator | None = None,
            flip_at: torch.Tensor | None = None,
            replay: tuple[torch.Tensor, torch.Tensor] | None = None) -> Decoded:
-    """Decode ``B`` rows at once.
+    """Decode ``B`` rows at once (:func:`decode_with` with the :class:`Pieces` these options name).
 
     ``temperature == 0`` is greedy; otherwise actions are sampled from ``softmax(logits / temperature)``; a
     tensor ``[B]`` gives each row its own temperature (0: that row is greedy).
@@ -81,15 +287,22 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
     row ``i`` repeats it at steps ``t < flip_at[i]`` (the student still reads every token) without asking the
     teacher again for the tokens it gave there.
     """
-    B, tau = src_ids.shape[0], student.tau_id
-    if flip_at is not None:
-        flip_at = flip_at.to(src_ids.device)
-    if replay is not None:
-        if flip_at is None:
-            raise ValueError("replay needs flip_at (the step up to which each row repeats the given path)")
-        replay_tokens, replay_teacher = (r.to(src_ids.device) for r in replay)
+    steps = pieces(temperature=temperature, generator=generator, allow_tau=allow_tau, call_cap=call_cap,
+                   tau_bias=tau_bias, tau_rule=tau_rule, flip_at=flip_at, replay=replay, device=src_ids.device)
     if (allow_tau or tau_rule is not None) and (teacher is None or teacher_src is None):
-        raise ValueError("decoding with <τ> needs a teacher and teacher_src")
+        raise ValueError(_NEEDS_TEACHER)
+    return decode_with(student, src_ids, src_mask, steps, max_len=max_len, eos_id=eos_id, teacher=teacher,
+                       teacher_src=teacher_src, start_id=start_id, pad_id=pad_id)
+
+
+@torch.no_grad()
+def decode_with(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, steps: Pieces, *, max_len: int,
+                eos_id: int, teacher: TeacherClient | None = None,
+                teacher_src: Sequence[Sequence[int]] | None = None, start_id: int = 0, pad_id: int = 0) -> Decoded:
+    """The decoding loop: at each step the student's logits over ``V ∪ {<τ>}``, ``steps`` (logit pieces, sampler,
+    action pieces), then the transition of SPEC §2 for every live row. ``behavior_logprobs`` is the sampler's
+    log μ of the action finally taken. Stops when every row has ended (EOS in ``X_out``) or after ``max_len``."""
+    B, tau = src_ids.shape[0], student.tau_id
     enc = student.encode(src_ids, src_mask)
     cache = student.new_cache()
     inp = torch.full((B,), start_id, dtype=torch.long, device=src_ids.device)
@@ -101,49 +314,25 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
     blp = torch.zeros((B, max_len), dtype=torch.float32)
     lengths = torch.zeros(B, dtype=torch.long)
     for t in range(max_len):
-        logits = student.step(enc, src_mask, inp, inp_teacher, cache).float()
-        if tau_bias is not None:
-            logits[:, tau] += tau_bias
-        if not allow_tau:
-            logits[:, tau] = float("-inf")
-        if call_cap is not None:
-            logits[calls >= call_cap, tau] = float("-inf")
-        if isinstance(temperature, torch.Tensor):  # per row: Gumbel noise only on rows with temperature > 0
-            sampled = temperature > 0
-            logp = torch.log_softmax(logits / torch.where(sampled, temperature, 1.0)[:, None], dim=-1)
-            u = torch.rand(logp.shape, generator=generator, device=logp.device)
-            a = (logp - torch.log(-torch.log(u)) * sampled[:, None]).argmax(dim=-1)
-        elif temperature > 0:
-            logp = torch.log_softmax(logits / temperature, dim=-1)
-            # Gumbel-max: argmax(log p + G), G ~ Gumbel(0, 1), is an exact sample of p and ~3x cheaper than
-            # torch.multinomial on CPU (bench/rollout.py; docs/benchmarks.md)
-            u = torch.rand(logp.shape, generator=generator, device=logp.device)
-            a = (logp - torch.log(-torch.log(u))).argmax(dim=-1)
-        else:
-            logp = torch.log_softmax(logits, dim=-1)
-            a = logits.argmax(dim=-1)
-        if tau_rule is not None:
-            forced = (tau_rule(t, logits, calls.clone(), tokens[:, :t]) if getattr(tau_rule, "reads_prefix", False)
-                      else tau_rule(t, logits, calls.clone()))
-            a = torch.where(forced.to(a.device), torch.full_like(a, tau), a)
-        if flip_at is not None:
-            here = flip_at == t
-            if bool(here.any()):
-                a = torch.where(here, torch.where(a == tau, logits[:, :tau].argmax(dim=-1), torch.full_like(a, tau)), a)
-        replaying = None
-        if replay is not None and t < replay_tokens.shape[1]:
-            replaying = t < flip_at
-            a = torch.where(replaying, torch.where(replay_teacher[:, t], torch.full_like(a, tau),
-                                                   replay_tokens[:, t]), a)
+        step = Step(t, tau, student.step(enc, src_mask, inp, inp_teacher, cache).float(), calls, tokens[:, :t])
+        for edit in steps.logits:
+            edit(step)
+        logp, a = steps.sampler(step.logits)
+        for act in steps.actions:
+            a = act(step, a)
+        # the transition (SPEC §2; TokenMDPBatch.step, tested equal): <τ> appends the teacher's greedy token
         live = ~done
         is_tau = live & (a == tau)
         y = torch.where(live, a, torch.full_like(a, pad_id))
-        if replaying is not None:  # the teacher's tokens on the repeated path are known: no request
-            y = torch.where(live & replaying, replay_tokens[:, t], y)
-            rows = (is_tau & ~replaying).nonzero().flatten().tolist()
+        if step.given is not None:  # known tokens (a repeated path): no request
+            known, given = step.given
+            y = torch.where(live & known, given, y)
+            rows = (is_tau & ~known).nonzero().flatten().tolist()
         else:
             rows = is_tau.nonzero().flatten().tolist()
         if rows:
+            if teacher is None or teacher_src is None:
+                raise ValueError(_NEEDS_TEACHER)
             w, _ = teacher.next_tokens([teacher_src[i] for i in rows], [tokens[i, :t].tolist() for i in rows])
             y[rows] = torch.as_tensor(w, dtype=torch.long, device=y.device)
         actions[:, t] = torch.where(live, a, torch.full_like(a, pad_id)).cpu()
