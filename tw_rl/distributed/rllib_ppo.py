@@ -21,18 +21,23 @@ How it differs from the driver's batch contract (``update(EpisodeBatch, lambdas)
 - **Value function**: a linear head on the decoder's last hidden state at ``step`` (RLlib's GAE needs values);
   it is trained by PPO and discarded afterwards — only the student is saved.
 - **Checkpoints**: none inside phase 2 and no ``--resume``: the run saves ``models/final`` when RLlib is done.
+
+It lives in the Ray wing because all of it is RLlib: the registry (:data:`tw_rl.algos.ALGORITHMS`) names this
+module by its path, so ``algo=rllib_ppo`` finds it while ``tw_rl/algos/`` imports neither Ray nor the wing. RLlib
+itself is imported when the algorithm is built, not when the module is.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
+from tw_rl.distributed.cluster import init_ray
 from tw_rl.envs.token_mdp import TokenMDPEnv
 
 ENV_NAME = "tw_rl/TokenMDP-budgeted"
@@ -104,7 +109,7 @@ def drain_finished() -> list[tuple[float, float]]:
 # the RLModule
 # --------------------------------------------------------------------------------------------------------------
 def _module_class():
-    """Built lazily so that importing the registry does not import RLlib."""
+    """Built lazily so that importing this module (``get_algorithm("rllib_ppo")``) does not import RLlib."""
     from ray.rllib.core.columns import Columns
     from ray.rllib.core.rl_module.apis import ValueFunctionAPI
     from ray.rllib.core.rl_module.torch import TorchRLModule
@@ -237,7 +242,6 @@ def run_phase2(run, student, log, resume: bool):
     """``rl.iterations`` RLlib PPO iterations on the run's examples, teacher and phase-1 student, with the budget
     multipliers updated between iterations; returns the student (the driver saves it)."""
     from tw_rl.budget import BudgetMultipliers
-    from tw_rl.distributed import init_ray
     from tw_rl.metrics import Timer
 
     cfg = run.cfg
