@@ -1,4 +1,5 @@
-"""The data-parallel PCL learner (tw_rl/distributed/data_parallel.py): 2 CPU workers over gloo equal the single-process learner."""
+"""The data-parallel PCL learner (tw_rl/distributed/data_parallel.py): 2 CPU workers over gloo equal the
+single-process learner."""
 
 import copy
 
