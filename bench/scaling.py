@@ -1,6 +1,6 @@
 """Phase-2 rollout collection: collected tokens/s with 2 Ray rollout workers against 1, same total work, same run.
 
-Two :class:`tw_rl.distributed.RolloutGroup` s are started side by side on one local Ray, each as phase 2 builds it
+Two :class:`tw_rl.distributed.rollout.RolloutGroup` s are started side by side on one local Ray, each as phase 2 builds it
 (``RolloutGroup.from_config``: its own teacher server actor with dynamic batching, rollout actors holding a student
 replica), one with 1 rollout worker and one with 2, every worker decoding ``E = --episodes`` episodes per call
 (``rollout.envs_per_worker``); per round the 1-worker group makes two calls and the 2-worker group one, so both
@@ -75,7 +75,7 @@ def student_with_calls(usage: float) -> Student:
 
 
 def make_group(cfg: Config, student: Student, teacher: Teacher, exs: list[Example]):
-    from tw_rl.distributed import RolloutGroup
+    from tw_rl.distributed.rollout import RolloutGroup
 
     return RolloutGroup.from_config(cfg, student, None, exs, teacher, eos_id=EOS)
 
@@ -96,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from tw_rl.distributed import init_ray, shutdown_ray
+    from tw_rl.distributed.cluster import init_ray, shutdown_ray
 
     exs = examples(256, args.src_len)
     student = student_with_calls(args.usage)

@@ -197,7 +197,7 @@ def toy():
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray for one test module (one ``ray.init`` per module), sized for 2 cores; shut down after it."""
-    from tw_rl.distributed import init_ray, shutdown_ray
+    from tw_rl.distributed.cluster import init_ray, shutdown_ray
 
     init_ray(num_cpus=2, object_store_memory=200 * 1024 ** 2)
     yield

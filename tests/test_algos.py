@@ -136,7 +136,7 @@ def test_student_rl_module_reads_the_env_observation_as_the_student_would(toy):
     from ray.rllib.core.columns import Columns
 
     from tw_rl.envs.token_mdp import TokenMDPEnv
-    from tw_rl.algos.rllib_ppo import _module_class
+    from tw_rl.distributed.rllib_ppo import _module_class
 
     import copy
 

@@ -68,7 +68,7 @@ def test_rllib_ppo_refuses_an_explicit_trainable_tau_before_anything_runs(tmp_pa
 
 def test_rllib_ppo_trains_two_rllib_iterations_through_the_driver(base, tmp_path):
     """``algo=rllib_ppo`` alone (rl.trainable=all comes from the algorithm's requirements) runs through phase 2."""
-    from tw_rl.distributed import shutdown_ray
+    from tw_rl.distributed.cluster import shutdown_ray
 
     try:
         out, report = run(base, tmp_path, "algo=rllib_ppo", "rllib.episodes_per_iteration=4",

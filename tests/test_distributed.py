@@ -1,15 +1,16 @@
-"""Ray-on-CPU integration: the teacher actor (dynamic batching), remote teacher client, rollout group with restarts.
+"""Ray-on-CPU integration: the teacher actor (dynamic batching), remote teacher client, rollout group with restarts;
+and the wing's boundary (no Ray outside ``tw_rl/distributed/``). The plain server: tests/test_teacher_server.py.
 
 One local Ray (2 CPUs) for the whole module. Models are the toy ones of conftest.py, saved to a temporary directory
 and loaded inside the actors.
 """
 
-import asyncio
-import copy
+import ast
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ import torch
 from tests.conftest import tiny_t5
 from tests.listeners import descendants, is_loopback, listeners as tcp_listeners
 from tw_rl.config import Config, RolloutConfig, TeacherConfig
-from tw_rl.distributed import (DynamicBatcher, RemoteTeacher, RolloutGroup, TeacherActor, TeacherServer,
-                               start_teacher)
+from tests.test_teacher_server import requests
+from tw_rl.distributed.rollout import RolloutGroup
+from tw_rl.distributed.teacher import RemoteTeacher, TeacherActor, start_teacher
 from tw_rl.models.student import Student
 
 MAX_LEN = 8
@@ -32,79 +34,6 @@ def teacher_dir(toy, tmp_path_factory):
     d = tmp_path_factory.mktemp("teacher")
     toy["teacher"].model.save_pretrained(d, safe_serialization=True)
     return str(d)
-
-
-def requests(toy, n, seed=0):
-    """``n`` requests of 1–4 rows: (sources, prefixes) with prefixes of varied lengths."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        k = int(rng.integers(1, 5))
-        ex = [toy["examples"][int(i)] for i in rng.integers(len(toy["examples"]), size=k)]
-        out.append(([e.teacher_src for e in ex],
-                    [rng.integers(2, toy["V"], size=int(rng.integers(0, 6))).tolist() for _ in ex]))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the plain server (asyncio, no Ray)
-# ---------------------------------------------------------------------------------------------------------------
-def test_batcher_serves_full_batches_at_once_and_splits_results():
-    from concurrent.futures import ThreadPoolExecutor
-
-    seen = []
-
-    def fn(src, rows):
-        seen.append(len(rows))
-        return [s * 100 + r for s, r in zip(src, rows)]
-
-    async def main():
-        b = DynamicBatcher(fn, ThreadPoolExecutor(1), max_batch_size=6, max_wait_ms=10_000)
-        reqs = [([i] * 2, [1, 2]) for i in range(3)]  # 3 requests × 2 rows = 6 rows: served without waiting
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*(b.submit(s, r) for s, r in reqs))
-        return res, time.perf_counter() - t0, b.stats
-
-    res, dt, stats = asyncio.run(main())
-    assert res == [[1, 2], [101, 102], [201, 202]]
-    assert seen == [6] and dt < 5 and stats.mean_batch_requests == 3
-
-
-def test_server_matches_plain_teacher_without_ray(toy):
-    async def main():
-        server = TeacherServer(teacher=copy.deepcopy(toy["teacher"]), max_batch_size=64, max_wait_ms=20)
-        reqs = requests(toy, 6, seed=1)
-        res = await asyncio.gather(*(server.next_tokens(s, p) for s, p in reqs))
-        return reqs, res, await server.stats()
-
-    reqs, res, stats = asyncio.run(main())
-    for (s, p), (w, lp) in zip(reqs, res):
-        w0, lp0 = toy["teacher"].next_tokens(s, p)
-        assert w == w0
-        np.testing.assert_allclose(lp, lp0, atol=1e-5)
-    assert stats.next_tokens.requests == 6 and stats.next_tokens.batches < 6
-
-
-def test_a_failing_row_fails_only_its_own_request(toy):
-    """An out-of-vocabulary token in one request's prefix makes the batched forward raise: that request gets the
-    error, the requests batched with it their answers (served again one by one)."""
-    async def main():
-        server = TeacherServer(teacher=copy.deepcopy(toy["teacher"]), max_batch_size=64, max_wait_ms=200)
-        good = requests(toy, 4, seed=4)
-        bad = ([toy["examples"][0].teacher_src], [[3, 10_000]])  # token 10000 is outside the embedding
-        res = await asyncio.gather(*(server.next_tokens(s, p) for s, p in good[:2]), server.next_tokens(*bad),
-                                   *(server.next_tokens(s, p) for s, p in good[2:]), return_exceptions=True)
-        return good, res, await server.stats()
-
-    good, res, stats = asyncio.run(main())
-    assert isinstance(res[2], IndexError), res[2]
-    for (s, p), got in zip(good, res[:2] + res[3:]):
-        assert not isinstance(got, BaseException), got
-        w0, lp0 = toy["teacher"].next_tokens(s, p)
-        assert got[0] == w0
-        np.testing.assert_allclose(got[1], lp0, atol=1e-5)
-    assert stats.next_tokens.failed_batches == 1 and stats.next_tokens.failed_requests == 1
-    assert stats.next_tokens.requests == 4  # the served ones
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,3 +280,35 @@ def test_local_ray_listens_on_loopback_only_and_requires_a_token(ray_cluster, to
     assert os.environ["RAY_AUTH_MODE"] == "token" and get_authentication_mode() == AuthenticationMode.TOKEN
     assert len(os.environ.get("RAY_AUTH_TOKEN", "")) >= 32 or os.environ.get("RAY_AUTH_TOKEN_PATH")
     ray.kill(actor, no_restart=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the wing's boundary: every use of Ray lives in tw_rl/distributed/
+# ---------------------------------------------------------------------------------------------------------------
+def _imported_modules(path: Path) -> set[str]:
+    """Every absolute module ``path`` imports, at the top or inside a function."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_ray_is_imported_only_inside_the_wing_and_algos_import_neither():
+    root = Path(__file__).resolve().parents[1]
+    wing = root / "tw_rl" / "distributed"
+    found: dict[str, set[str]] = {}
+    for f in sorted([*(root / "tw_rl").rglob("*.py"), *(root / "envs").rglob("*.py")]):
+        if wing in f.parents:
+            continue
+        mods = _imported_modules(f)
+        bad = {m for m in mods if m == "ray" or m.startswith("ray.")}
+        if root / "tw_rl" / "algos" in f.parents:
+            bad |= {m for m in mods if m == "tw_rl.distributed" or m.startswith("tw_rl.distributed.")}
+        if bad:
+            found[str(f.relative_to(root))] = bad
+    assert not found, found
+    inside = {f.name for f in wing.glob("*.py") if any(m.split(".")[0] == "ray" for m in _imported_modules(f))}
+    assert inside >= {"cluster.py", "teacher.py", "rollout.py", "data_parallel.py", "rllib_ppo.py", "tune.py"}

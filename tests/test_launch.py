@@ -24,7 +24,7 @@ import yaml
 
 from tw_rl.config import load_config
 from tests.listeners import descendants, is_loopback, listeners
-from tw_rl.launch import LOOPBACK, free_port, head_command, head_env, private_token_file, submit_command
+from tw_rl.distributed.launch import LOOPBACK, free_port, head_command, head_env, private_token_file, submit_command
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -68,7 +68,7 @@ def test_installed_cli_version_and_demo_help(installed):
 
 def test_installed_package_finds_its_files_not_the_repositorys(installed):
     code = ("import tw_rl, tw_rl.envs, gymnasium, sys; from tw_rl.cli import demo_config, build_parser; "
-            "from tw_rl.launch import load_runtime_env; "
+            "from tw_rl.distributed.launch import load_runtime_env; "
             "a = build_parser().parse_args(['demo']); "
             "print(tw_rl.__file__); print(a.config); print(load_runtime_env()['env_vars']['TOKENIZERS_PARALLELISM']); "
             "print('tw_rl/TokenMDP-v0' in gymnasium.registry); print(tw_rl.envs.__file__)")

@@ -1,4 +1,5 @@
-"""The data-parallel PCL learner (tw_rl/parallel.py): 2 CPU workers over gloo equal the single-process learner."""
+"""The data-parallel PCL learner (tw_rl/distributed/data_parallel.py): 2 CPU workers over gloo equal the
+single-process learner."""
 
 import copy
 
@@ -10,7 +11,7 @@ from tw_rl.algos.pcl import PCLLearner
 from tw_rl.batch import Episode, EpisodeBatch
 from tw_rl.checkpoint import latest_checkpoint, load_checkpoint
 from tw_rl.config import RLConfig, load_config
-from tw_rl.parallel import DataParallelLearner, merge_stats, split_batch
+from tw_rl.distributed.data_parallel import DataParallelLearner, merge_stats, split_batch
 
 START, PAD = 0, 0
 RL = RLConfig(lr=1e-3, alpha=1.0, gamma=0.9, window=3, multi_step_weight=0.5, value="soft",

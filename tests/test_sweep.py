@@ -25,7 +25,7 @@ def test_share_level_follows_what_the_grid_changes():
 
 
 def test_sweep_runs_two_trials_and_writes_one_table(tmp_path):
-    from tw_rl.distributed import shutdown_ray
+    from tw_rl.distributed.cluster import shutdown_ray
     from tw_rl.sweep import sweep
 
     out = tmp_path / "sweep"

@@ -197,7 +197,7 @@ def test_restore_gives_back_the_saved_state(tiny_run):
 
 def test_phase2_on_ray_rollout_workers(tiny_run, tmp_path):
     """The demo's path: 2 Ray rollout actors sharing a teacher actor (this module's one ray.init)."""
-    from tw_rl.distributed import shutdown_ray
+    from tw_rl.distributed.cluster import shutdown_ray
     from tw_rl.train import train
 
     _, out, _ = tiny_run

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true", help="check the config, resolve every component "
                            "(algorithm, data source, models) and list what would be downloaded and the resources "
                            "asked of Ray; downloads nothing and starts nothing")
-    from tw_rl.launch import add_parsers as add_launch_parsers  # tw-rl head, tw-rl submit
+    from tw_rl.distributed.launch import add_parsers as add_launch_parsers  # tw-rl head, tw-rl submit
 
     add_launch_parsers(sub)
     from tw_rl.sweep import add_parser as add_sweep_parser  # tw-rl sweep
@@ -286,7 +286,7 @@ def run_command(args) -> int:
     from tw_rl.config import ConfigError, load_config
 
     if args.command in ("head", "submit"):
-        from tw_rl.launch import run_head, run_submit
+        from tw_rl.distributed.launch import run_head, run_submit
 
         return run_head(args) if args.command == "head" else run_submit(args)
     if args.command == "sweep":

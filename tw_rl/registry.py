@@ -19,7 +19,8 @@ ALGORITHMS: dict[str, str] = {
     "pcl": "tw_rl.algos.pcl",  # Path Consistency Learning, the default (SPEC §4)
     "gkd": "tw_rl.algos.gkd",  # on-policy distillation, generalized JSD + the <τ> decision
     "ppo": "tw_rl.algos.ppo",  # token-level PPO on the same reward and cost
-    "rllib_ppo": "tw_rl.algos.rllib_ppo",  # RLlib's PPO on TokenMDPEnv through an RLModule wrapping the student
+    "rllib_ppo": "tw_rl.distributed.rllib_ppo",  # RLlib's PPO on TokenMDPEnv through an RLModule wrapping the
+    # student: all RLlib, so it lives in the Ray wing
     "reinforce": "tw_rl.algos.reinforce",  # the smallest example (docs/algorithms.md)
 }
 
@@ -29,10 +30,10 @@ ALGORITHMS: dict[str, str] = {
 # ``algo=NAME`` alone always runs; a key set explicitly to another value is a ConfigError that names both keys.
 REQUIRES: dict[str, dict[str, tuple[Any, str]]] = {
     "rllib_ppo": {"rl.trainable": ("all", "trains the whole student in its own loop (RLlib's PPO learner, "
-                                          "tw_rl/algos/rllib_ppo.py)")},
+                                          "tw_rl/distributed/rllib_ppo.py)")},
 }
-# Algorithms whose learner runs data-parallel (learner.num_workers ≥ 1, tw_rl/parallel.py); every other one needs
-# learner.num_workers=0.
+# Algorithms whose learner runs data-parallel (learner.num_workers ≥ 1, tw_rl/distributed/data_parallel.py); every
+# other one needs learner.num_workers=0.
 DATA_PARALLEL = frozenset({"pcl"})
 
 

@@ -15,6 +15,9 @@ Resources: a trial reserves ``--cpus-per-trial`` CPUs for its driver plus, when 
 bundle per teacher replica and rollout worker (a placement group: the driver's Ray actors are placed in it), so
 Tune runs as many trials at once as the cluster holds. On a 2-core machine use ``rollout.num_workers=0`` (rollouts
 in the driver) and trials run one or two at a time.
+
+The Ray side (Tune, the placement groups) is :mod:`tw_rl.distributed.tune`; this module plans the grid, hands the
+wing its trial function (so the wing never imports ``tw_rl.train``) and writes the table. It imports no Ray.
 """
 
 from __future__ import annotations
@@ -97,29 +100,24 @@ def prepare_base(cfg: Config, out: Path) -> Path:
     return out
 
 
-def _trial(param: dict[str, Any]) -> None:
-    """One Tune trial: the driver on ``overrides`` in ``out_dir`` (absolute paths: Tune runs a trial in its own
-    working directory). The grid is over whole trial descriptions, ``{"trial": {...}}``."""
-    from ray import tune
-
+def _trial(trial: dict[str, Any]) -> dict[str, float]:
+    """One trial: the driver on ``overrides`` in ``out_dir`` (absolute paths: Tune runs a trial in its own working
+    directory); returns the metrics Tune records (BLEU and usage per budget)."""
     from tw_rl.train import train
 
-    config = param["trial"]
-    out = Path(config["out_dir"])
-    if config.get("base"):
-        copy_products(Path(config["base"]), out, config["share"])
-    cfg = load_config(config["config"], list(config["overrides"]) + [f"out_dir={out}"])
+    out = Path(trial["out_dir"])
+    if trial.get("base"):
+        copy_products(Path(trial["base"]), out, trial["share"])
+    cfg = load_config(trial["config"], list(trial["overrides"]) + [f"out_dir={out}"])
     report = train(cfg)
-    tune.report({"done": 1, **{f"bleu_{r['budget']:g}": r["bleu"] for r in report["tw"]},
-                 **{f"usage_{r['budget']:g}": r["usage_mean"] for r in report["tw"]}})
+    return {"done": 1, **{f"bleu_{r['budget']:g}": r["bleu"] for r in report["tw"]},
+            **{f"usage_{r['budget']:g}": r["usage_mean"] for r in report["tw"]}}
 
 
 def sweep(config: str | Path | None, overrides: Sequence[str], out: str | Path, *, reuse: str | Path | None = None,
           cpus_per_trial: float = 1.0, max_concurrent: int | None = None) -> dict:
     """Run the grid with Ray Tune; write and return the table (``OUT/sweep.json``, ``OUT/sweep.md``)."""
-    from ray import tune
-
-    from tw_rl.distributed import init_ray
+    from tw_rl.distributed.tune import run_trials, trial_bundles
 
     out = Path(out).resolve()
     config = str(Path(config).resolve()) if config else None
@@ -132,25 +130,10 @@ def sweep(config: str | Path | None, overrides: Sequence[str], out: str | Path, 
         base = Path(reuse).resolve() if reuse else prepare_base(load_config(config, fixed + [f"out_dir={out / 'base'}"]),
                                                               out / "base")
     first = cfgs[0]
-    bundles = [{"CPU": cpus_per_trial}]
-    if first.rollout.num_workers > 0:
-        bundles += ([{"CPU": first.teacher.num_cpus, "GPU": first.teacher.num_gpus}] * first.teacher.num_replicas
-                    + [{"CPU": first.rollout.num_cpus, "GPU": first.rollout.num_gpus}] * first.rollout.num_workers)
-    bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
     trials = [{"name": trial_name(c), "config": config, "overrides": fixed + c,
                "out_dir": str(out / "trials" / trial_name(c)),
                "base": str(base) if base else None, "share": level} for c in combos]
-    init_ray()
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, tune.PlacementGroupFactory(bundles)),
-        param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent,
-                                    trial_name_creator=lambda t: t.config["trial"]["name"],
-                                    trial_dirname_creator=lambda t: f"{t.trial_id}_{t.config['trial']['name']}"[:120]),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(out / "tune"), verbose=1,
-                                  failure_config=tune.FailureConfig(fail_fast=False)),
-    )
-    tuner.fit()
+    run_trials(_trial, trials, trial_bundles(first, cpus_per_trial), out / "tune", max_concurrent)
     table = build_table([c for c in combos], [Path(t["out_dir"]) for t in trials], first.budgets, axes, fixed)
     write_table(out, table)
     return table

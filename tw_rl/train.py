@@ -369,7 +369,8 @@ def call_rounds(run: Run, student: Student, log: MetricsLogger, first_step: int 
     greedily with the current student and measure at every visited state the Monte-Carlo advantage of a call under
     SPEC §3's reward, both branches scored by the teacher server; the gate is fitted to it (tw_rl/refit.py) and the
     new weights go to the workers with the next round. Metrics are logged at steps ``first_step + round``."""
-    from tw_rl.distributed import RolloutGroup, init_ray  # Ray lives at the edge
+    from tw_rl.distributed.cluster import init_ray  # Ray lives at the edge
+    from tw_rl.distributed.rollout import RolloutGroup
 
     cfg = run.cfg
     levels = [b for b in cfg.budgets if b > 0]
@@ -400,7 +401,8 @@ def call_rounds(run: Run, student: Student, log: MetricsLogger, first_step: int 
 def rl_loop(run: Run, student: Student, log: MetricsLogger, resume: bool) -> tuple[Student, object]:
     """PCL with budget multipliers on a replay buffer mixing demonstrations and on-policy rollouts (SPEC §4–6).
     Returns the student and the learner's value head (None without ``rl.value=learned``)."""
-    from tw_rl.distributed import RolloutGroup, init_ray  # Ray lives at the edge
+    from tw_rl.distributed.cluster import init_ray  # Ray lives at the edge
+    from tw_rl.distributed.rollout import RolloutGroup
 
     cfg = run.cfg
     student.set_trainable(cfg.rl.trainable)
@@ -480,8 +482,8 @@ def make_learner(run: Run, student: Student) -> Learner:
     ``tw_rl.algos.DATA_PARALLEL``)."""
     cfg = run.cfg
     if cfg.learner.num_workers > 0:
-        from tw_rl.distributed import init_ray  # Ray lives at the edge
-        from tw_rl.parallel import make_learner as make_parallel_learner
+        from tw_rl.distributed.cluster import init_ray  # Ray lives at the edge
+        from tw_rl.distributed.data_parallel import make_learner as make_parallel_learner
 
         init_ray()
         return make_parallel_learner(cfg, student, run.start_id, run.pad_id)

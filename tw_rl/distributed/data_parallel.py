@@ -22,7 +22,6 @@ address and a free port, every rank calls ``init_process_group`` — in a dozen 
 
 from __future__ import annotations
 
-import os
 import socket
 from datetime import timedelta
 from typing import Any
@@ -31,9 +30,11 @@ import ray
 import torch
 from torch import nn
 
+from tw_rl.algos.learner import Learner
 from tw_rl.algos.pcl import PCLLearner
 from tw_rl.batch import EpisodeBatch
 from tw_rl.config import Config, RLConfig
+from tw_rl.distributed.cluster import shortfall
 
 # stats that are means over episodes (the others are means over real steps)
 _EPISODE_MEANS = ("value/v_start", "rollout/length")
@@ -143,17 +144,15 @@ def merge_stats(per_worker: list[dict[str, float]]) -> dict[str, float]:
 
 def _check_resources(num_workers: int, num_cpus: float, use_gpu: bool) -> None:
     """Raise instead of waiting forever for actors a local Ray cannot place (a ``RAY_ADDRESS`` cluster may scale)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    total = ray.cluster_resources()
-    for kind, need in (("CPU", num_workers * num_cpus), ("GPU", num_workers * float(use_gpu))):
-        if need > total.get(kind, 0.0) + 1e-9:
-            raise ValueError(f"{num_workers} learner workers need {need:g} {kind}s but Ray has "
-                             f"{total.get(kind, 0.0):g}; lower learner.num_workers or learner.worker_num_cpus "
-                             f"(fractions are allowed), or learner.use_gpu=false")
+    short = shortfall({"CPU": num_workers * num_cpus, "GPU": num_workers * float(use_gpu)})
+    if short is not None:
+        kind, need, have = short
+        raise ValueError(f"{num_workers} learner workers need {need:g} {kind}s but Ray has {have:g}; lower "
+                         f"learner.num_workers or learner.worker_num_cpus (fractions are allowed), or "
+                         f"learner.use_gpu=false")
 
 
-class DataParallelLearner:
+class DataParallelLearner(Learner):
     """``num_workers`` :class:`LearnerWorker` actors behind the :class:`PCLLearner` interface.
 
     ``student`` is the driver's copy, refreshed from rank 0 when read after an update (the rollout broadcast and the

@@ -21,19 +21,25 @@ How it differs from the driver's batch contract (``update(EpisodeBatch, lambdas)
 - **Value function**: a linear head on the decoder's last hidden state at ``step`` (RLlib's GAE needs values);
   it is trained by PPO and discarded afterwards — only the student is saved.
 - **Checkpoints**: none inside phase 2 and no ``--resume``: the run saves ``models/final`` when RLlib is done.
+
+It lives in the Ray wing because all of it is RLlib: the registry (:data:`tw_rl.algos.ALGORITHMS`) names this
+module by its path, so ``algo=rllib_ppo`` finds it while ``tw_rl/algos/`` imports neither Ray nor the wing. RLlib
+itself is imported when the algorithm is built, not when the module is.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
+from tw_rl.algos.learner import Learner
+from tw_rl.distributed.cluster import init_ray
 from tw_rl.envs.token_mdp import TokenMDPEnv
+from tw_rl.rundir import RunDir
 
 ENV_NAME = "tw_rl/TokenMDP-budgeted"
 
@@ -104,7 +110,7 @@ def drain_finished() -> list[tuple[float, float]]:
 # the RLModule
 # --------------------------------------------------------------------------------------------------------------
 def _module_class():
-    """Built lazily so that importing the registry does not import RLlib."""
+    """Built lazily so that importing this module (``get_algorithm("rllib_ppo")``) does not import RLlib."""
     from ray.rllib.core.columns import Columns
     from ray.rllib.core.rl_module.apis import ValueFunctionAPI
     from ray.rllib.core.rl_module.torch import TorchRLModule
@@ -231,13 +237,39 @@ def _learner_metrics(result: dict) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the driver's phase 2 (tw_rl.train.phase2 delegates here for algo=rllib_ppo)
+# the learner: it owns its loop (tw_rl.train.rl_loop calls run() for algo=rllib_ppo)
 # --------------------------------------------------------------------------------------------------------------
+class RLlibPPOLearner(Learner):
+    """RLlib's PPO as a :class:`~tw_rl.algos.learner.Learner` that samples and trains in its own loop."""
+
+    owns_loop = True
+
+    def __init__(self, student: nn.Module) -> None:
+        self.student = student
+
+    def update(self, batch, lambdas, **inputs) -> dict[str, float]:
+        raise NotImplementedError("rllib_ppo samples and trains in its own loop (owns_loop): call run()")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # no phase-2 checkpoints: RLlib's state lives in its algorithm
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError("rllib_ppo keeps no phase-2 checkpoints")
+
+    def run(self, run, log, resume: bool) -> nn.Module:
+        return run_phase2(run, self.student, log, resume)
+
+
+def make_learner(cfg, student: nn.Module, start_id: int, pad_id: int, **_) -> RLlibPPOLearner:
+    """Registry entry point (``ALGORITHMS["rllib_ppo"]``)."""
+    return RLlibPPOLearner(student)
+
+
 def run_phase2(run, student, log, resume: bool):
     """``rl.iterations`` RLlib PPO iterations on the run's examples, teacher and phase-1 student, with the budget
     multipliers updated between iterations; returns the student (the driver saves it)."""
     from tw_rl.budget import BudgetMultipliers
-    from tw_rl.distributed import init_ray
     from tw_rl.metrics import Timer
 
     cfg = run.cfg
@@ -248,7 +280,7 @@ def run_phase2(run, student, log, resume: bool):
     env_config = {"teacher_dir": run.teacher_dir, "examples": run.train, "n_actions": student.n_actions,
                   "eos_id": run.eos_id, "pad_id": run.pad_id, "start_id": run.start_id, "budgets": cfg.budgets,
                   "max_len": cfg.data.max_tgt_tokens, "max_src_len": max_src}
-    student_dir = Path(run.dir) / "models" / "phase1"
+    student_dir = RunDir(run.dir).model("phase1")
     model_config = {"student_dir": str(student_dir), "start_id": run.start_id, "pad_id": run.pad_id}
     r = cfg.rllib
     algo = build_algorithm(env_config, model_config, lr=cfg.rl.lr, gamma=cfg.rl.gamma,
