@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tw_rl  # noqa: E402
 from tw_rl.api import TrainedModel  # noqa: E402
-from tw_rl.evaluate import run, training_wheels, usages  # noqa: E402
+from tw_rl.evaluation.outputs import run, usages  # noqa: E402
+from tw_rl.evaluation.tw import training_wheels  # noqa: E402
 
 
 def raw_usage(model: TrainedModel, examples, budget: float) -> float:

@@ -1,4 +1,4 @@
-"""The oracle caller and the teacher-alone loop (tw_rl/baselines.py, tw_rl/decoding.py) on the toy models of
+"""The oracle caller and the teacher-alone loop (tw_rl/evaluation/fallback.py, tw_rl/decoding.py) on the toy models of
 conftest.py: a random tiny teacher and a student whose greedy tokens often differ from the teacher's."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tw_rl.baselines import OracleCalls, oracle_threshold
+from tw_rl.evaluation.fallback import OracleCalls, oracle_threshold
 from tw_rl.decoding import TEACHER_ACTION, TeacherSteps, decode, decode_teacher
 from tw_rl.examples import pad_batch
 

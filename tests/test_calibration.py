@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tw_rl.calibration import bias_of, calibrate_budget
+from tw_rl.evaluation.calibration import bias_of, calibrate_budget
 from tw_rl.decoding import decode
 from tw_rl.examples import pad_batch
 

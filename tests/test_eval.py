@@ -65,7 +65,7 @@ def calling_student(model, examples, budget):
 
 # ------------------------------------------------------------------------------------------------------------------
 def test_report_schema_and_files(run):
-    from tw_rl.evaluate import REPORT_SCHEMA, validate_report
+    from tw_rl.evaluation.report import report_schema, validate_report
 
     out, report, cfg = run["dir"], run["report"], run["model"].cfg
     on_disk = json.loads((out / "report.json").read_text())
@@ -149,11 +149,11 @@ def test_report_schema_and_files(run):
     broken = dict(report, oracle=[dict(report["oracle"][0], deployable=True)])
     with pytest.raises(ValueError, match="oracle/0/deployable"):
         validate_report(broken)
-    assert "baselines" in REPORT_SCHEMA["required"]
+    assert "baselines" in report_schema()["required"]
 
 
 def test_speculative_decoding_reproduces_teacher_greedy(run):
-    from tw_rl.baselines import speculative_generate, speculative_greedy
+    from tw_rl.evaluation.speculative import speculative_generate, speculative_greedy
 
     model, test = run["model"], run["test"]
     teacher = model.teacher
@@ -196,7 +196,8 @@ def test_speculative_decoding_reproduces_teacher_greedy(run):
 
 
 def test_confidence_calibration_hits_target_usage_on_validation(run):
-    from tw_rl.evaluate import calibrate_confidence, confidence_baseline, run as run_method
+    from tw_rl.evaluation.fallback import calibrate_confidence, confidence_baseline
+    from tw_rl.evaluation.outputs import run as run_method
 
     model, validation = fresh_student(run["model"]), run["validation"]
     for target in (0.1, 0.35):
@@ -208,7 +209,7 @@ def test_confidence_calibration_hits_target_usage_on_validation(run):
 
 
 def test_calibrate_threshold_bisection():
-    from tw_rl.baselines import calibrate_threshold
+    from tw_rl.evaluation.calibration import calibrate_threshold
 
     cal = calibrate_threshold(lambda th: math.floor(th * 200) / 200, 0.37, tol=0.01)
     assert abs(cal.usage - 0.37) <= 0.01 and cal.evaluations <= 10
@@ -228,7 +229,8 @@ def test_calibrate_threshold_bisection():
 
 
 def test_random_calls_rate_and_seed(run):
-    from tw_rl.evaluate import random_baseline, run as run_method
+    from tw_rl.evaluation.fallback import random_baseline
+    from tw_rl.evaluation.outputs import run as run_method
 
     model, validation = run["model"], run["validation"]
     outs = run_method(random_baseline(model, 0.2, 0.3, seed=5), validation, 16)
@@ -347,7 +349,8 @@ def test_latency_excludes_model_loading(run, monkeypatch):
     """Slow model loading (a sleep injected into every loader) shows in load time, never in latency."""
     import tw_rl.api as api
     import tw_rl.models.factory as factory
-    from tw_rl.evaluate import evaluate, latency_ms
+    from tw_rl.evaluation.driver import evaluate
+    from tw_rl.evaluation.timing import latency_ms
     from tw_rl.models.student import Student
 
     sleep = 0.5
@@ -378,7 +381,7 @@ def test_latency_excludes_model_loading(run, monkeypatch):
 def test_cli_eval_on_other_data(run, tmp_path):
     """`tw-rl eval` on data the run never saw (split files), a subset of budgets, written to --out."""
     from tw_rl.cli import main
-    from tw_rl.evaluate import validate_report
+    from tw_rl.evaluation.report import validate_report
 
     data = tmp_path / "data"
     data.mkdir()
@@ -397,8 +400,53 @@ def test_cli_eval_on_other_data(run, tmp_path):
     assert sources == {e.text for e in run["test"][:5]}
 
 
+def test_a_registered_row_kind_is_decoded_and_reported(run, monkeypatch):
+    """A new row kind is one class and one registry line: it is decoded, scored, timed, compared with Training
+    Wheels, and appears in report.json (after the kinds before it), its schema, report.md and outputs.jsonl."""
+    from tw_rl import api
+    from tw_rl.evaluation import registry
+    from tw_rl.evaluation.driver import evaluate
+    from tw_rl.evaluation.report import markdown, validate_report
+    from tw_rl.evaluation.rows import RowKind, Setting
+    from tw_rl.evaluation.tw import training_wheels
+
+    class CappedAgain(RowKind):  # Training Wheels with the hard cap, under its own name
+        method, key, title = "toy", ("baselines", "toy"), "toy row"
+        compared = True
+        schema = {"required": ["toy_index"]}
+
+        def calibrate(self, ctx, at):
+            return Setting(fields={"toy_index": at.index})
+
+        def decoder(self, ctx, at, knob):
+            return partial(training_wheels, ctx.model, budget=at.value, hard_cap=True)
+
+        def note(self, row, report):
+            return f"toy note {row['toy_index']}"
+
+    monkeypatch.setattr(registry, "PASSES", registry.PASSES + ((CappedAgain(),),))
+    model = api.load(run["dir"], overrides=["eval.baselines=false", "eval.latency_examples=1"])
+    report, records = evaluate(model, run["test"][:6], progress=False)
+    toy, capped = report["baselines"]["toy"], report["tw_hard_cap"]
+    assert list(report["baselines"]) == ["random", "confidence", "speculative", "toy"]
+    assert [r["budget"] for r in toy] == model.cfg.budgets and [r["toy_index"] for r in toy] == [0, 1, 2]
+    for r, c in zip(toy, capped):
+        assert {k: r[k] for k in ("bleu", "usage_mean", "calls_per_token")} == \
+            {k: c[k] for k in ("bleu", "usage_mean", "calls_per_token")}
+        assert list(r)[-4:] == ["loop", "latency_ms", "throughput_seq_s", "vs_tw"] and r["latency_ms"] > 0
+    validate_report(report)
+    broken = json.loads(json.dumps(report))
+    del broken["baselines"]["toy"][1]["toy_index"]
+    with pytest.raises(ValueError, match="baselines/toy/1"):
+        validate_report(broken)
+    table = [line for line in markdown(report).splitlines() if line.startswith("| toy row |")]
+    assert len(table) == len(model.cfg.budgets) and "toy note 2; BLEU" in table[2]
+    assert sum(r["method"] == "toy" for r in records) == len(model.cfg.budgets) * 6
+
+
 def test_rouge_for_summarization():
-    from tw_rl.evaluate import quality, resolve_task
+    from tw_rl.evaluation.quality import quality
+    from tw_rl.evaluation.task import resolve_task
 
     q = quality(["the cat sat on the mat"], ["the cat sat on a mat"], task="summarization")
     assert set(q) == {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} and 0 < q["rouge2"] < q["rouge1"] < 100
@@ -423,7 +471,7 @@ def test_import_stays_light():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# budget calibration (tw_rl/calibration.py)
+# budget calibration (tw_rl/evaluation/calibration.py)
 def test_driver_calibrates_and_evaluation_uses_the_offsets(run):
     from tw_rl.api import load
 
@@ -440,7 +488,8 @@ def test_driver_calibrates_and_evaluation_uses_the_offsets(run):
             assert abs(r["usage"] - b) == pytest.approx(min(abs(u - b) for _, u in r["trace"]), abs=1e-4)
     # the raw rows are the student with offset 0 and the tw rows the student with its offsets: their usage on the
     # test split is what decoding the test split that way counts
-    from tw_rl.evaluate import run as run_method, training_wheels, usages
+    from tw_rl.evaluation.outputs import run as run_method, usages
+    from tw_rl.evaluation.tw import training_wheels
 
     model, test = run["model"], run["test"]
     raw = {r["budget"]: r for r in report["tw_uncalibrated"]}
@@ -455,7 +504,8 @@ def test_driver_calibrates_and_evaluation_uses_the_offsets(run):
 
 
 def test_calibration_hits_the_budget_on_validation_and_round_trips(run, tmp_path):
-    from tw_rl.calibration import calibrate_student, mean_usage
+    from tw_rl.evaluation.calibration import calibrate_student
+    from tw_rl.evaluation.tw import mean_usage
     from tw_rl.models.student import Student
 
     model, validation = calling_student(run["model"], run["validation"], 0.2), run["validation"]
@@ -494,14 +544,16 @@ def test_cli_calibrate(run, tmp_path, capsys):
 def test_confidence_fallback_on_the_phase0_student_spans_student_to_teacher(run):
     """threshold 0: never calls — exactly the student alone; threshold above 1: calls at every step — exactly the
     teacher alone; in between, calls only where the phase-0 student's top probability is below the threshold."""
-    from tw_rl.evaluate import base_confidence_baseline, run as run_method, student_alone, teacher_alone
+    from tw_rl.evaluation.alone import student_alone, teacher_alone
+    from tw_rl.evaluation.fallback import base_confidence_baseline
+    from tw_rl.evaluation.outputs import run as run_method
 
     model, test = run["model"], run["test"]
     never = run_method(base_confidence_baseline(model, 0.0), test, 16)
     assert never.tokens == student_alone(model, test).tokens and sum(m.sum() for m in never.teacher_mask) == 0
     always = run_method(base_confidence_baseline(model, 1.01), test, 16)
     assert always.tokens == teacher_alone(model, test).tokens and all(m.all() for m in always.teacher_mask)
-    from tw_rl.evaluate import calibrate
+    from tw_rl.evaluation.calibration import calibrate
 
     cal = calibrate(lambda th: base_confidence_baseline(model, th), run["validation"], 0.3, 16)
     assert abs(cal.usage - 0.3) <= 0.02 and 0 < cal.threshold < 1, cal.trace
@@ -511,7 +563,8 @@ def test_confidence_fallback_on_the_phase0_student_spans_student_to_teacher(run)
 def test_student_and_teacher_alone_in_tw_rls_loop_equal_hugging_face_generate(run):
     """The rows are timed in tw-rl's own loops (decode, decode_teacher); their outputs are Hugging Face greedy
     generate's, token for token."""
-    from tw_rl.evaluate import run as run_method, student_alone, teacher_alone
+    from tw_rl.evaluation.alone import student_alone, teacher_alone
+    from tw_rl.evaluation.outputs import run as run_method
     from tw_rl.examples import pad_batch
 
     model, test = run["model"], run["test"]
@@ -530,7 +583,9 @@ def test_student_and_teacher_alone_in_tw_rls_loop_equal_hugging_face_generate(ru
 def test_oracle_on_the_trained_run(run):
     """The oracle row's student and setting are the confidence row's; its lowest threshold writes the teacher's
     output, its highest the student's; the report's row is what decoding the test split at its threshold gives."""
-    from tw_rl.evaluate import confidence_baseline, oracle_baseline, run as run_method, teacher_alone, usages
+    from tw_rl.evaluation.alone import teacher_alone
+    from tw_rl.evaluation.fallback import confidence_baseline, oracle_baseline
+    from tw_rl.evaluation.outputs import run as run_method, usages
 
     model, test, report = run["model"], run["test"], run["report"]
     lowest = run_method(oracle_baseline(model, 0.2, -math.inf), test, 16)
@@ -551,7 +606,7 @@ def test_oracle_on_the_trained_run(run):
 
 
 def test_paired_bootstrap_tells_a_real_difference_from_none():
-    from tw_rl.evaluate import paired_bootstrap
+    from tw_rl.evaluation.quality import paired_bootstrap
 
     rng = np.random.default_rng(0)
     words = "a b c d e f g h i j".split()

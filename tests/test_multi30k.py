@@ -19,7 +19,7 @@ from tests.test_train import TINY_PHASES
 from tw_rl.cli import main
 from tw_rl.config import load_config
 from tw_rl.data import DataError, load_split
-from tw_rl.evaluate import validate_report
+from tw_rl.evaluation.report import validate_report
 
 CONFIG = Path(__file__).resolve().parent.parent / "launch" / "configs" / "multi30k.yaml"
 

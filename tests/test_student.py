@@ -116,7 +116,7 @@ def test_gate_head_with_a_constant_gate_is_the_confidence_rule(toy):
 
     import numpy as np
 
-    from tw_rl.baselines import confidence_fallback
+    from tw_rl.evaluation.fallback import confidence_fallback
     from tw_rl.decoding import decode
     from tw_rl.examples import pad_batch
 

@@ -252,7 +252,7 @@ class TrainedModel:
         masked and only the rule calls the teacher (baselines); at ``budget = 0`` ``<τ>`` is masked too (a
         deploy-time guard; ``zero_guard=False`` lets the raw student decide, to measure whether it obeys). The hard
         cap forbids ``<τ>`` once a row's calls reach ``ceil(b · max_len)`` (SPEC §5). ``tau_bias`` is the offset
-        on the ``<τ>`` logit; None: the student's calibrated offset for ``budget`` (tw_rl/calibration.py)."""
+        on the ``<τ>`` logit; None: the student's calibrated offset for ``budget`` (tw_rl/evaluation/calibration.py)."""
         ids, mask = pad_batch([self.student_src(e, budget) for e in examples], self.pad_id)
         cap = (torch.full((len(examples),), math.ceil(budget * self.max_len), device=self.device)
                if hard_cap else None)

@@ -143,7 +143,7 @@ def phase1_dir(run: Path, cfg) -> Path | None:
 
 def run_calibrate(args) -> int:
     from tw_rl.api import load, student_dir
-    from tw_rl.calibration import calibrate_run
+    from tw_rl.evaluation.calibration import calibrate_run
     from tw_rl.models.student import Student
 
     model = load(args.run, device=args.device, overrides=list(args.overrides))
@@ -179,7 +179,8 @@ def run_eval(args) -> int:
     import json
 
     from tw_rl.api import load
-    from tw_rl.evaluate import evaluate, write_outputs, write_report
+    from tw_rl.evaluation.driver import evaluate
+    from tw_rl.evaluation.report import write_outputs, write_report
     from tw_rl.models.student import Student
 
     out = eval_out(args)  # before anything loads

@@ -337,7 +337,7 @@ class RLlibConfig:
 
 @dataclass
 class CalibrationConfig:
-    """Budget calibration after training (tw_rl/calibration.py): one offset on the <τ> logit per budget level, fitted
+    """Budget calibration after training (tw_rl/evaluation/calibration.py): one offset on the <τ> logit per budget level, fitted
     on the validation split so that the deployed greedy student's mean usage is the budget."""
 
     enabled: bool = param(True, "calibrate the trained student (and the phase-1 student of the report) after training")

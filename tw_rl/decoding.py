@@ -43,7 +43,7 @@ _NEEDS_TEACHER = "decoding with <τ> needs a teacher and teacher_src"
 class PrefixRule(Protocol):
     """A :data:`TauRule` that also reads ``X_out`` so far: ``rule(t, logits, calls, prefix)``, ``prefix [B, t]``
     (int64, CPU) the tokens each row has written before step ``t`` (``pad_id`` after a row's EOS). :func:`decode`
-    passes ``prefix`` to rules whose ``reads_prefix`` is true (the oracle caller, tw_rl/baselines.py, keeps the
+    passes ``prefix`` to rules whose ``reads_prefix`` is true (the oracle caller, tw_rl/evaluation/fallback.py, keeps the
     teacher in step with the decoded prefix); plain :data:`TauRule` callables are called as before."""
 
     reads_prefix: bool
@@ -110,7 +110,7 @@ class Sampler(Protocol):
 
 @dataclass
 class TauBias:
-    """``bias [B]`` added to each row's ``<τ>`` logit (the calibrated per-budget offset, tw_rl/calibration.py):
+    """``bias [B]`` added to each row's ``<τ>`` logit (the calibrated per-budget offset, tw_rl/evaluation/calibration.py):
     ``π(<τ>) = σ(logit_τ + b − logsumexp(logits_V))``."""
 
     bias: torch.Tensor
@@ -277,7 +277,7 @@ def decode(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor, *, m
     tensor ``[B]`` gives each row its own temperature (0: that row is greedy).
     ``allow_tau=False`` masks ``<τ>`` (the student alone). ``call_cap [B]``: ``<τ>`` is forbidden once a row's
     calls reach it (the inference-time hard cap of SPEC §5). ``tau_bias [B]`` is added to each row's ``<τ>`` logit
-    (the calibrated per-budget offset, tw_rl/calibration.py). ``tau_rule`` forces ``<τ>`` on chosen rows
+    (the calibrated per-budget offset, tw_rl/evaluation/calibration.py). ``tau_rule`` forces ``<τ>`` on chosen rows
     (baselines: random positions, confidence fallback; a :class:`PrefixRule` also reads the prefix ``X_out``);
     forced rows always call, whatever the student prefers.
     ``flip_at [B]``: at step ``flip_at[i]`` row ``i`` takes the other side of its ``<τ>`` decision (it calls where
@@ -358,7 +358,7 @@ class TeacherSteps:
     (the bare source). :meth:`step` feeds each row's last token (the decoder start at the first step) and returns
     ``log π_T(· | x, prefix)`` ``[B, |V|]``, normalised over the model's whole output layer and restricted to the
     first ``vocab_size`` ids, as :class:`tw_rl.teacher.Teacher` does. Used by :func:`decode_teacher` (the teacher
-    alone) and by the oracle caller (tw_rl/baselines.py), whose look-ups are not teacher calls: this is not a
+    alone) and by the oracle caller (tw_rl/evaluation/fallback.py), whose look-ups are not teacher calls: this is not a
     :class:`tw_rl.envs.token_mdp.TeacherClient` and counts nothing.
     """
 

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from tw_rl.config import Config, ConfigError, given_tokenizer
+from tw_rl.evaluation.task import resolve_task
 
 _DATA_LOADERS = {"embedded": "tw_rl.data.embedded", "files": "tw_rl.data.files", "hf": "tw_rl.data.hf"}
 
 
 class _Module:
-    """A module found and parsed, not imported (importing a learner or the evaluation pulls in torch and
-    transformers: seconds). ``names``: its top-level functions, classes and assignments."""
+    """A module found and parsed, not imported (importing a learner pulls in torch and transformers: seconds).
+    ``names``: its top-level functions, classes and assignments."""
 
     def __init__(self, name: str):
         spec = importlib.util.find_spec(name)
@@ -35,31 +36,16 @@ class _Module:
             raise ConfigError(f"module {name} is missing")
         self.__name__, self.path = name, Path(spec.origin)
         try:
-            self.tree = ast.parse(self.path.read_text(), str(self.path))
+            tree = ast.parse(self.path.read_text(), str(self.path))
         except SyntaxError as e:
             raise ConfigError(f"module {name} does not parse: {e}") from None
         self.names: set[str] = set()
-        for node in self.tree.body:
+        for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 self.names.add(node.name)
             elif isinstance(node, (ast.Assign, ast.AnnAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 self.names.update(t.id for t in targets if isinstance(t, ast.Name))
-
-    def constant(self, name: str) -> Any:
-        for node in self.tree.body:
-            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-                return ast.literal_eval(node.value)
-        raise KeyError(name)
-
-
-def _resolve_task(cfg: Config) -> str:
-    """``tw_rl.evaluate.resolve_task`` without importing the evaluation (same rule, same list of sets)."""
-    if cfg.eval.task != "auto":
-        return cfg.eval.task
-    name = (cfg.data.hf_name or "").lower() if cfg.data.kind == "hf" else ""
-    sets = _Module("tw_rl.evaluate").constant("SUMMARIZATION_SETS")
-    return "summarization" if any(s in name for s in sets) else "translation"
 
 
 def _hub_cache() -> Path:
@@ -202,7 +188,7 @@ def plan(cfg: Config) -> dict[str, Any]:
     algo = _Module(ALGORITHMS[cfg.algo])
     if not ({"make_learner", "run_phase2"} & algo.names):
         raise ConfigError(f"algo={cfg.algo!r}: {algo.__name__} has neither make_learner nor run_phase2")
-    task = _resolve_task(cfg)
+    task = resolve_task(cfg)
     if task == "summarization" and importlib.util.find_spec("rouge_score") is None:
         raise ConfigError("summarization needs rouge-score (pip install rouge-score)")
     models = [_model("teacher", cfg.teacher, cfg), _model("student", cfg.student, cfg)]

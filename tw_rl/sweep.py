@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tw_rl.config import Config, ConfigError, load_config
+from tw_rl.rundir import RunDir
 
 _PHASE0_KEYS = ("data.", "tokenizer.", "teacher.arch", "teacher.name_or_path", "student.arch",
                 "student.name_or_path", "pretrain.", "seed=")
@@ -75,10 +76,11 @@ def copy_products(base: Path, dest: Path, level: str) -> None:
     if level == "none":
         return
     dest.mkdir(parents=True, exist_ok=True)
-    ignore = ["final"] + (["phase1", "references.npz"] if level == "phase0" else [])
-    shutil.copytree(base / "models", dest / "models", ignore=shutil.ignore_patterns(*ignore), dirs_exist_ok=True)
-    shutil.copytree(base / "tokenizer", dest / "tokenizer", dirs_exist_ok=True)
-    shutil.copy(base / "pretrain.json", dest / "pretrain.json")
+    src, to = RunDir(base), RunDir(dest)
+    ignore = [to.model("final").name] + ([to.model("phase1").name, to.references.name] if level == "phase0" else [])
+    shutil.copytree(src.models, to.models, ignore=shutil.ignore_patterns(*ignore), dirs_exist_ok=True)
+    shutil.copytree(src.tokenizer, to.tokenizer, dirs_exist_ok=True)
+    shutil.copy(src.pretrain, to.pretrain)
     from tw_rl.manifest import PHASE0_ARTEFACTS, PHASE1_ARTEFACTS, Manifest
 
     Manifest(base).copy_to(dest, PHASE0_ARTEFACTS + (PHASE1_ARTEFACTS if level == "phase1" else ()))
@@ -93,7 +95,7 @@ def prepare_base(cfg: Config, out: Path) -> Path:
     from tw_rl.train import phase0, phase1
 
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, RunDir(out).config)
     torch.set_num_threads(cfg.num_threads)
     with MetricsLogger(out, tensorboard=False) as log:
         phase1(phase0(cfg, out), log)
@@ -145,7 +147,7 @@ def build_table(combos: list[list[str]], dirs: list[Path], budgets: list[float],
     rows = []
     reference = None
     for combo, d in zip(combos, dirs):
-        path = d / "report.json"
+        path = RunDir(d).report_json
         if not path.is_file():
             rows.append({"run": ", ".join(combo) or "default", "dir": str(d), "error": "no report.json (failed)"})
             continue

@@ -29,7 +29,8 @@ from tw_rl.config import (Config, ConfigError, check_device, load_config, save_c
 from tw_rl.data import load_split
 from tw_rl.data.validate import check_token_lengths
 from tw_rl.decoding import decode
-from tw_rl.evaluate import evaluate, write_outputs, write_report
+from tw_rl.evaluation.driver import evaluate
+from tw_rl.evaluation.report import write_outputs, write_report
 from tw_rl.manifest import ArtefactError, Manifest, atomic_dir, atomic_file, atomic_write, changes, flatten, \
     pairs_digest, say_recomputing
 from tw_rl.examples import make_examples, pad_batch
@@ -644,9 +645,9 @@ def restore(path: Path, learner, multipliers: BudgetMultipliers, rng: np.random.
 # ------------------------------------------------------------------------------------------------------------------
 def calibrate(run: Run, student: Student, phase1_student: Student) -> dict:
     """Fit the per-budget ``<τ>`` offsets of the trained student and of the phase-1 student (for the report's
-    ``phase1_only`` rows) on the validation split; stored in their ``tw_student.json`` (tw_rl/calibration.py)."""
+    ``phase1_only`` rows) on the validation split; stored in their ``tw_student.json`` (tw_rl/evaluation/calibration.py)."""
     from tw_rl.api import TrainedModel
-    from tw_rl.calibration import calibrate_run
+    from tw_rl.evaluation.calibration import calibrate_run
 
     model = TrainedModel(run.cfg, run.tokenizer, student, run.teacher, base_student_dir=run.base_student_dir,
                          device=run.teacher.device)  # teacher.driver_device: both models, as tw-rl eval --device

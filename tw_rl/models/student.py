@@ -69,7 +69,7 @@ class Student(nn.Module):
         self.delta = nn.Parameter(delta.clone() if delta is not None else torch.zeros(d_model))
         self.use_delta = use_delta
         self.tau_only = False  # set_trainable("tau"): only the <τ> decision learns
-        # budget level → offset added to the <τ> logit when acting at that level (tw_rl/calibration.py); {} = none
+        # budget level → offset added to the <τ> logit when acting at that level (tw_rl/evaluation/calibration.py); {} = none
         self.tau_bias: dict[float, float] = {float(b): float(k) for b, k in (tau_bias or {}).items()}
         if model.get_output_embeddings().weight.shape[0] != self.n_actions:
             raise ValueError(f"the student's output layer has {model.get_output_embeddings().weight.shape[0]} rows "
