@@ -196,7 +196,8 @@ def test_driver_device_cuda_without_a_gpu_is_a_config_error(monkeypatch):
 def test_the_prompt_length_rule_counts_the_prompts_the_student_reads():
     """One rule (config.prompt_tokens / source_room) over every budget training draws, each prompt written as the
     student's input writes it (budget_prompt rounds: 0.29 is "29%", which int() would truncate to 28)."""
-    from tw_rl.config import budget_prompt, prompt_tokens, source_room, training_budgets
+    from tw_rl.config import prompt_tokens, source_room, training_budgets
+    from tw_rl.prompt import budget_prompt
 
     def tok(text, add_special_tokens=False):  # "29" costs 100 tokens, every other character one
         return {"input_ids": [0] * (len(text) + (99 if "29" in text else 0))}

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from tw_rl.config import EmbeddedTaskConfig, budget_prompt, load_config
+from tw_rl.config import EmbeddedTaskConfig, load_config
+from tw_rl.prompt import budget_prompt
 from tw_rl.data import DataError, load_split
 from tw_rl.data.embedded import EmbeddedTask
 from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer

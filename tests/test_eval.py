@@ -662,7 +662,7 @@ def test_a_missing_or_corrupt_artefact_stops_eval_generate_calibrate_and_load(ru
 
     import tw_rl
     from tw_rl.cli import main
-    from tw_rl.manifest import ArtefactError
+    from tw_rl.rundir import ArtefactError
 
     d = tmp_path / "run"
     shutil.copytree(run["dir"], d)

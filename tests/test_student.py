@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import tiny_t5
-from tw_rl.manifest import ArtefactError
+from tw_rl.rundir import ArtefactError
 from tw_rl.models.student import TAU_TOKEN, Student
 
 

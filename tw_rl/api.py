@@ -29,12 +29,13 @@ import torch
 
 from tw_rl.envs.token_mdp import Example
 from tw_rl.budget import GRID_TOLERANCE, grid_level
-from tw_rl.config import Config, budget_prompt, load_config, source_room
+from tw_rl.config import Config, load_config, source_room
+from tw_rl.prompt import budget_prompt
 from tw_rl.data import Pair
 from tw_rl.decoding import Decoded, TauRule, decode
 from tw_rl.examples import make_examples, pad_batch
 from tw_rl.models.student import Student
-from tw_rl.rundir import RunDir
+from tw_rl.rundir import ArtefactError, RunDir
 from tw_rl.teacher import Teacher
 
 BRACKETS = ("⟦", "⟧")  # marks teacher tokens in plain text
@@ -312,7 +313,7 @@ def student_dir(run_dir: Path, cfg: Config | None = None) -> Path:
     ``models/phase1`` — never the other one in its place. Checked against the run's manifest (every recorded file
     present with its size and hash); raises :class:`~tw_rl.manifest.ArtefactError` naming the missing or corrupt
     file."""
-    from tw_rl.manifest import ArtefactError, Manifest
+    from tw_rl.manifest import Manifest
 
     run_dir = Path(run_dir)
     if cfg is None:

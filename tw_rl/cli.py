@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from tw_rl.rundir import RunDir
+from tw_rl.rundir import ArtefactError, RunDir
 
 # No hub at run time unless the user says otherwise: fail fast and clearly instead of retrying for a minute.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -267,7 +267,6 @@ def user_errors(command: str) -> tuple[type[BaseException], ...]:
     from tw_rl.api import InputError
     from tw_rl.config import ConfigError
     from tw_rl.data import DataError
-    from tw_rl.manifest import ArtefactError
     from tw_rl.models.factory import ModelNotAvailableError
 
     errors = (ConfigError, DataError, ArtefactError, InputError, ModelNotAvailableError, FileNotFoundError,

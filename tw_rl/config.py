@@ -17,6 +17,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tw_rl.prompt import budget_prompt
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range. The message names the key."""
@@ -615,7 +617,7 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every field, defaults included)."""
-    from tw_rl.manifest import atomic_write
+    from tw_rl.rundir import atomic_write
 
     atomic_write(path, to_yaml(cfg))
 
@@ -636,11 +638,6 @@ def training_budgets(cfg: "Config") -> list[float]:
     lo, hi = int(round(100 * grid[0])), int(round(100 * grid[-1]))
     between = sorted({round(k / 100, 2) for k in range(lo, hi + 1)} - set(grid))
     return sorted(between + grid * max(1, round(len(between) / len(grid))))
-
-
-def budget_prompt(cfg_prompt: str, budget: float) -> str:
-    """The natural-language budget prefix of the student's input (SPEC §2)."""
-    return cfg_prompt.format(pct=int(round(100 * budget)))
 
 
 def prompt_tokens(cfg: "Config", tokenizer: Any) -> int:

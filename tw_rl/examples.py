@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from tw_rl.envs.token_mdp import Example
-from tw_rl.config import budget_prompt
+from tw_rl.prompt import budget_prompt
 from tw_rl.data import Pair
 
 

@@ -1,4 +1,4 @@
-"""Run-directory identity: what produced every cached artefact of a run, and atomic writes of run files.
+"""Run-directory identity: what produced every cached artefact of a run.
 
 ``run_dir/manifest.json`` holds one record per artefact (``tokenizer``, ``teacher``, ``student`` of phase 0,
 ``references``, ``phase1_student``, ``final_student``, ``calibration``)::
@@ -23,83 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-from tw_rl.rundir import RunDir
+from tw_rl.rundir import ArtefactError, RunDir, atomic_write
 from tw_rl.version import code_version
 
 _ABSENT = " is absent"  # Manifest.reuse's reason when the artefact was simply not there yet
 _FORMAT = 1
-
-
-class ArtefactError(RuntimeError):
-    """A run file that is missing, truncated or corrupt; the message names the file (the CLI exits with 2)."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# atomic writes: a temporary next to the target, then os.replace
-# --------------------------------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``: readers see
-    the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; run files are as readable as before
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-@contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """A temporary path to write ``path``'s content to (by a library that wants a file name); moved into place
-    with ``os.replace`` when the block ends without an error, deleted otherwise."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """A temporary directory next to ``path`` to write a whole artefact into; when the block succeeds it replaces
-    ``path`` (an existing one is moved aside first and deleted after), when it fails it is deleted."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -43,11 +43,11 @@ from transformers import PreTrainedTokenizerBase
 from tw_rl.config import Config, ConfigError, given_tokenizer, prompt_tokens, source_room
 from tw_rl.data import DataError, Pair, load_split
 from tw_rl.examples import pad_batch
-from tw_rl.manifest import Manifest, atomic_dir, pairs_digest, say_recomputing
+from tw_rl.manifest import Manifest, pairs_digest, say_recomputing
 from tw_rl.models.factory import build_t5, check_shared_vocab, count_parameters, load_seq2seq, load_tokenizer, \
     save_seq2seq
 from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer
-from tw_rl.rundir import RunDir
+from tw_rl.rundir import RunDir, atomic_dir
 
 ROLES = ("teacher", "student")
 _SEED_OFFSET = {"teacher": 1, "student": 2}  # teacher and student get different initialisations and data orders

@@ -1,4 +1,5 @@
-"""The layout of a run directory, in one place: every file and folder a run writes, by name.
+"""The run directory: its layout in one place (every file and folder a run writes, by name), the atomic writes of
+its files, and the error for one that is missing or corrupt.
 
 ``tw-rl train`` writes a run directory; ``tw-rl eval`` / ``generate`` / ``calibrate``, :func:`tw_rl.load`, the
 sweep and the RLlib adapter read it. They all ask a :class:`RunDir` for a path instead of joining strings, so the
@@ -22,8 +23,12 @@ A report directory (``RUN``, ``RUN/eval`` or ``tw-rl eval --out DIR``) has the s
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 MODELS = ("teacher", "student", "phase1", "final")  # phase 0's teacher and student, phase 1's and 2's students
 
@@ -123,3 +128,65 @@ class RunDir:
     @property
     def outputs(self) -> Path:
         return self.root / "outputs.jsonl"
+
+
+class ArtefactError(RuntimeError):
+    """A run file that is missing, truncated or corrupt; the message names the file (the CLI exits with 2)."""
+
+
+# ---- atomic writes: a temporary next to the target, then os.replace
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``: readers see
+    the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; run files are as readable as before
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s content to (by a library that wants a file name); moved into place
+    with ``os.replace`` when the block ends without an error, deleted otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary directory next to ``path`` to write a whole artefact into; when the block succeeds it replaces
+    ``path`` (an existing one is moved aside first and deleted after), when it fails it is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

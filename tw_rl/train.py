@@ -31,8 +31,7 @@ from tw_rl.data.validate import check_token_lengths
 from tw_rl.decoding import decode
 from tw_rl.evaluation.driver import evaluate
 from tw_rl.evaluation.report import write_outputs, write_report
-from tw_rl.manifest import ArtefactError, Manifest, atomic_dir, atomic_file, atomic_write, changes, flatten, \
-    pairs_digest, say_recomputing
+from tw_rl.manifest import Manifest, changes, flatten, pairs_digest, say_recomputing
 from tw_rl.examples import make_examples, pad_batch
 from tw_rl.metrics import MetricsLogger, Timer
 from tw_rl.models.factory import load_seq2seq
@@ -41,7 +40,7 @@ from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds
 from tw_rl.pretrain import lr_at, pretrain
 from tw_rl.refit import refit_gate, write_fit
 from tw_rl.replay import ReplayBuffer
-from tw_rl.rundir import RunDir
+from tw_rl.rundir import ArtefactError, RunDir, atomic_dir, atomic_file, atomic_write
 from tw_rl.teacher import Teacher
 
 

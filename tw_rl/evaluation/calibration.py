@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from tw_rl.envs.token_mdp import Example
 from tw_rl.evaluation.outputs import Method, run, usages
 from tw_rl.evaluation.tw import mean_usage
-from tw_rl.rundir import RunDir
+from tw_rl.rundir import RunDir, atomic_write
 
 if TYPE_CHECKING:
     from tw_rl.api import TrainedModel
@@ -232,7 +232,7 @@ def calibrate_run(model: "TrainedModel", students: dict[str, tuple["Student", Pa
         out[name] = fitted[name]
     result = {"split": model.cfg.data.validation_split, "examples": len(validation), **out}
     if run_dir is not None:
-        from tw_rl.manifest import Manifest, atomic_write
+        from tw_rl.manifest import Manifest
 
         manifest = Manifest(run_dir)
         for _, directory in students.values():  # the offsets are part of the students' files now

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 from tw_rl.evaluation import registry
 from tw_rl.evaluation.quality import main_metric
 from tw_rl.evaluation.rows import RowKind
-from tw_rl.rundir import RunDir
+from tw_rl.rundir import RunDir, atomic_file, atomic_write
 
 # the files in a run (or --out) directory
 
@@ -225,15 +225,11 @@ def plot(report: dict, path: Path) -> Path:
 # writing them
 # ------------------------------------------------------------------------------------------------------------------
 def write_outputs(out_dir: Path, rows: Sequence[dict]) -> Path:
-    from tw_rl.manifest import atomic_write
-
     return atomic_write(RunDir(out_dir).outputs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
     """``report.json``, ``report.md`` and (when the report has the baselines' schema) ``quality_vs_cost.png``."""
-    from tw_rl.manifest import atomic_file, atomic_write
-
     out = RunDir(run_dir)
     md = markdown(report)  # everything rendered before the first file is replaced
     if "baselines" in report:

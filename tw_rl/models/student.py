@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from tw_rl.manifest import ArtefactError, atomic_write
+from tw_rl.rundir import ArtefactError, atomic_write
 
 TAU_TOKEN = "<τ>"
 TAU_HEADS = ("token", "gate", "prompt_gate")

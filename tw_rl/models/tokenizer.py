@@ -18,7 +18,7 @@ SPECIAL_TOKENS = [PAD, EOS, UNK]  # ids 0, 1, 2
 
 def budget_prompt_texts(prompt: str) -> list[str]:
     """The budget prompt for every whole percentage 0..100 (``Config.budget_prompt`` formatted)."""
-    from tw_rl.config import budget_prompt
+    from tw_rl.prompt import budget_prompt
 
     return [budget_prompt(prompt, pct / 100) for pct in range(101)]
 
