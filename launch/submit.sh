@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Submit `tw-rl train` to a Ray cluster as a job: a thin wrapper of `tw-rl submit` (tw_rl/launch.py), which runs
+# Submit `tw-rl train` to a Ray cluster as a job: a thin wrapper of `tw-rl submit` (tw_rl/distributed/launch.py), which runs
 #   ray job submit --address ADDR --working-dir . --runtime-env-json <launch/runtime_env.yaml> -- tw-rl train ...
 # Run it from the repository root. The job server address defaults to http://127.0.0.1:8265 (a local head, or a
 # cluster's head reached through `ray dashboard cluster.yaml` / an SSH tunnel); the token comes from

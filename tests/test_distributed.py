@@ -193,9 +193,11 @@ def test_sigkilled_teacher_and_rollout_worker_mid_sample_are_survived(ray_cluste
             pid = _pid(victim)
             killer = threading.Timer(0.1, lambda: os.kill(pid, signal.SIGKILL))
             killer.start()
-            eps2, st2 = group.sample(None, version=1, n_per_worker=128)  # ~3 s: the kill lands mid-call
+            # long enough that the kill at 0.1 s lands mid-call (128 rows a worker took 0.08 s at times: the
+            # kill then came after the sample and nothing was restarted)
+            eps2, st2 = group.sample(None, version=1, n_per_worker=1024)
             killer.join()
-            assert len(eps2) == 256 and all(len(e) > 0 for e in eps2)
+            assert len(eps2) == 2048 and all(len(e) > 0 for e in eps2)
             if victim is not teacher:
                 group._wait_until_alive(1)
             assert _pid(victim) != pid  # a new process

@@ -228,8 +228,8 @@ class LearnerConfig:
     num_gpus: float = param(0.0, "GPUs reserved for the driver/learner when submitted as a Ray job "
                                  "(--entrypoint-num-gpus): places the driver on a GPU node. The learner itself "
                                  "still trains on the student's device (CPU today; docs/design.md)", ge=0.0)
-    num_workers: int = param(0, "data-parallel PCL learner (tw_rl/parallel.py): 0, the learner runs in the driver; "
-                                "N ≥ 1, N Ray actors each holding a DDP replica of the student, every learner batch "
+    num_workers: int = param(0, "data-parallel PCL learner (tw_rl/distributed/data_parallel.py): 0, the learner "
+                                "runs in the driver; N ≥ 1, N Ray actors each holding a DDP replica of the student, every learner batch "
                                 "split across them and gradients all-reduced (algo=pcl only)", ge=0)
     use_gpu: bool = param(False, "with num_workers ≥ 1: one GPU per learner worker (DDP over NCCL); false: CPU "
                                  "workers over gloo")
@@ -325,7 +325,7 @@ class PPOConfig:
 
 @dataclass
 class RLlibConfig:
-    """The ``rllib_ppo`` algorithm (tw_rl/algos/rllib_ppo.py): RLlib's PPO on TokenMDPEnv; rl.iterations,
+    """The ``rllib_ppo`` algorithm (tw_rl/distributed/rllib_ppo.py): RLlib's PPO on TokenMDPEnv; rl.iterations,
     rl.lr, rl.gamma and the budget multipliers (rl.lambda_lr) are shared with the other learners."""
 
     num_env_runners: int = param(0, "RLlib env runners (0: sample in the driver process)", ge=0)

@@ -167,7 +167,7 @@ def _resources(cfg: Config, algo_module) -> dict[str, Any]:
         actors["rollout_worker"] = {"count": r.num_workers, "CPU": r.num_cpus, "GPU": r.num_gpus,
                                     "envs_per_worker": r.envs_per_worker}
     actors["learner (driver / job entrypoint)"] = {"count": 1, "CPU": lrn.num_cpus, "GPU": lrn.num_gpus}
-    if cfg.rl.enabled and lrn.num_workers > 0 and not own_loop:  # data-parallel learner actors (tw_rl/parallel.py)
+    if cfg.rl.enabled and lrn.num_workers > 0 and not own_loop:  # data-parallel learner actors (tw_rl/distributed/data_parallel.py)
         actors["learner_worker"] = {"count": lrn.num_workers, "CPU": lrn.worker_num_cpus, "GPU": float(lrn.use_gpu)}
     total = {k: round(sum(a["count"] * a[k] for a in actors.values()), 6) for k in ("CPU", "GPU")}
     note = ("rollouts run in the driver (rollout.num_workers=0): Ray is not started"

@@ -4,7 +4,7 @@ A :class:`RolloutWorker` holds one student replica and a teacher client. :meth:`
 examples and budgets, decodes them together with :func:`tw_rl.decoding.decode` (the student's sampled actions,
 ``<τ>`` answered by ``teacher.next_tokens``), scores every output with ONE batched ``teacher.score`` call (the
 reward ``r_t = log π_T(y_t | x, X_out[<t])``, SPEC §3) and returns :class:`~tw_rl.batch.Episode` objects stamped
-with the weights' ``policy_version``. :mod:`tw_rl.distributed` wraps this class in a thin Ray actor; local mode
+with the weights' ``policy_version``. :mod:`tw_rl.distributed.rollout` wraps this class in a thin Ray actor; local mode
 uses it as is.
 """
 

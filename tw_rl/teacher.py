@@ -4,7 +4,8 @@
 seq2seq model. It caches encoder states per source and, for small requests, a decoder KV cache per decoded
 sequence, so a ``<τ>`` call feeds the decoder only the tokens produced since that sequence's previous call. Large
 requests are batched over their full prefixes. Dynamic batching of concurrent requests from many rollout workers
-lives in :mod:`tw_rl.distributed` (the Ray actor wraps this class).
+lives in :mod:`tw_rl.teacher_server` (``DynamicBatcher``), which the Ray wing's actor serves
+(:mod:`tw_rl.distributed.teacher`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Teacher:
       grows with the step. Rows are fed one after another (their caches have different lengths), so each row pays
       one model call.
     - *batched* (more rows): one forward over all rows' full prefixes, padded, without a KV cache; the fixed cost
-      of a model call is shared by the rows. Ray's teacher server (:mod:`tw_rl.distributed`) merges the requests
+      of a model call is shared by the rows. The teacher server (:mod:`tw_rl.teacher_server`) merges the requests
       of many workers into such batches. It neither reads nor updates the decoder states.
 
     The default ``incremental_max_rows = 1`` is the measured crossover (one CPU thread, ``docs/benchmarks.md``,

@@ -331,7 +331,8 @@ class PCLLearner(Learner):
     def compute_loss(self, batch: EpisodeBatch, lambdas: torch.Tensor, net: Optional[nn.Module] = None
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """The PCL loss of ``batch`` (on the learner's device) and its stats. ``net`` computes the online
-        Q-values (default: the student; :class:`tw_rl.parallel.DataParallelLearner` passes its DDP wrapper)."""
+        Q-values (default: the student; :class:`tw_rl.distributed.data_parallel.DataParallelLearner` passes its
+        DDP wrapper)."""
         cfg = self.cfg
         self.student.train()
         q, values, target_values = self._forward(self.student if net is None else net, batch)
