@@ -202,3 +202,17 @@ def ray_cluster():
     init_ray(num_cpus=2, object_store_memory=200 * 1024 ** 2)
     yield
     shutdown_ray()
+
+
+class CountingTeacher:
+    """A teacher client that counts the rows it is asked about."""
+
+    def __init__(self, teacher):
+        self.teacher, self.rows = teacher, 0
+
+    def next_tokens(self, src, prefixes):
+        self.rows += len(prefixes)
+        return self.teacher.next_tokens(src, prefixes)
+
+    def score(self, src, outputs):
+        return self.teacher.score(src, outputs)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import _pad
+from tests.conftest import CountingTeacher, _pad
 from tw_rl.decoding import (Flip, ForcedCalls, Greedy, HardCap, MaskTau, Pieces, Replay, RowSample, Sample, Step,
                             TauBias, decode, decode_with)
 
@@ -19,20 +19,6 @@ def make_step(t: int = 0, seed: int = 0, calls=None) -> Step:
     logits = torch.randn(B, A, generator=g) * 2
     calls = torch.zeros(B, dtype=torch.long) if calls is None else torch.as_tensor(calls)
     return Step(t, TAU, logits, calls, torch.zeros(B, t, dtype=torch.long))
-
-
-class Counting:
-    """A teacher client that counts the rows it is asked about."""
-
-    def __init__(self, teacher):
-        self.teacher, self.rows = teacher, 0
-
-    def next_tokens(self, src, prefixes):
-        self.rows += len(prefixes)
-        return self.teacher.next_tokens(src, prefixes)
-
-    def score(self, src, outputs):
-        return self.teacher.score(src, outputs)
 
 
 def toy_batch(toy, budget):
@@ -235,7 +221,7 @@ def test_replaying_a_whole_path_repeats_it_without_teacher_calls(toy):
     kw = dict(max_len=8, eos_id=toy["eos"], teacher_src=tsrc)
     base = decode(toy["student"], ids, mask, teacher=toy["teacher"], **kw)
     assert base.teacher_mask.sum() > 0
-    teacher = Counting(toy["teacher"])
+    teacher = CountingTeacher(toy["teacher"])
     never = torch.full((len(tsrc),), 8)  # repeat every step of the path (the flip is past the end)
     again = decode(toy["student"], ids, mask, teacher=teacher, flip_at=never,
                    replay=(torch.as_tensor(base.tokens), torch.as_tensor(base.teacher_mask)), **kw)

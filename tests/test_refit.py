@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import V, tiny_t5
+from tests.conftest import V, CountingTeacher, tiny_t5
 from tw_rl.models.student import Student
 from tw_rl.oracle import kl_teacher_student
 from tw_rl.refit import GateFit, GateStates, collect_states, fit_gate, refit_gate, ridge, write_gate
@@ -260,14 +260,6 @@ def test_flip_with_replay_decodes_the_same_paths_with_fewer_teacher_requests(toy
     from tw_rl.decoding import decode
     from tw_rl.examples import pad_batch
 
-    class Counting:
-        def __init__(self, teacher):
-            self.teacher, self.rows = teacher, 0
-
-        def next_tokens(self, src, prefixes):
-            self.rows += len(prefixes)
-            return self.teacher.next_tokens(src, prefixes)
-
     student, teacher = _mixed_caller(), _other_teacher()
     ex = toy["examples"][:4]
     ids, mask = pad_batch([e.student_src[0.5] for e in ex], 0)
@@ -275,7 +267,7 @@ def test_flip_with_replay_decodes_the_same_paths_with_fewer_teacher_requests(toy
     base = decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=teacher, teacher_src=src)
     for t in range(3):
         flip = torch.full((len(ex),), t)
-        plain, replayed = Counting(teacher), Counting(teacher)
+        plain, replayed = CountingTeacher(teacher), CountingTeacher(teacher)
         a = decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=plain, teacher_src=src, flip_at=flip)
         b = decode(student, ids, mask, max_len=6, eos_id=toy["eos"], teacher=replayed, teacher_src=src, flip_at=flip,
                    replay=(torch.as_tensor(base.tokens), torch.as_tensor(base.teacher_mask)))

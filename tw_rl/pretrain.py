@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from tw_rl.config import Config, ConfigError, given_tokenizer, prompt_tokens, source_room
-from tw_rl.data import DataError, Pair, load_split
+from tw_rl.data import Pair, load_split
+from tw_rl.data.validate import check_token_lengths
 from tw_rl.examples import pad_batch
 from tw_rl.manifest import Manifest, pairs_digest, say_recomputing
 from tw_rl.models.factory import build_t5, check_shared_vocab, count_parameters, load_seq2seq, load_tokenizer, \
@@ -113,22 +114,13 @@ class Encoded:
 
 def encode_pairs(pairs: list[Pair], tok: PreTrainedTokenizerBase, max_src: int, max_tgt: int,
                  on_error: str = "raise") -> Encoded:
-    """Tokenize ``pairs`` (eos included); a pair longer than ``max_src``/``max_tgt`` tokens raises a
-    :class:`DataError` naming its origin (``on_error="raise"``) or is left out (``"skip"``)."""
-    src = tok([p.source for p in pairs], add_special_tokens=True)["input_ids"]
-    tgt = tok([p.target for p in pairs], add_special_tokens=True)["input_ids"]
-    out = Encoded([], [], [])
-    for p, s, t in zip(pairs, src, tgt):
-        if len(s) > max_src or len(t) > max_tgt:
-            if on_error == "raise":
-                raise DataError(f"{p.origin or 'pair'}: source has {len(s)} tokens (max {max_src}, the budget "
-                                f"prompt's room taken off data.max_src_tokens), target has {len(t)} (max {max_tgt}); "
-                                f"raise data.max_src_tokens / data.max_tgt_tokens or set data.on_error=skip")
-            continue
-        out.src.append(s)
-        out.tgt.append(t)
-        out.origins.append(p.origin)
-    return out
+    """Tokenize ``pairs`` (eos included) within ``max_src``/``max_tgt`` tokens, by the length rule of every phase
+    (:func:`tw_rl.data.validate.check_token_lengths`: an over-long pair raises a :class:`DataError` naming its
+    origin, or with ``on_error="skip"`` is left out)."""
+    kept = check_token_lengths(pairs, tok, max_src, max_tgt, on_error)
+    src = tok([p.source for p in kept], add_special_tokens=True)["input_ids"] if kept else []
+    tgt = tok([p.target for p in kept], add_special_tokens=True)["input_ids"] if kept else []
+    return Encoded(list(src), list(tgt), [p.origin for p in kept])
 
 
 def length_bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, bucket: int = 50

@@ -177,38 +177,36 @@ def _knob_note(row: dict, name: str) -> str:
     return f"{name} {row[name]:.4g} ({_reached(row)})"
 
 
-class RandomCalls(RowKind):
-    method, key, title = "random", ("baselines", "random"), "random calls"
+class _CalibratedKnob(RowKind):
+    """A deployable baseline with one knob (``knob``) bisected on validation to Training Wheels' usage there."""
+
+    knob = ""
     baseline = needs_target = compared = True
     off = []
-    schema = {"required": ["rate", *CALIBRATED]}
-    plot = Plot("random calls (same usage)", dict(color="C3", marker="x", ls=":"))
 
     def calibrate(self, ctx: Context, at: Point) -> Setting:
-        return _calibrated_setting(self, ctx, at, _knob("rate"))
+        return _calibrated_setting(self, ctx, at, _knob(self.knob))
+
+    def note(self, row: dict, report: dict) -> str:
+        return _knob_note(row, self.knob)
+
+
+class RandomCalls(_CalibratedKnob):
+    method, key, title, knob = "random", ("baselines", "random"), "random calls", "rate"
+    schema = {"required": ["rate", *CALIBRATED]}
+    plot = Plot("random calls (same usage)", dict(color="C3", marker="x", ls=":"))
 
     def decoder(self, ctx: Context, at: Point, knob: float | None) -> Method:
         return random_baseline(ctx.model, at.value, knob, ctx.cfg.seed + 7919 * (at.index + 1))
 
-    def note(self, row: dict, report: dict) -> str:
-        return _knob_note(row, "rate")
 
-
-class ConfidenceFallback(RowKind):
-    method, key, title = "confidence", ("baselines", "confidence"), "confidence fallback"
-    baseline = needs_target = compared = True
-    off = []
+class ConfidenceFallback(_CalibratedKnob):
+    method, key, title, knob = "confidence", ("baselines", "confidence"), "confidence fallback", "threshold"
     schema = {"required": ["threshold", *CALIBRATED]}
     plot = Plot("confidence fallback (same usage)", dict(color="C2", marker="^", ls="-."))
 
-    def calibrate(self, ctx: Context, at: Point) -> Setting:
-        return _calibrated_setting(self, ctx, at, _knob("threshold"))
-
     def decoder(self, ctx: Context, at: Point, knob: float | None) -> Method:
         return confidence_baseline(ctx.model, at.value, knob)
-
-    def note(self, row: dict, report: dict) -> str:
-        return _knob_note(row, "threshold")
 
 
 class BaseConfidenceFallback(RowKind):
