@@ -87,6 +87,22 @@ def test_load_missing_directory_says_so(tmp_path):
         load_seq2seq(str(tmp_path / "empty"))
 
 
+def test_a_decoder_only_model_is_refused_with_what_it_is(tok, tmp_path):
+    """A causal LM where an encoder-decoder is expected: named (its architecture) before its weights load, not a
+    'could not load' error about missing files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    with pytest.raises(ModelNotAvailableError, match=r"llama is a decoder-only model \(LlamaForCausalLM\)"):
+        load_seq2seq(str(tmp_path / "llama"))
+    build_t5(TINY, tok, seed=0).save_pretrained(tmp_path / "t5")  # an encoder-decoder passes the same check
+    tok.save_pretrained(tmp_path / "t5")
+    assert load_seq2seq(str(tmp_path / "t5"))[0].config.is_encoder_decoder
+
+
 class _VocabOnly:
     """What build_t5 reads from a tokenizer: its size and the pad/eos ids."""
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase, T5Config, \
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase, T5Config, \
     T5ForConditionalGeneration
 
 
@@ -113,6 +113,7 @@ def load_seq2seq(name_or_path: str, trust_remote_code: bool = False
     loaded, e.g. a hub name on a machine without network or with ``HF_HUB_OFFLINE=1`` (which fails at once).
     """
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    check_encoder_decoder(name_or_path, trust_remote_code)
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(_resolve(name_or_path), use_safetensors=True,
                                                       trust_remote_code=trust_remote_code)
@@ -120,6 +121,22 @@ def load_seq2seq(name_or_path: str, trust_remote_code: bool = False
         raise _not_available(name_or_path, e) from e
     model.eval()
     return model, tokenizer
+
+
+def check_encoder_decoder(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """A decoder-only model (its config not ``is_encoder_decoder``) is refused with what it is, before its weights
+    load: the trainer's students and teachers are encoder-decoders (T5-style) today; decoder-only models load only
+    as GGUF causal LMs (:mod:`tw_rl.models.gguf`), not yet into training."""
+    try:
+        config = AutoConfig.from_pretrained(_resolve(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _not_available(name_or_path, e) from e
+    if not getattr(config, "is_encoder_decoder", False):
+        kind = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
+        raise ModelNotAvailableError(
+            f"{name_or_path} is a decoder-only model ({kind}); tw-rl trains encoder-decoder (T5-style) students and "
+            f"teachers, e.g. google/flan-t5-small: point teacher.name_or_path / student.name_or_path at one, or leave "
+            f"them unset to train T5s from scratch in phase 0")
 
 
 def save_seq2seq(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
