@@ -215,9 +215,12 @@ def test_every_dual_usage_choice_names_the_episodes_it_follows():
     from tw_rl.config import RLConfig
     from tw_rl.train import dual_episodes
 
-    field = next(f for f in __import__("dataclasses").fields(RLConfig) if f.name == "dual_usage")
-    assert set(DUAL_USAGE_SOURCES) == set(field.metadata["choices"])
+    import dataclasses
+
     import numpy as np
+
+    field = next(f for f in dataclasses.fields(RLConfig) if f.name == "dual_usage")
+    assert set(DUAL_USAGE_SOURCES) == set(field.metadata["choices"])
 
     eps = [Episode(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32),
                    np.zeros(1, np.float32), 0.2, True, source=s) for s in (Source.ONPOLICY, Source.GREEDY_HELDOUT)]

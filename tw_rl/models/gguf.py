@@ -53,7 +53,7 @@ def gguf_source(name_or_path: str | Path, gguf_file: str | None = None) -> GGUFS
 
 def check_gguf(path: Path) -> None:
     """A clear error for a file that is missing, is not GGUF, or is cut short (``gguf.GGUFReader`` maps it and
-    checks that every tensor's bytes lie inside the file)."""
+    shapes every tensor: one whose bytes run past the end of the file fails there)."""
     if not path.is_file():
         raise ModelNotAvailableError(f"{path}: GGUF file not found")
     with open(path, "rb") as f:
@@ -61,15 +61,10 @@ def check_gguf(path: Path) -> None:
             raise ModelNotAvailableError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     reader_cls = _gguf().GGUFReader
     try:
-        reader = reader_cls(str(path))
+        reader_cls(str(path))
     except Exception as e:  # noqa: BLE001 (gguf raises ValueError/IndexError/... on a torn file: all mean the same)
         raise ModelNotAvailableError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e}); download "
                                      "or copy it again") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise ModelNotAvailableError(f"{path}: truncated GGUF file (tensor {t.name} ends at byte "
-                                         f"{int(t.data_offset) + int(t.n_bytes)}, the file has {size})")
 
 
 def load_gguf_causal_lm(name_or_path: str | Path, gguf_file: str | None = None):
