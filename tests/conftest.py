@@ -18,9 +18,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np
 import pytest
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, \
+    T5Config, T5ForConditionalGeneration
 
 from tw_rl.envs.token_mdp import Example
+from tw_rl.models.family import forced
 from tw_rl.models.student import Student
 from tw_rl.teacher import Teacher
 
@@ -38,6 +40,19 @@ def tiny_t5(vocab: int, d_model: int = 16, seed: int = 0) -> T5ForConditionalGen
                    num_decoder_layers=1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=EOS,
                    dropout_rate=0.0)
     return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_causal(kind: str, vocab: int, d_model: int = 16, seed: int = 0, layers: int = 1):
+    """A tiny decoder-only LM of ``kind`` (``llama``, ``qwen2``, ``gpt2``), pad id 0 and EOS 1 as the T5s."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=EOS, bos_token_id=EOS, tie_word_embeddings=True)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_embd=d_model, n_layer=layers, n_head=2, n_positions=64,
+                                          **common)).eval()
+    config = (LlamaConfig if kind == "llama" else Qwen2Config)(
+        hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1 if kind == "qwen2" else 2, max_position_embeddings=64, **common)
+    return (LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM)(config).eval()
 
 
 def toy_call_steps(budget: float) -> tuple[int, ...]:
@@ -62,14 +77,19 @@ def _reverse_pairs(g: torch.Generator, n: int) -> tuple[list[list[int]], list[li
     return srcs, tgts
 
 
-def _train_teacher(model: T5ForConditionalGeneration, steps: int, seed: int, lr: float = 1e-2) -> float:
+def _train_teacher(model, steps: int, seed: int, lr: float = 1e-2) -> float:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         srcs, tgts = _reverse_pairs(g, 32)
         (ids, mask), (labels, lmask) = _pad(srcs), _pad(tgts)
-        loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels.masked_fill(~lmask, -100)).loss
+        if model.config.is_encoder_decoder:
+            loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels.masked_fill(~lmask, -100)).loss
+        else:  # the same teacher-forced positions, read by a causal LM as x ⧺ y
+            dec = torch.cat([torch.zeros(len(srcs), 1, dtype=torch.long), labels[:, :-1]], 1)
+            logits = forced(model, ids, mask, dec_ids=dec).logits
+            loss = torch.nn.functional.cross_entropy(logits[lmask], labels[lmask])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -105,17 +125,20 @@ def _train_student(student: Student, steps: int, seed: int, lr: float = 1e-2) ->
     return float(loss.detach())
 
 
-def make_toy() -> dict:
-    """The trained toy teacher and student and six examples with budget prompts (about 3-6 s on one CPU thread)."""
+def make_toy(teacher_kind: str = "t5", student_kind: str = "t5") -> dict:
+    """The trained toy teacher and student and six examples with budget prompts (about 3-6 s on one CPU thread).
+    ``*_kind``: ``t5`` or a decoder-only kind of :func:`tiny_causal` (a causal pair learns on more steps)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    causal = (teacher_kind != "t5", student_kind != "t5")
     try:
-        teacher_model = tiny_t5(V, d_model=32, seed=1)
-        _train_teacher(teacher_model, steps=100, seed=11)
-        base = tiny_t5(V, seed=2)
+        teacher_model = (tiny_t5(V, d_model=32, seed=1) if not causal[0]
+                         else tiny_causal(teacher_kind, V, d_model=32, seed=1, layers=2))
+        _train_teacher(teacher_model, steps=200 if causal[0] else 100, seed=11)
+        base = tiny_t5(V, seed=2) if not causal[1] else tiny_causal(student_kind, V, d_model=32, seed=2, layers=2)
         base.resize_token_embeddings(V + 1, mean_resizing=False)
         student = Student(base, tau_id=V)
-        _train_student(student, steps=120, seed=12)
+        _train_student(student, steps=240 if causal[1] else 120, seed=12)
     finally:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(3)
@@ -143,7 +166,8 @@ def greedy_reference(student: Student, teacher_model, src: list[int], teacher_sr
             q = q[:student.tau_id]
         a = int(q.argmax())
         if a == student.tau_id:
-            logits = teacher_model(input_ids=torch.tensor([teacher_src]), decoder_input_ids=dec).logits[0, -1]
+            t_src = torch.tensor([teacher_src])
+            logits = forced(teacher_model, t_src, torch.ones_like(t_src, dtype=torch.bool), dec_ids=dec).logits[0, -1]
             y = int(logits[:student.tau_id].argmax())
         else:
             y = a
@@ -190,6 +214,14 @@ def check_toy(props: dict, n_examples: int) -> None:
 def toy():
     """A trained tiny teacher and student over a toy vocabulary, and six examples with budget prompts."""
     pair = make_toy()
+    check_toy(toy_properties(pair), len(pair["examples"]))
+    return pair
+
+
+@pytest.fixture(scope="session")
+def causal_toy():
+    """The toy pair as decoder-only LMs: a Llama teacher and a Qwen2 student (same promises as ``toy``)."""
+    pair = make_toy("llama", "qwen2")
     check_toy(toy_properties(pair), len(pair["examples"]))
     return pair
 

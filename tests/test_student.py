@@ -55,8 +55,8 @@ def test_incremental_step_equals_full_forward():
     dec = torch.tensor([[0, 6, 7, 8], [0, 9, 10, 11]])
     tmask = torch.tensor([[False, True, False, True], [False, False, True, True]])
     full = student(src, smask, dec, tmask)
-    enc, cache = student.encode(src, smask), student.new_cache()
-    steps = torch.stack([student.step(enc, smask, dec[:, t], tmask[:, t], cache) for t in range(4)], 1)
+    acting = student.start(src, smask)
+    steps = torch.stack([student.step(acting, dec[:, t], tmask[:, t]) for t in range(4)], 1)
     torch.testing.assert_close(full, steps, atol=1e-5, rtol=1e-5)
 
 
@@ -103,9 +103,9 @@ def test_gate_head_factorises_the_policy():
     torch.testing.assert_close(pi[..., :tau], (1 - torch.sigmoid(u))[..., None] * torch.softmax(raw[..., :tau], -1))
     torch.testing.assert_close(q[..., :tau], raw[..., :tau], atol=0, rtol=0)  # the token logits are untouched
     steps = []  # the acting forward applies the same head
-    enc, cache = student.encode(src, src > 0), student.new_cache()
+    acting = student.start(src, src > 0)
     for t in range(4):
-        steps.append(student.step(enc, src > 0, dec[:, t], args[3][:, t], cache))
+        steps.append(student.step(acting, dec[:, t], args[3][:, t]))
     torch.testing.assert_close(torch.stack(steps, 1), q, atol=1e-5, rtol=1e-5)
 
 

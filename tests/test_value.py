@@ -321,8 +321,8 @@ def test_prompt_gate_acting_equals_training_forward_and_reads_the_input(tmp_path
     tm[:, 2] = True
     with torch.no_grad():
         full = student(src, mask, dec, tm)
-        enc, cache = student.encode(src, mask), student.new_cache()
-        steps = torch.stack([student.step(enc, mask, dec[:, t], tm[:, t], cache) for t in range(4)], 1)
+        acting = student.start(src, mask)
+        steps = torch.stack([student.step(acting, dec[:, t], tm[:, t]) for t in range(4)], 1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
     # the reader moves only the <τ> logit, by an amount that depends on the input
     with torch.no_grad():

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from tw_rl.envs.token_mdp import TeacherClient
+from tw_rl.models.family import Stepper
 from tw_rl.models.student import Student
 
 # (step t, student logits [B, A], calls so far [B]) -> bool [B]: rows whose action is forced to <τ>
@@ -303,8 +304,7 @@ def decode_with(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor,
     action pieces), then the transition of SPEC §2 for every live row. ``behavior_logprobs`` is the sampler's
     log μ of the action finally taken. Stops when every row has ended (EOS in ``X_out``) or after ``max_len``."""
     B, tau = src_ids.shape[0], student.tau_id
-    enc = student.encode(src_ids, src_mask)
-    cache = student.new_cache()
+    acting = student.start(src_ids, src_mask)  # encoder states (or a causal LM's input) and the KV cache
     inp = torch.full((B,), start_id, dtype=torch.long, device=src_ids.device)
     inp_teacher = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
@@ -314,7 +314,7 @@ def decode_with(student: Student, src_ids: torch.Tensor, src_mask: torch.Tensor,
     blp = torch.zeros((B, max_len), dtype=torch.float32)
     lengths = torch.zeros(B, dtype=torch.long)
     for t in range(max_len):
-        step = Step(t, tau, student.step(enc, src_mask, inp, inp_teacher, cache).float(), calls, tokens[:, :t])
+        step = Step(t, tau, student.step(acting, inp, inp_teacher).float(), calls, tokens[:, :t])
         for edit in steps.logits:
             edit(step)
         logp, a = steps.sampler(step.logits)
@@ -354,8 +354,8 @@ class TeacherSteps:
     """The teacher's next-token distributions along ``B`` prefixes decoded in lockstep: one decoder position per
     row per step with a KV cache, as the student's in :func:`decode`.
 
-    ``model`` is the teacher's Hugging Face seq2seq model, ``src_ids`` / ``src_mask`` ``[B, S]`` its padded input
-    (the bare source). :meth:`step` feeds each row's last token (the decoder start at the first step) and returns
+    ``model`` is the teacher's Hugging Face model (either family, :class:`tw_rl.models.family.Stepper`), ``src_ids`` /
+    ``src_mask`` ``[B, S]`` its right-padded input (the bare source). :meth:`step` feeds each row's last token (the decoder start at the first step) and returns
     ``log π_T(· | x, prefix)`` ``[B, |V|]``, normalised over the model's whole output layer and restricted to the
     first ``vocab_size`` ids, as :class:`tw_rl.teacher.Teacher` does. Used by :func:`decode_teacher` (the teacher
     alone) and by the oracle caller (tw_rl/evaluation/fallback.py), whose look-ups are not teacher calls: this is not a
@@ -365,9 +365,8 @@ class TeacherSteps:
     def __init__(self, model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor, vocab_size: int,
                  start_id: int = 0):
         self.model, self.vocab_size, self.start_id = model, int(vocab_size), int(start_id)
-        self.mask = src_mask.long()
-        self.enc = model.get_encoder()(input_ids=src_ids, attention_mask=self.mask)
-        self.cache = Student.new_cache()
+        self.stepper = Stepper(model, src_ids, src_mask)
+        self.rows = src_ids.shape[0]
         self.steps = 0  # positions fed so far
 
     @torch.no_grad()
@@ -376,12 +375,9 @@ class TeacherSteps:
         if (tokens is None) != (self.steps == 0):
             raise ValueError("TeacherSteps.step: the first step feeds the decoder start (tokens=None), later steps "
                              "feed each row's last token")
-        B = self.mask.shape[0]
         if tokens is None:
-            tokens = torch.full((B,), self.start_id, dtype=torch.long)
-        logits = self.model(encoder_outputs=self.enc, attention_mask=self.mask,
-                            decoder_input_ids=tokens.to(self.mask.device)[:, None], cache=self.cache,
-                            use_cache=True).logits[:, -1]
+            tokens = torch.full((self.rows,), self.start_id, dtype=torch.long)
+        logits = self.stepper.feed(ids=tokens.to(self.stepper.mask.device)[:, None])[:, -1]
         self.steps += 1
         return torch.log_softmax(logits.float(), dim=-1)[:, :self.vocab_size]
 

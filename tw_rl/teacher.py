@@ -1,8 +1,8 @@
 """The teacher: answers ``<τ>`` calls (greedy next token) and scores outputs (log-probs per token).
 
 :class:`Teacher` is a plain class that implements :class:`tw_rl.envs.token_mdp.TeacherClient` on a Hugging Face
-seq2seq model. It caches encoder states per source and, for small requests, a decoder KV cache per decoded
-sequence, so a ``<τ>`` call feeds the decoder only the tokens produced since that sequence's previous call. Large
+seq2seq model or causal LM (:mod:`tw_rl.models.family`). It caches encoder states per source (seq2seq) and, for small
+requests, a KV cache per decoded sequence (a causal LM's covers its input too), so a ``<τ>`` call feeds the decoder only the tokens produced since that sequence's previous call. Large
 requests are batched over their full prefixes. Dynamic batching of concurrent requests from many rollout workers
 lives in :mod:`tw_rl.teacher_server` (``DynamicBatcher``), which the Ray wing's actor serves
 (:mod:`tw_rl.distributed.teacher`).
@@ -18,20 +18,19 @@ from typing import Sequence
 import numpy as np
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from tw_rl.examples import pad_batch
+from tw_rl.models.family import Stepper, forced, is_causal, left_align
 
 
 @dataclass(eq=False)
 class _DecoderState:
-    """One decoded sequence's teacher state: its decoder KV cache after feeding ``fed`` (start token included) and
-    the log-probs over ``V`` at the last fed position (``log π_T(· | x, fed[1:])``)."""
+    """One decoded sequence's teacher state: its KV cache after feeding ``fed`` (start token included; for a causal
+    LM the start stands for the source) and the log-probs over ``V`` at the last fed position
+    (``log π_T(· | x, fed[1:])``)."""
 
-    hidden: torch.Tensor  # [1, S, d] encoder states of the source
-    mask: torch.Tensor  # [1, S] encoder attention mask (all ones)
-    cache: EncoderDecoderCache
+    steps: Stepper  # one row
     fed: tuple[int, ...] = ()
     logprobs: torch.Tensor | None = None  # [|V|]
 
@@ -132,8 +131,11 @@ class Teacher:
 
     def _logits(self, src: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Teacher-forced logits over the model's output layer for t = 0..len(prefix): ``[B, L+1, V_out]``."""
-        hidden, mask = self._encode(src)
         dec, _ = pad_batch([[self.start_id] + list(p) for p in prefixes], self.pad_id, self.device)
+        if is_causal(self.model):
+            ids, mask = pad_batch(src, self.pad_id, self.device)
+            return forced(self.model, ids, mask, dec_ids=dec).logits
+        hidden, mask = self._encode(src)
         return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask.long(),
                           decoder_input_ids=dec, use_cache=False).logits
 
@@ -170,9 +172,7 @@ class Teacher:
                 group.pop(0)
                 self._n_states -= 1
                 self.stats["state_evictions"] += 1
-            hidden = self._encoder_states([key])[0][None]
-            state = _DecoderState(hidden, torch.ones(hidden.shape[:2], dtype=torch.long, device=self.device),
-                                  EncoderDecoderCache(DynamicCache(), DynamicCache()))
+            state = _DecoderState(self._stepper(key))
             self._n_states += 1
         else:
             self.stats["state_hits"] += 1
@@ -181,9 +181,7 @@ class Teacher:
         new = seq[len(state.fed):]
         if new:
             try:
-                logits = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.hidden),
-                                    attention_mask=state.mask, cache=state.cache, use_cache=True,
-                                    decoder_input_ids=torch.tensor([new], device=self.device)).logits
+                logits = state.steps.feed(ids=torch.tensor([new], device=self.device))
             except BaseException:  # the cache may hold part of the new tokens: forget the state
                 group.remove(state)
                 self._n_states -= 1
@@ -195,6 +193,15 @@ class Teacher:
         lp = state.logprobs
         self._evict()
         return lp
+
+    def _stepper(self, key: tuple[int, ...]) -> Stepper:
+        """A fresh one-row :class:`Stepper` on the source ``key`` (a seq2seq model's encoder states from the cache)."""
+        ids = torch.tensor([key], dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        if is_causal(self.model):
+            return Stepper(self.model, ids, mask)
+        return Stepper(self.model, ids, mask,
+                       encoder_outputs=BaseModelOutput(last_hidden_state=self._encoder_states([key])[0][None]))
 
     def _evict(self) -> None:
         while self._n_states > self._dec_cache_size:
@@ -241,10 +248,13 @@ class Teacher:
     def generate(self, src: Sequence[Sequence[int]], max_len: int, eos_id: int) -> list[list[int]]:
         """Teacher-alone greedy decoding (KV-cached, through ``generate``), EOS included when produced."""
         ids, mask = pad_batch(src, self.pad_id, self.device)
+        causal = is_causal(self.model)
+        if causal:  # generate continues a causal LM's input: left padding
+            ids, mask = left_align(ids, mask)
         out = self.model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=max_len,
-                                  do_sample=False, num_beams=1)
+                                  do_sample=False, num_beams=1, pad_token_id=self.pad_id)
         res = []
-        for row in out[:, 1:].tolist():  # drop the decoder start
+        for row in out[:, ids.shape[1] if causal else 1:].tolist():  # drop the input / the decoder start
             res.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
         return res
 

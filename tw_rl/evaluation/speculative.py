@@ -25,6 +25,7 @@ from tw_rl.envs.token_mdp import Example
 from tw_rl.evaluation.alone import TeacherAlone
 from tw_rl.evaluation.outputs import Method, Outputs
 from tw_rl.evaluation.rows import LOOP_DRAFT_VERIFY, LOOP_HF_ASSISTED, Context, Plot, Point, RowKind, Setting
+from tw_rl.models.family import Stepper, is_causal
 
 if TYPE_CHECKING:
     from tw_rl.api import TrainedModel
@@ -68,7 +69,7 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module, src: S
     with ForwardCounter(target) as counter:
         out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
                               max_new_tokens=max_len, do_sample=False, num_beams=1)
-    row = out[0, 1:].tolist()
+    row = out[0, ids.shape[1] if is_causal(target) else 1:].tolist()  # drop the input (causal) / the decoder start
     return (row[:row.index(eos_id) + 1] if eos_id in row else row), counter.count
 
 
@@ -97,34 +98,28 @@ def speculative_greedy(target: torch.nn.Module, draft: torch.nn.Module, src: Seq
         raise ValueError(f"speculative_greedy: lenience={lenience} must lie in (0, 1]")
     if draft_tokens < 1:
         raise ValueError(f"speculative_greedy: draft_tokens={draft_tokens} must be at least 1")
-    from tw_rl.models.student import Student  # new_cache: the cache type both models use
-
     device = next(target.parameters()).device
     ids = torch.as_tensor([list(src)], dtype=torch.long, device=device)
-    mask = torch.ones_like(ids)
-    enc_t = target.get_encoder()(input_ids=ids, attention_mask=mask)
-    enc_d = draft.get_encoder()(input_ids=ids, attention_mask=mask)
-    cache_t, cache_d = Student.new_cache(), Student.new_cache()
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    st_t, st_d = Stepper(target, ids, mask), Stepper(draft, ids, mask)
     seq, from_teacher, passes = [start_id], [], 0  # seq: decoder inputs, start first
 
-    def step(model, enc, cache, tokens: list[int]) -> torch.Tensor:
+    def step(steps: Stepper, tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens`` after the cached prefix; logits ``[len(tokens), |V|]``."""
-        inp = torch.as_tensor([tokens], dtype=torch.long, device=device)
-        return model(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=inp, cache=cache,
-                     use_cache=True).logits[0].float()
+        return steps.feed(ids=torch.as_tensor([tokens], dtype=torch.long, device=device))[0].float()
 
     while len(seq) - 1 < max_len and (len(seq) == 1 or seq[-1] != eos_id):
         n = len(seq)
         k = min(draft_tokens, max_len - (n - 1))
         proposal: list[int] = []
-        logits = step(draft, enc_d, cache_d, seq[cache_d.get_seq_length():])
+        logits = step(st_d, seq[st_d.fed:])
         for _ in range(k):
             proposal.append(int(logits[-1].argmax()))
             if proposal[-1] == eos_id or len(proposal) == k:
                 break
-            logits = step(draft, enc_d, cache_d, proposal[-1:])
+            logits = step(st_d, proposal[-1:])
         # one target pass scores every proposal: row i predicts the token after seq + proposal[:i]
-        p = torch.softmax(step(target, enc_t, cache_t, seq[cache_t.get_seq_length():] + proposal)
+        p = torch.softmax(step(st_t, seq[st_t.fed:] + proposal)
                           [-(len(proposal) + 1):], dim=-1)
         passes += 1
         accepted = 0
@@ -139,10 +134,9 @@ def speculative_greedy(target: torch.nn.Module, draft: torch.nn.Module, src: Seq
         if seq[-1] != eos_id and len(seq) - 1 < max_len:
             seq.append(int(p[accepted].argmax()))  # the target's own token: a correction or a bonus
             from_teacher.append(True)
-        for cache in (cache_t, cache_d):  # keep the states of seq[:-1]: the last token is fed next round
-            extra = cache.get_seq_length() - (len(seq) - 1)
-            if extra > 0:
-                cache.crop(-extra)
+        for steps in (st_t, st_d):  # keep the states of seq[:-1]: the last token is fed next round
+            if steps.fed > len(seq) - 1:
+                steps.crop(len(seq) - 1)
     return Speculated(seq[1:], from_teacher, passes)
 
 

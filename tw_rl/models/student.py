@@ -1,11 +1,14 @@
-"""The student: a seq2seq model whose actions are ``V ∪ {<τ>}`` and whose decoder knows which tokens it asked for.
+"""The student: a seq2seq model or a causal LM whose actions are ``V ∪ {<τ>}`` and whose decoder knows which tokens it
+asked for.
 
 SPEC §2: ``<τ>`` is added to the vocabulary as the last action; a teacher-provided token enters the decoder as
 ``embed(w) + δ`` where ``δ`` is a learnable offset saved with the student. Logits over ``V ∪ {<τ>}`` are read as
 soft Q-values by the learners (SPEC §4).
 
 Acting and training are different forward passes: :meth:`Student.step` feeds one decoder position with a KV
-cache (acting); :meth:`Student.forward` returns all positions' logits (training).
+cache (acting, on a :class:`tw_rl.models.family.Stepper` from :meth:`Student.start`); :meth:`Student.forward` returns
+all positions' logits (training, :func:`tw_rl.models.family.forced`). Both work for either model family: a causal
+LM reads its input and its output as one sequence (docs/design.md, "Two model families").
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tw_rl.models.family import Stepper, auto_model_class, forced
 from tw_rl.rundir import ArtefactError, atomic_write
 
 TAU_TOKEN = "<τ>"
@@ -33,7 +36,7 @@ _DELTA = "tw_delta.safetensors"
 
 class PromptReader(nn.Module):
     """The part of the ``prompt_gate`` head that reads the input: one attention query over the encoder's states
-    (the budget prompt is part of the input), pooled and projected to a scalar added to the gate ``u(s)``:
+    (a causal LM's final states over its input; the budget prompt is part of the input), pooled and projected to a scalar added to the gate ``u(s)``:
     ``r(x, b) = w · Σ_j softmax_j(q · e_j / √d) e_j``. Both start at zero (uniform pooling, no effect), so a fresh
     head behaves as the plain gate; behaviour cloning and PCL then teach it how the budget should move the gate."""
 
@@ -51,7 +54,8 @@ class PromptReader(nn.Module):
 
 
 class Student(nn.Module):
-    """Wraps a Hugging Face seq2seq model. ``tau_id`` is the last action index; ``n_actions = tau_id + 1``."""
+    """Wraps a Hugging Face seq2seq model or causal LM. ``tau_id`` is the last action index;
+    ``n_actions = tau_id + 1``."""
 
     def __init__(self, model: PreTrainedModel, tau_id: int, delta: torch.Tensor | None = None,
                  use_delta: bool = True, tau_bias: dict[float, float] | None = None, tau_head: str = "token",
@@ -154,9 +158,6 @@ class Student(nn.Module):
             e = e + teacher_mask.unsqueeze(-1).to(e.dtype) * self.delta
         return e
 
-    def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor):
-        return self.model.get_encoder()(input_ids=src_ids, attention_mask=src_mask.long())
-
     def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor, dec_tokens: torch.Tensor,
                 dec_teacher_mask: torch.Tensor, encoder_outputs=None, return_hidden: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -164,34 +165,23 @@ class Student(nn.Module):
 
         ``return_hidden``: also the output layer's input ``h [B, L, d]`` at every position (the decoder state a
         value head reads, :class:`tw_rl.models.value.ValueHead`)."""
-        captured: list[torch.Tensor] = []
-        hook = (self.model.get_output_embeddings().register_forward_hook(
-            lambda mod, args, out: captured.append(args[0])) if return_hidden else None)
-        try:
-            out = self.model(input_ids=None if encoder_outputs is not None else src_ids,
-                             attention_mask=src_mask.long(), encoder_outputs=encoder_outputs,
-                             decoder_inputs_embeds=self.decoder_embeds(dec_tokens, dec_teacher_mask), use_cache=False)
-        finally:
-            if hook is not None:
-                hook.remove()
-        logits = self.head(out.logits, self._read(out.encoder_last_hidden_state, src_mask))
-        return (logits, captured[-1]) if return_hidden else logits
+        out = forced(self.model, src_ids, src_mask, dec_embeds=self.decoder_embeds(dec_tokens, dec_teacher_mask),
+                     hidden=return_hidden, encoder_outputs=encoder_outputs)
+        logits = self.head(out.logits, self._read(out.prompt, out.prompt_mask))
+        return (logits, out.hidden) if return_hidden else logits
 
     def _read(self, enc: torch.Tensor | None, src_mask: torch.Tensor) -> torch.Tensor | None:
         return None if self.reader is None or enc is None else self.reader(enc, src_mask)
 
-    @staticmethod
-    def new_cache() -> EncoderDecoderCache:
-        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+    def start(self, src_ids: torch.Tensor, src_mask: torch.Tensor) -> Stepper:
+        """What acting on these inputs keeps: the encoder's states (or a causal LM's input) and the KV cache."""
+        return Stepper(self.model, src_ids, src_mask)
 
-    def step(self, encoder_outputs, src_mask: torch.Tensor, tokens: torch.Tensor, teacher_mask: torch.Tensor,
-             cache: EncoderDecoderCache) -> torch.Tensor:
+    def step(self, steps: Stepper, tokens: torch.Tensor, teacher_mask: torch.Tensor) -> torch.Tensor:
         """Acting forward: feed one decoder position ``[B]`` with the KV cache; returns logits ``[B, |V|+1]``."""
-        out = self.model(encoder_outputs=encoder_outputs, attention_mask=src_mask.long(),
-                         decoder_inputs_embeds=self.decoder_embeds(tokens[:, None], teacher_mask[:, None]),
-                         cache=cache, use_cache=True)
-        enc = getattr(encoder_outputs, "last_hidden_state", None)
-        return self.head(out.logits[:, -1], self._read(enc if enc is not None else encoder_outputs[0], src_mask))
+        logits = steps.feed(embeds=self.decoder_embeds(tokens[:, None], teacher_mask[:, None]),
+                            read_prompt=self.reader is not None)[:, -1]
+        return self.head(logits, self._read(steps.prompt, steps.prompt_mask))
 
     # ----------------------------------------------------------------------------------------------------------
     def save(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
@@ -226,8 +216,8 @@ class Student(nn.Module):
         except (ValueError, KeyError, TypeError) as e:
             raise ArtefactError(f"{d / _META} is corrupt ({type(e).__name__}: {e})") from None
         try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(d, use_safetensors=True,
-                                                          trust_remote_code=trust_remote_code)
+            auto = auto_model_class(AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code))
+            model = auto.from_pretrained(d, use_safetensors=True, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(d)
             extra = load_file(str(d / _DELTA))
         except Exception as e:  # safetensors' SafetensorError, OSError, ValueError: the file is in the message

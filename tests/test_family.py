@@ -1,0 +1,155 @@
+"""The two model families behind one interface (tw_rl/models/family.py): a causal LM's acting, teacher-forced and
+teacher paths give the numbers of the same computation done from first principles, as the T5's do."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from tests.conftest import EOS, TOY_BUDGETS, TOY_MAX_LEN, V, _pad, greedy_reference, tiny_causal, tiny_t5
+from tw_rl.decoding import decode, decode_teacher
+from tw_rl.evaluation.speculative import speculative_generate, speculative_greedy
+from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, Stepper, family_of, forced, left_align
+from tw_rl.teacher import Teacher
+
+KINDS = ("t5", "llama", "qwen2", "gpt2")
+
+
+def _model(kind: str, seed: int = 0):
+    return tiny_t5(V, seed=seed) if kind == "t5" else tiny_causal(kind, V, seed=seed, layers=2)
+
+
+def _ragged(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    srcs = [torch.randint(8, V, (n,), generator=g).tolist() + [EOS] for n in (5, 2, 3)]
+    dec = torch.cat([torch.zeros(3, 1, dtype=torch.long), torch.randint(8, V, (3, 5), generator=g)], 1)
+    return srcs, dec
+
+
+def test_left_align_moves_tokens_right_and_keeps_their_order() -> None:
+    ids, mask = _pad([[5, 6, 7], [8], [9, 10]])
+    out, m = left_align(ids, mask)
+    assert out.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert m.tolist() == [[True] * 3, [False, False, True], [False, True, True]]
+    again, m2 = left_align(out, m)  # already left-aligned: unchanged
+    assert torch.equal(again, out) and torch.equal(m2, m)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stepper_equals_the_forced_forward_and_each_row_alone(kind: str) -> None:
+    model = _model(kind)
+    assert family_of(model) == (SEQ2SEQ if kind == "t5" else CAUSAL)
+    srcs, dec = _ragged()
+    ids, mask = _pad(srcs)
+    full = forced(model, ids, mask, dec_ids=dec).logits  # [B, L, V]
+    for i, s in enumerate(srcs):  # each row alone, unpadded: padding changes nothing
+        alone = forced(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool), dec_ids=dec[i:i + 1]).logits
+        torch.testing.assert_close(full[i], alone[0], atol=1e-5, rtol=1e-5)
+    one = Stepper(model, ids, mask)  # one position at a time
+    steps = torch.cat([one.feed(ids=dec[:, t:t + 1]) for t in range(dec.shape[1])], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    chunks = Stepper(model, ids, mask)  # the first feed with more than the start, then a chunk
+    got = torch.cat([chunks.feed(ids=dec[:, :2]), chunks.feed(ids=dec[:, 2:])], 1)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    chunks.crop(3)  # forget positions 3..5, feed other tokens there
+    other = dec.clone()
+    other[:, 3:] = (dec[:, 3:] + 1 - 8) % (V - 8) + 8
+    torch.testing.assert_close(chunks.feed(ids=other[:, 3:]), forced(model, ids, mask, dec_ids=other).logits[:, 3:],
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="keep 1"):
+        chunks.crop(0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_causal_forced_hidden_and_prompt_states(kind: str) -> None:
+    model = _model(kind)
+    srcs, dec = _ragged(1)
+    ids, mask = _pad(srcs)
+    out = forced(model, ids, mask, dec_ids=dec, hidden=True)
+    torch.testing.assert_close(model.get_output_embeddings()(out.hidden), out.logits, atol=1e-5, rtol=1e-5)
+    assert out.prompt.shape[:2] == ids.shape and out.prompt_mask.tolist() == left_align(ids, mask)[1].tolist()
+    st = Stepper(model, ids, mask)
+    st.feed(ids=dec[:, :1], read_prompt=True)
+    torch.testing.assert_close(st.prompt, out.prompt, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_toy_decodes_as_the_first_principles_reference(causal_toy) -> None:
+    """decode (KV caches, left padding, δ on called tokens, the teacher's per-sequence cache) equals greedy acting
+    recomputed from full forwards, for every example and budget; the pair's outputs vary, end and call (checked by
+    the fixture)."""
+    st, teacher, ex = causal_toy["student"], causal_toy["teacher"], causal_toy["examples"]
+    for b in TOY_BUDGETS:
+        ids, mask = _pad([e.student_src[b] for e in ex])
+        out = decode(st, ids, mask, max_len=TOY_MAX_LEN, eos_id=EOS, teacher=teacher,
+                     teacher_src=[e.teacher_src for e in ex])
+        for k, e in enumerate(ex):
+            actions, tokens, _ = greedy_reference(st, teacher.model, e.student_src[b], e.teacher_src, TOY_MAX_LEN, EOS)
+            n = out.lengths[k]
+            assert out.actions[k, :n].tolist() == actions and out.tokens[k, :n].tolist() == tokens, (b, k)
+
+
+def test_causal_teacher_paths_agree(causal_toy) -> None:
+    teacher_model = causal_toy["teacher"].model
+    ex = causal_toy["examples"]
+    src = [e.teacher_src for e in ex]
+    prefixes = [[9, 10, 11][:k % 4] for k in range(len(ex))]
+    inc = Teacher(teacher_model, vocab_size=V, incremental_max_rows=1)
+    bat = Teacher(teacher_model, vocab_size=V, incremental_max_rows=0)
+    one = [inc.next_tokens([s], [p]) for s, p in zip(src, prefixes)]
+    w, lp = bat.next_tokens(src, prefixes)
+    assert [o[0][0] for o in one] == w
+    assert [o[1][0] for o in one] == pytest.approx(lp, abs=1e-5)
+    # a call after more tokens extends the kept state (one forward over the new tokens only)
+    before = inc.stats["incremental_positions"]
+    inc.next_tokens([src[0]], [prefixes[0] + [12, 13]])
+    assert inc.stats["incremental_positions"] - before == 2 and inc.stats["state_hits"] == 1
+    # scoring = the forced log-probs; generate = the teacher alone in tw-rl's loop
+    gen = bat.generate(src, max_len=TOY_MAX_LEN, eos_id=EOS)
+    ids, mask = _pad(src)
+    alone = decode_teacher(teacher_model, ids, mask, max_len=TOY_MAX_LEN, eos_id=EOS, vocab_size=V)
+    assert gen == [alone.tokens[k, :alone.lengths[k]].tolist() for k in range(len(ex))]
+    assert all(g[-1] == EOS for g in gen)
+    scores = bat.score(src, gen)
+    for k, (s, g) in enumerate(zip(src, gen)):
+        dec = torch.tensor([[0] + g[:-1]])
+        lp_all = torch.log_softmax(forced(teacher_model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool),
+                                          dec_ids=dec).logits[0].float(), -1)
+        assert scores[k].tolist() == pytest.approx(lp_all[torch.arange(len(g)), torch.tensor(g)].tolist(), abs=1e-5)
+
+
+def test_causal_speculative_decoding_is_lossless(causal_toy) -> None:
+    teacher = causal_toy["teacher"]
+    draft = tiny_causal("llama", V, d_model=32, seed=5, layers=1)  # an untrained draft: most tokens rejected
+    for e in causal_toy["examples"]:
+        want = teacher.generate([e.teacher_src], TOY_MAX_LEN, EOS)[0]
+        s = speculative_greedy(teacher.model, draft, e.teacher_src, TOY_MAX_LEN, EOS, 0, draft_tokens=3)
+        assert s.tokens == want and all(s.from_teacher) and 1 <= s.teacher_passes <= len(want)
+        toks, passes = speculative_generate(teacher.model, draft, e.teacher_src, TOY_MAX_LEN, EOS)
+        assert toks == want and passes >= 1
+
+
+def _word_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "user", "assistant", "hello", "budget", "5%:"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def test_input_templates() -> None:
+    plain = InputTemplate(_word_tokenizer(), CAUSAL)
+    assert plain.inputs(["budget 5%: hello"]) == [[6, 7, 5, 1]]  # x then EOS, the separator
+    assert plain.targets(["hello"]) == [[5, 1]]
+    assert InputTemplate(_word_tokenizer(), SEQ2SEQ).inputs(["hello"]) == [[5]]  # the tokenizer's own specials
+    chat = InputTemplate(_word_tokenizer(
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}"), CAUSAL)
+    assert chat.chat and chat.inputs(["budget 5%: hello"]) == [[3, 6, 7, 5, 4]]
+    chat.check_keeps("budget 5%: hello")
+    assert InputTemplate(chat.tokenizer, CAUSAL, use_chat_template=False).inputs(["hello"]) == [[5, 1]]
+    dropping = InputTemplate(_word_tokenizer("{% for m in messages %}{{ m['role'] }} {% endfor %}assistant "),
+                             CAUSAL)
+    with pytest.raises(ValueError, match="does not keep the user message"):
+        dropping.check_keeps("budget 5%: hello")
