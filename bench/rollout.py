@@ -13,6 +13,10 @@
    Caches are cleared before every sequence. For the default teacher and a larger one (d 256, 3+3 layers).
 4. The crossover of the two ``next_tokens`` paths: ms per call for ``b`` rows that each add 5 tokens between calls.
 
+Part 1 also runs on decoder-only models (``--only causal`` runs only that): Llama-style causal LMs of the same widths
+with ``num_layers + num_decoder_layers`` layers, the input left-padded for ``generate`` (``decode`` left-aligns it
+itself), both producing exactly ``new_tokens`` tokens after the input.
+
 Models are T5s built from the ``ArchConfig`` defaults (student, teacher and the plain ``ArchConfig()``) with a
 vocabulary of 1000 (+ ``<τ>`` for the student), randomly initialised: speed does not depend on training.
 The last line printed is JSON with ``ratio_vs_generate`` (default student: decode tokens/s ÷ generate tokens/s).
@@ -30,12 +34,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tw_rl.config import ArchConfig, StudentConfig, TeacherConfig  # noqa: E402
 from tw_rl.decoding import decode  # noqa: E402
+from tw_rl.models.family import is_causal, left_align  # noqa: E402
 from tw_rl.models.student import Student  # noqa: E402
 from tw_rl.teacher import Teacher  # noqa: E402
 
@@ -56,6 +61,18 @@ def build(arch: ArchConfig, vocab: int, seed: int = 0) -> T5ForConditionalGenera
     return model
 
 
+def build_causal(arch: ArchConfig, vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    """A Llama-style decoder-only LM as wide as ``arch``, with its encoder's and decoder's layers in one stack."""
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=arch.d_model, intermediate_size=arch.d_ff,
+                      num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_heads, head_dim=arch.d_kv,
+                      num_hidden_layers=arch.num_layers + arch.num_decoder_layers, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, EOS
+    return model
+
+
 def sources(batch: int, src_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(src_len // 2, src_len + 1, (batch,), generator=g)
@@ -73,16 +90,18 @@ def timed(fn) -> tuple[float, object]:
 
 
 @torch.no_grad()
-def bench_decode(arch: ArchConfig, batch: int, new_tokens: int, src_len: int, repeats: int) -> dict:
-    model = build(arch, VOCAB + 1)  # V ∪ {<τ>}
+def bench_decode(arch: ArchConfig, batch: int, new_tokens: int, src_len: int, repeats: int,
+                 causal: bool = False) -> dict:
+    model = (build_causal if causal else build)(arch, VOCAB + 1)  # V ∪ {<τ>}
     student = Student(model, tau_id=VOCAB).eval()
     ids, mask = sources(batch, src_len)
+    gen_ids, gen_mask = left_align(ids, mask) if is_causal(model) else (ids, mask)  # generate continues the input
 
     def run_decode():  # EOS id -1: no row ends early, exactly new_tokens steps (as generate with min_new_tokens)
         return decode(student, ids, mask, max_len=new_tokens, eos_id=-1, allow_tau=False)
 
     def run_generate():
-        return model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=new_tokens,
+        return model.generate(input_ids=gen_ids, attention_mask=gen_mask.long(), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, num_beams=1)
 
     gen = torch.Generator().manual_seed(0)
@@ -98,13 +117,14 @@ def bench_decode(arch: ArchConfig, batch: int, new_tokens: int, src_len: int, re
         assert out.tokens.shape == (batch, new_tokens) and (out.lengths == new_tokens).all()
         td.append(s)
         s, out = timed(run_generate)
-        assert out.shape == (batch, new_tokens + 1)
+        assert out.shape == (batch, new_tokens + (src_len if causal else 1))
         tg.append(s)
         ts.append(timed(run_sampled)[0])
     n = batch * new_tokens
     d, g, smp = (n / statistics.median(t) for t in (td, tg, ts))
     params = sum(p.numel() for p in model.parameters())
-    return {"params": params, "d_model": arch.d_model, "layers": arch.num_layers + arch.num_decoder_layers,
+    return {"family": "causal" if causal else "seq2seq", "params": params, "d_model": arch.d_model,
+            "layers": arch.num_layers + arch.num_decoder_layers,
             "decode_tokens_per_s": round(d), "generate_tokens_per_s": round(g), "ratio_vs_generate": round(d / g, 3),
             "decode_sampled_tokens_per_s": round(smp),
             "decode_s": [round(x, 4) for x in td], "generate_s": [round(x, 4) for x in tg]}
@@ -228,9 +248,21 @@ def main() -> None:
     ap.add_argument("--src-len", type=int, default=32, help="longest source")
     ap.add_argument("--prefix-len", type=int, default=24, help="teacher calls: prefix X_out[<t] length")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=["teacher"], help="teacher: only parts 3 and 4 (latency, crossover)")
+    ap.add_argument("--only", choices=["teacher", "causal"],
+                    help="teacher: only parts 3 and 4 (latency, crossover); causal: only part 1 on causal LMs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    models = {"student_default": StudentConfig().arch, "arch_default": ArchConfig()}
+    causal = {}
+    for name, arch in models.items():
+        causal[name] = bench_decode(arch, args.batch, args.new_tokens, args.src_len, args.repeats, causal=True)
+        print(f"decode vs generate, causal LM [{name}]: {json.dumps(causal[name])}", flush=True)
+    causal_summary = {f"causal_ratio_vs_generate{'' if n == 'student_default' else '_arch_default'}":
+                      causal[n]["ratio_vs_generate"] for n in models}
+    if args.only == "causal":
+        print(json.dumps({**causal_summary, "batch": args.batch, "new_tokens": args.new_tokens,
+                          "threads": args.threads, "torch": torch.__version__}))
+        return
     # the default teacher, and a larger one (the default until the teacher was shrunk): the teacher's share of the
     # cost, and so the gain of its KV cache, grows with its size
     teachers = {"teacher_default": TeacherConfig().arch, "teacher_d256_3x3": LARGE_TEACHER}
@@ -244,14 +276,13 @@ def main() -> None:
     if args.only == "teacher":
         return
 
-    models = {"student_default": StudentConfig().arch, "arch_default": ArchConfig()}
     decoding = {}
     for name, arch in models.items():
         decoding[name] = bench_decode(arch, args.batch, args.new_tokens, args.src_len, args.repeats)
         print(f"decode vs generate [{name}]: {json.dumps(decoding[name])}", flush=True)
     teacher = bench_teacher(TeacherConfig().arch, args.src_len, args.prefix_len, args.repeats)
     print(f"teacher next_tokens [teacher_default]: {json.dumps(teacher)}", flush=True)
-    summary = {"ratio_vs_generate": decoding["student_default"]["ratio_vs_generate"],
+    summary = {"ratio_vs_generate": decoding["student_default"]["ratio_vs_generate"], **causal_summary,
                "ratio_vs_generate_arch_default": decoding["arch_default"]["ratio_vs_generate"],
                "decode_tokens_per_s": decoding["student_default"]["decode_tokens_per_s"],
                "generate_tokens_per_s": decoding["student_default"]["generate_tokens_per_s"],

@@ -226,3 +226,13 @@ def test_every_dual_usage_choice_names_the_episodes_it_follows():
                    np.zeros(1, np.float32), 0.2, True, source=s) for s in (Source.ONPOLICY, Source.GREEDY_HELDOUT)]
     assert [e.source for e in dual_episodes(eps, "heldout")] == [Source.GREEDY_HELDOUT]
     assert dual_episodes(eps, "all") == eps and dual_episodes(eps, "greedy") == eps  # none greedy: all of them
+
+
+def test_a_gguf_file_without_its_directory_is_refused(tmp_path):
+    from tw_rl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"teacher.gguf_file='m.gguf' names a file inside teacher.name_or_path"):
+        load_config(None, [f"out_dir={tmp_path}", "teacher.gguf_file=m.gguf"])
+    cfg = load_config(None, [f"out_dir={tmp_path}", "teacher.name_or_path=/models", "teacher.gguf_file=m.gguf",
+                             "student.arch.model_type=llama"])
+    assert cfg.teacher.gguf_file == "m.gguf" and cfg.student.arch.model_type == "llama"

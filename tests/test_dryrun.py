@@ -24,9 +24,13 @@ def _offline_env(tmp_path):
     return env, hf_home
 
 
-@pytest.mark.parametrize("name,dataset,task", [("wmt19_flan_t5", "wmt/wmt19", "translation"),
-                                               ("xsum_flan_t5", "EdinburghNLP/xsum", "summarization")])
-def test_paper_config_dry_run(tmp_path, name, dataset, task):
+@pytest.mark.parametrize("name,dataset,task,models", [
+    ("wmt19_flan_t5", "wmt/wmt19", "translation", ("google/flan-t5-xl", "google/flan-t5-small")),
+    ("xsum_flan_t5", "EdinburghNLP/xsum", "summarization", ("google/flan-t5-xl", "google/flan-t5-small")),
+    ("wmt19_qwen", "wmt/wmt19", "translation", ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct")),
+    ("gsm8k_qwen", "openai/gsm8k", "math", ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"))])
+def test_paper_config_dry_run(tmp_path, name, dataset, task, models):
+    """The paper-scale configs (FLAN-T5) and a modern decoder-only pair (Qwen2.5) pass the dry run offline."""
     env, hf_home = _offline_env(tmp_path)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "tw_rl.cli", "train", "--config", str(CONFIGS / f"{name}.yaml"),
@@ -37,16 +41,17 @@ def test_paper_config_dry_run(tmp_path, name, dataset, task):
     p = json.loads(r.stdout.strip().splitlines()[-1])
     assert p["algorithm"] == {"name": "pcl", "module": "tw_rl.algos.pcl"}
     assert {(d["kind"], d["id"]) for d in p["downloads"]} == {
-        ("model", "google/flan-t5-xl"), ("model", "google/flan-t5-small"), ("dataset", dataset)}
+        ("model", models[0]), ("model", models[1]), ("dataset", dataset)}
     assert not any(d["cached"] for d in p["downloads"])
     assert p["data"]["loader"] == "tw_rl.data.hf" and p["phases"]["phase0"].startswith("skipped")
     assert p["phases"]["eval"].startswith(task) and ("ROUGE" in p["phases"]["eval"]) == (task == "summarization")
+    assert ("exact match" in p["phases"]["eval"]) == (task == "math")
     assert max(p["budgets"]) == 0.5 and min(p["budgets"]) == 0.0
     actors = p["ray"]["actors"]
     assert actors["teacher_replica"] == {"count": 3, "CPU": 4, "GPU": 1}
     assert actors["rollout_worker"]["count"] == 16 and actors["rollout_worker"]["GPU"] == 0
     assert p["ray"]["total"] == {"CPU": 3 * 4 + 16 * 4 + 8, "GPU": 4}
-    for line in ("would download:", "google/flan-t5-xl", dataset, "total: 84 CPU, 4 GPU"):
+    for line in ("would download:", models[0], dataset, "total: 84 CPU, 4 GPU"):
         assert line in r.stdout
     assert not any(hf_home.rglob("*")), "the dry run wrote to the Hugging Face cache"
     assert not (tmp_path / "runs").exists(), "the dry run created the run directory"

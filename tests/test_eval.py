@@ -354,17 +354,17 @@ def test_latency_excludes_model_loading(run, monkeypatch):
     from tw_rl.models.student import Student
 
     sleep = 0.5
-    slow_seq2seq, slow_student = factory.load_seq2seq, Student.load.__func__
+    slow_model, slow_student = factory.load_model, Student.load.__func__
 
-    def load_seq2seq(*a, **k):
+    def load_model(*a, **k):
         time.sleep(sleep)
-        return slow_seq2seq(*a, **k)
+        return slow_model(*a, **k)
 
     def student_load(cls, *a, **k):
         time.sleep(sleep)
         return slow_student(cls, *a, **k)
 
-    monkeypatch.setattr(factory, "load_seq2seq", load_seq2seq)
+    monkeypatch.setattr(factory, "load_model", load_model)
     monkeypatch.setattr(Student, "load", classmethod(student_load))
     t0 = time.perf_counter()
     model = api.load(run["dir"], overrides=["eval.baselines=false", "eval.latency_examples=1"])

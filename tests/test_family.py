@@ -153,3 +153,20 @@ def test_input_templates() -> None:
                              CAUSAL)
     with pytest.raises(ValueError, match="does not keep the user message"):
         dropping.check_keeps("budget 5%: hello")
+
+
+def test_make_examples_writes_each_role_by_its_template_with_the_task_prompt() -> None:
+    from tw_rl.data import Pair
+    from tw_rl.examples import make_examples
+
+    tok = _word_tokenizer("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant {% endif %}")
+    pairs = [Pair("hello", "hello")]
+    seq2seq = make_examples(pairs, tok, [0.05], "budget {pct}%: ")  # the default: the tokenizer's own specials
+    assert seq2seq[0].teacher_src == [5] and seq2seq[0].student_src[0.05] == [6, 7, 5]
+    chat = InputTemplate(tok, CAUSAL)
+    ex = make_examples(pairs, tok, [0.05], "budget {pct}%: ", InputTemplate(tok, CAUSAL, use_chat_template=False),
+                       chat, task_prompt="hello ")
+    assert ex[0].teacher_src == [5, 5, 1]  # task prompt, x, EOS (plain)
+    assert ex[0].student_src[0.05] == [3, 6, 7, 5, 5, 4]  # user: budget prompt, task prompt, x; assistant
+    assert ex[0].text == "hello"  # the raw text: prompts are added where an input is written

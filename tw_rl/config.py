@@ -89,13 +89,16 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class ArchConfig:
-    """Size of a T5-style model built from scratch (used when ``name_or_path`` is not given)."""
+    """Kind and size of a model built from scratch (used when ``name_or_path`` is not given)."""
 
+    model_type: str = param("t5", "what phase 0 builds: t5 (an encoder-decoder) or a decoder-only causal LM: llama, "
+                                  "qwen2 or gpt2 (num_layers layers; num_decoder_layers unused)",
+                            choices=["t5", "llama", "qwen2", "gpt2"])
     d_model: int = param(128, "hidden size", ge=4)
     d_ff: int = param(512, "feed-forward size", ge=4)
     d_kv: int = param(32, "size of one attention head", ge=2)
     num_heads: int = param(4, "attention heads", ge=1)
-    num_layers: int = param(2, "encoder layers", ge=1)
+    num_layers: int = param(2, "encoder layers (a decoder-only model's layers)", ge=1)
     num_decoder_layers: int = param(2, "decoder layers", ge=1)
     dropout_rate: float = param(0.0, "dropout", ge=0.0, le=1.0)
 
@@ -112,8 +115,11 @@ class TokenizerConfig:
 class TeacherConfig:
     """The teacher: a model and the server that answers `<τ>` calls and scores outputs."""
 
-    name_or_path: Optional[str] = param(None, "hub name or local directory; None: train one in phase 0")
+    name_or_path: Optional[str] = param(None, "hub name, local directory or .gguf file; None: train one in phase 0")
+    gguf_file: Optional[str] = param(None, "the GGUF file inside the directory name_or_path (a GGUF model source)")
     trust_remote_code: bool = param(False, "allow custom model code from the hub (off unless you trust it)")
+    chat_template: bool = param(True, "a causal LM whose tokenizer has a chat template reads its input as the user "
+                                      "message (false: the plain template, input then EOS)")
     arch: ArchConfig = param(factory=lambda: ArchConfig(d_model=128, d_ff=512, d_kv=32, num_heads=4,
                                                         num_layers=2, num_decoder_layers=2),
                              help="size when trained from scratch")
@@ -132,8 +138,11 @@ class TeacherConfig:
 class StudentConfig:
     """The student: a model with `<τ>` added to its vocabulary and the teacher-token offset δ."""
 
-    name_or_path: Optional[str] = param(None, "hub name or local directory; None: train one in phase 0")
+    name_or_path: Optional[str] = param(None, "hub name, local directory or .gguf file; None: train one in phase 0")
+    gguf_file: Optional[str] = param(None, "the GGUF file inside the directory name_or_path (a GGUF model source)")
     trust_remote_code: bool = param(False, "allow custom model code from the hub (off unless you trust it)")
+    chat_template: bool = param(True, "a causal LM whose tokenizer has a chat template reads its input as the user "
+                                      "message, budget prompt included (false: the plain template, input then EOS)")
     arch: ArchConfig = param(factory=lambda: ArchConfig(d_model=32, d_ff=64, d_kv=16, num_heads=2,
                                                         num_layers=2, num_decoder_layers=2),
                              help="size when trained from scratch")
@@ -370,9 +379,10 @@ class EvalConfig:
     spec_draft_tokens: int = param(5, "tokens the draft proposes per round in draft-and-verify decoding", ge=1)
     bootstrap_samples: int = param(1000, "paired bootstrap resamples (sacrebleu) for the BLEU difference of each "
                                          "baseline against Training Wheels at the same budget; 0: no test", ge=0)
-    task: str = param("auto", "metrics: translation (BLEU, chrF) or summarization (also ROUGE-1/2/L); auto: "
-                              "summarization when data.hf_name names a summarization set (xsum, cnn_dailymail, "
-                              "samsum, ...)", choices=["auto", "translation", "summarization"])
+    task: str = param("auto", "metrics: translation (BLEU, chrF), summarization (also ROUGE-1/2/L) or math (also the "
+                              "exact match of the final answer, GSM8K's '#### N'); auto: summarization or math when "
+                              "data.hf_name names such a set (xsum, cnn_dailymail, samsum, ...; gsm8k, svamp)",
+                      choices=["auto", "translation", "summarization", "math"])
 
 
 @dataclass
@@ -385,6 +395,9 @@ class Config:
     budgets: list[float] = param(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
                                  help="teacher budgets trained and evaluated", ge=0.0, le=1.0)
     budget_prompt: str = param("teacher budget {pct}%: ", "prefix of the student's input; {pct} = 100·b")
+    task_prompt: str = param("", "an instruction written before every input, the teacher's and the student's (after "
+                                 "the budget prompt), e.g. 'Translate German to English: ' for instruction-tuned "
+                                 "models; phase 0's models train with it too")
     budget_sampling: str = param("grid", "budgets drawn in training (phase-1 traces, phase-2 rollouts and "
                                          "demonstrations): grid (the levels of `budgets`) or continuous (every "
                                          "whole percent between the grid's smallest and largest level, so that the "
@@ -449,6 +462,11 @@ def validate(cfg: Any, prefix: str = "") -> None:
         if not cfg.budgets:
             raise ConfigError("budgets=[] is empty; give at least one budget in [0, 1]")
         _check_budgets(cfg)
+        for role in ("teacher", "student"):
+            m = getattr(cfg, role)
+            if m.gguf_file and not m.name_or_path:
+                raise ConfigError(f"{role}.gguf_file={m.gguf_file!r} names a file inside {role}.name_or_path, which "
+                                  f"is not set: give {role}.name_or_path=DIR (the directory holding it)")
         for key, (value, why) in requirements(cfg.algo).items():  # load_config applied them where left unset
             current = _get(cfg, key)
             if current != value:
@@ -643,7 +661,8 @@ def training_budgets(cfg: "Config") -> list[float]:
 def prompt_tokens(cfg: "Config", tokenizer: Any) -> int:
     """The longest budget prompt (:func:`budget_prompt`) of any budget training draws (:func:`training_budgets`),
     in tokens, without special tokens."""
-    return max(len(tokenizer(budget_prompt(cfg.budget_prompt, b), add_special_tokens=False)["input_ids"])
+    return max(len(tokenizer(budget_prompt(cfg.budget_prompt, b) + cfg.task_prompt,
+                             add_special_tokens=False)["input_ids"])
                for b in sorted(set(training_budgets(cfg))))
 
 

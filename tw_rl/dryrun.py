@@ -68,10 +68,22 @@ def _model(role: str, mcfg, cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"{role}.name_or_path is not set and pretrain.enabled=false: give a model "
                               f"({role}.name_or_path=DIR or a hub name) or enable phase 0")
         a = mcfg.arch
+        layers = f"{a.num_layers}+{a.num_decoder_layers}" if a.model_type == "t5" else f"{a.num_layers}"
         return {"role": role, "source": "phase 0 (trained from scratch)",
-                "arch": f"T5 d_model={a.d_model} d_ff={a.d_ff} heads={a.num_heads} "
-                        f"layers={a.num_layers}+{a.num_decoder_layers}"}
+                "arch": f"{a.model_type} d_model={a.d_model} d_ff={a.d_ff} heads={a.num_heads} layers={layers}"}
+    if mcfg.gguf_file or name.endswith(".gguf"):
+        return _gguf(role, name, mcfg.gguf_file)
     return _named(role, name, mcfg.trust_remote_code)
+
+
+def _gguf(role: str, name: str, gguf_file: str | None) -> dict[str, Any]:
+    """A GGUF model source (a .gguf file, or a directory and ``gguf_file``): it must exist; it is read in phase 0."""
+    p = Path(name).expanduser() / gguf_file if gguf_file else Path(name).expanduser()
+    if not p.is_file():
+        key = f"{role}.name_or_path={name!r}" + (f" with {role}.gguf_file={gguf_file!r}" if gguf_file else "")
+        raise ConfigError(f"{key}: no GGUF file at {p}")
+    return {"role": role, "source": "GGUF file (a causal LM, dequantized to float32)", "path": str(p.resolve()),
+            "bytes": p.stat().st_size}
 
 
 def _named(role: str, name: str, trust_remote_code: bool = False, weights: bool = True) -> dict[str, Any]:
@@ -209,7 +221,8 @@ def plan(cfg: Config) -> dict[str, Any]:
         "phase1": (f"KL-oracle behaviour cloning, {cfg.phase1.num_examples or 'all'} inputs × {cfg.phase1.epochs:g} "
                    f"epochs" if cfg.phase1.enabled else "disabled"),
         "phase2": phase2_summary(cfg, algo.__name__),
-        "eval": f"{task}: " + ("BLEU, chrF, ROUGE-1/2/L" if task == "summarization" else "BLEU, chrF")
+        "eval": f"{task}: " + {"summarization": "BLEU, chrF, ROUGE-1/2/L",
+                               "math": "exact match of the final answer, BLEU, chrF"}.get(task, "BLEU, chrF")
                 + (" + baselines" if cfg.eval.baselines else ""),
     }
     return {"out_dir": cfg.out_dir, "budgets": cfg.budgets, "algorithm": {"name": cfg.algo, "module": algo.__name__},

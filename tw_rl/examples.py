@@ -7,16 +7,22 @@ from typing import Sequence
 import torch
 
 from tw_rl.envs.token_mdp import Example
+from tw_rl.models.family import InputTemplate
 from tw_rl.prompt import budget_prompt
 from tw_rl.data import Pair
 
 
-def make_examples(pairs: Sequence[Pair], tokenizer, budgets: Sequence[float], prompt: str) -> list[Example]:
-    """Tokenize once per budget, batched. Budgets are the grid's values (floats used as dict keys)."""
-    sources = [p.source for p in pairs]
-    teacher = tokenizer(sources, add_special_tokens=True)["input_ids"]
-    student = {float(b): tokenizer([budget_prompt(prompt, b) + s for s in sources],
-                                   add_special_tokens=True)["input_ids"] for b in budgets}
+def make_examples(pairs: Sequence[Pair], tokenizer, budgets: Sequence[float], prompt: str,
+                  teacher_template: InputTemplate | None = None, student_template: InputTemplate | None = None,
+                  task_prompt: str = "") -> list[Example]:
+    """Tokenize once per budget, batched. Budgets are the grid's values (floats used as dict keys). Each role's
+    input is written by its :class:`~tw_rl.models.family.InputTemplate` (default: a seq2seq model's, the tokenizer
+    with its special tokens): the teacher reads ``task_prompt + x``, the student ``prompt(b) + task_prompt + x``."""
+    sources = [task_prompt + p.source for p in pairs]
+    teacher_template = teacher_template or InputTemplate(tokenizer)
+    student_template = student_template or InputTemplate(tokenizer)
+    teacher = teacher_template.inputs(sources)
+    student = {float(b): student_template.inputs([budget_prompt(prompt, b) + s for s in sources]) for b in budgets}
     return [Example(teacher_src=teacher[i], student_src={b: student[b][i] for b in student},
                     text=p.source, reference=p.target) for i, p in enumerate(pairs)]
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tw_rl.envs.token_mdp import Example
 from tw_rl.batch import Episode, Source
 from tw_rl.examples import pad_batch
+from tw_rl.models.family import forced
 
 
 @dataclass
@@ -58,8 +59,8 @@ def mark_positions(kl: np.ndarray, budget: float, first: np.ndarray | None = Non
 @torch.no_grad()
 def build_references(examples: Sequence[Example], teacher, base_student, max_len: int, eos_id: int,
                      batch_size: int = 128, pad_id: int = 0, start_id: int = 0) -> list[Reference]:
-    """Teacher greedy paths, their rewards, and per-position KL against ``base_student`` (a plain seq2seq model
-    over ``V``, fed the source without a budget prompt)."""
+    """Teacher greedy paths, their rewards, and per-position KL against ``base_student`` (the phase-0 model over
+    ``V``, either family, fed the teacher's input: the source without a budget prompt)."""
     refs: list[Reference] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
@@ -68,7 +69,7 @@ def build_references(examples: Sequence[Example], teacher, base_student, max_len
         t_logp = teacher.distributions(src, outs)  # [B, T, V]
         ids, mask = pad_batch(src, pad_id)
         dec, _ = pad_batch([[start_id] + o[:-1] for o in outs], pad_id)
-        s_logits = base_student(input_ids=ids, attention_mask=mask.long(), decoder_input_ids=dec).logits
+        s_logits = forced(base_student, ids, mask, dec_ids=dec).logits
         for j, o in enumerate(outs):
             T = len(o)
             y = torch.as_tensor(o)

@@ -5,13 +5,19 @@
 1. loads the training and held-out splits (``tw_rl.data.load_split``);
 2. trains the shared tokenizer on the training split (or loads ``tokenizer.path``, or a given model's tokenizer)
    and saves it under ``run_dir/tokenizer``;
-3. trains the teacher and the student (those without ``name_or_path``) by cross-entropy on the plain sources —
-   no budget prompt, no ``<τ>``; later phases add those;
+3. builds the teacher and the student (those without ``name_or_path``) of kind ``arch.model_type`` — a T5, or a
+   decoder-only Llama, Qwen2 or GPT-2 (:func:`tw_rl.models.factory.build_model`); the two may differ, sharing the
+   tokenizer — and trains them by cross-entropy on the target tokens of the plain sources — no budget prompt, no
+   ``<τ>``; later phases add those. Each role's sources are written by its input template
+   (:class:`tw_rl.models.family.InputTemplate`); a causal LM reads ``x ⧺ y`` and is trained on the ``y`` positions
+   only (:func:`tw_rl.models.family.forced`). Given models are loaded (:func:`tw_rl.models.factory.load_model`, GGUF
+   files too) and every model is checked (shared vocabulary, pad token, buildable size) before any is trained;
 4. saves each under ``run_dir/models/{teacher,student}`` (Hugging Face format, safetensors) with a ``done.json``
    marker holding the training statistics and a fingerprint of the settings that produced it, so a second call
    with the same settings reuses the models;
-5. evaluates both on the held-out split (greedy decoding, sacrebleu corpus BLEU) and, on the embedded task,
-   where the errors sit (teacher-forced token accuracy on rare-word pieces vs the other tokens);
+5. evaluates both on the held-out split (greedy decoding, sacrebleu corpus BLEU: Hugging Face ``generate`` for a
+   seq2seq model, tw-rl's KV-cached loop :func:`tw_rl.decoding.decode_teacher` for a causal LM) and, on the
+   embedded task, where the errors sit (teacher-forced token accuracy on rare-word pieces vs the other tokens);
 6. writes the summary to ``run_dir/pretrain.json`` and returns it.
 
 Training is tuned for a few CPU cores: pairs are pre-tokenized once, batches are bucketed by length, the output
@@ -40,13 +46,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from tw_rl.config import Config, ConfigError, given_tokenizer, prompt_tokens, source_room
+from tw_rl.config import ArchConfig, Config, ConfigError, given_tokenizer, prompt_tokens, source_room
 from tw_rl.data import Pair, load_split
 from tw_rl.data.validate import check_token_lengths
+from tw_rl.decoding import decode_teacher
 from tw_rl.examples import pad_batch
 from tw_rl.manifest import Manifest, pairs_digest, say_recomputing
-from tw_rl.models.factory import build_t5, check_shared_vocab, count_parameters, load_seq2seq, load_tokenizer, \
-    save_seq2seq
+from tw_rl.models.factory import build_model, check_buildable, check_shared_vocab, count_parameters, input_template, \
+    load_model, load_tokenizer, save_model, source_name
+from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, family_of, forced, is_causal
 from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer
 from tw_rl.rundir import RunDir, atomic_dir
 
@@ -113,13 +121,16 @@ class Encoded:
 
 
 def encode_pairs(pairs: list[Pair], tok: PreTrainedTokenizerBase, max_src: int, max_tgt: int,
-                 on_error: str = "raise") -> Encoded:
+                 on_error: str = "raise", template: InputTemplate | None = None, prefix: str = "") -> Encoded:
     """Tokenize ``pairs`` (eos included) within ``max_src``/``max_tgt`` tokens, by the length rule of every phase
     (:func:`tw_rl.data.validate.check_token_lengths`: an over-long pair raises a :class:`DataError` naming its
-    origin, or with ``on_error="skip"`` is left out)."""
+    origin, or with ``on_error="skip"`` is left out). ``template``: how the model reads them (default: a seq2seq
+    model's, the tokenizer with its special tokens on both sides). ``prefix`` (``task_prompt``) is written before
+    every source after the length check (``max_src`` leaves room for it, :func:`tw_rl.config.source_room`)."""
+    template = template or InputTemplate(tok)
     kept = check_token_lengths(pairs, tok, max_src, max_tgt, on_error)
-    src = tok([p.source for p in kept], add_special_tokens=True)["input_ids"] if kept else []
-    tgt = tok([p.target for p in kept], add_special_tokens=True)["input_ids"] if kept else []
+    src = template.inputs([prefix + p.source for p in kept]) if kept else []
+    tgt = template.targets([p.target for p in kept]) if kept else []
     return Encoded(list(src), list(tgt), [p.origin for p in kept])
 
 
@@ -143,16 +154,18 @@ def length_bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, b
 
 
 def collate(enc: Encoded, batch: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """``(input_ids, attention_mask, decoder_input_ids, labels, label_mask)``; decoder input = labels shifted right
-    behind the decoder start (= pad) token."""
-    src = pad_batch([enc.src[i] for i in batch], pad_id)[0]
+    """``(input_ids, attention_mask, decoder_input_ids, labels, label_mask)``, right-padded; decoder input = labels
+    shifted right behind the decoder start (= pad) token (a causal LM reads its input's last position there). The
+    masks come from the lengths: a tokenizer whose pad token is also a real one (SmolLM2 pads with its EOS) keeps
+    it."""
+    src, src_mask = pad_batch([enc.src[i] for i in batch], pad_id)
     labels = pad_batch([enc.tgt[i] for i in batch], pad_id)[0]
     label_mask = torch.zeros_like(labels, dtype=torch.bool)
     for row, i in enumerate(batch):
         label_mask[row, :len(enc.tgt[i])] = True
     dec_in = torch.full_like(labels, pad_id)
     dec_in[:, 1:] = labels[:, :-1]
-    return src, src != pad_id, dec_in, labels, label_mask
+    return src, src_mask, dec_in, labels, label_mask
 
 
 def masked_logits(model, input_ids, attention_mask, decoder_input_ids, label_mask) -> torch.Tensor:
@@ -167,11 +180,21 @@ def masked_logits(model, input_ids, attention_mask, decoder_input_ids, label_mas
     return model.lm_head(h)
 
 
+def target_logits(model, input_ids, attention_mask, decoder_input_ids, label_mask) -> torch.Tensor:
+    """``[N, V]`` logits at the ``N`` True positions of ``label_mask``, either family: :func:`masked_logits` for a
+    seq2seq model; a causal LM reads ``x ⧺ y`` (:func:`tw_rl.models.family.forced`), position ``t`` of the output
+    predicting ``y_t``, and only the target positions are kept (the loss never sees the input's)."""
+    if not is_causal(model):
+        return masked_logits(model, input_ids, attention_mask, decoder_input_ids, label_mask)
+    return forced(model, input_ids, attention_mask, dec_ids=decoder_input_ids).logits[label_mask]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------------
-def train_seq2seq(model, enc: Encoded, epochs: float, cfg: Config, seed: int, desc: str) -> dict[str, Any]:
-    """Cross-entropy training of ``model`` on ``enc`` for ``epochs`` passes (or until ``pretrain.time_limit_s``)."""
+def train_model(model, enc: Encoded, epochs: float, cfg: Config, seed: int, desc: str) -> dict[str, Any]:
+    """Cross-entropy training of ``model`` (either family, :func:`target_logits`) on ``enc`` for ``epochs`` passes
+    (or until ``pretrain.time_limit_s``)."""
     p = cfg.pretrain
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -194,7 +217,7 @@ def train_seq2seq(model, enc: Encoded, epochs: float, cfg: Config, seed: int, de
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, p.lr, p.warmup_steps, p.final_lr_fraction)
             with torch.autocast(device_type=src.device.type, dtype=torch.bfloat16, enabled=p.bf16):
-                logits = masked_logits(model, src, src_mask, dec_in, label_mask)
+                logits = target_logits(model, src, src_mask, dec_in, label_mask)
             loss = F.cross_entropy(logits.float(), labels[label_mask])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -225,16 +248,27 @@ def train_seq2seq(model, enc: Encoded, epochs: float, cfg: Config, seed: int, de
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_translate(model, tok: PreTrainedTokenizerBase, sources: list[str], max_new_tokens: int,
-                     batch_size: int) -> list[str]:
-    """Greedy decoding with the KV cache, batched by source length; outputs in input order."""
+                     batch_size: int, template: InputTemplate | None = None) -> list[str]:
+    """Greedy decoding with the KV cache, batched by source length; outputs in input order. A seq2seq model runs
+    Hugging Face ``generate``; a causal LM runs tw-rl's loop (:func:`tw_rl.decoding.decode_teacher`, equal to greedy
+    ``generate``) on its inputs written by ``template`` (default: its family's, the chat template when the tokenizer
+    has one)."""
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     out: list[str] = [""] * len(sources)
+    causal = is_causal(model)
+    template = template or InputTemplate(tok, CAUSAL if causal else SEQ2SEQ)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        batch = tok([sources[i] for i in idx], return_tensors="pt", padding=True)
-        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        if causal:
+            ids, mask = pad_batch(template.inputs([sources[i] for i in idx]), tok.pad_token_id)
+            d = decode_teacher(model, ids, mask, max_len=max_new_tokens, eos_id=tok.eos_token_id,
+                               vocab_size=len(tok), pad_id=tok.pad_token_id)
+            gen = [d.tokens[k, :d.lengths[k]].tolist() for k in range(len(idx))]
+        else:
+            batch = tok([sources[i] for i in idx], return_tensors="pt", padding=True)
+            gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         for i, text in zip(idx, tok.batch_decode(gen, skip_special_tokens=True)):
             out[i] = text.strip()
     return out
@@ -242,37 +276,46 @@ def greedy_translate(model, tok: PreTrainedTokenizerBase, sources: list[str], ma
 
 @torch.no_grad()
 def token_accuracy_by_class(model, tok: PreTrainedTokenizerBase, pairs: list[Pair], rare_targets: set[str],
-                            batch_size: int) -> dict[str, float]:
+                            batch_size: int, template: InputTemplate | None = None) -> dict[str, float]:
     """Teacher-forced argmax accuracy on target tokens, split into rare-word pieces and all other tokens (eos too).
 
     Also the share of rare target words whose every piece is right, and the share of target tokens that are
-    rare-word pieces.
+    rare-word pieces. ``template``: how the model reads sources and targets (default: its family's, as in
+    :func:`greedy_translate`).
     """
     model.eval()
     pad = tok.pad_token_id
+    template = template or InputTemplate(tok, family_of(model))
+    seq2seq = template.family == SEQ2SEQ
     hits = {"rare": 0, "other": 0}
     counts = {"rare": 0, "other": 0}
     words_ok = words = 0
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b:b + batch_size]
-        src_enc = tok([p.source for p in chunk])
-        tgt_enc = tok([p.target for p in chunk])
+        sources = [p.source for p in chunk]
+        src_rows = tok(sources)["input_ids"] if seq2seq else template.inputs(sources)
+        tgt_enc = tok([p.target for p in chunk], add_special_tokens=seq2seq)
+        tgt_rows = tgt_enc["input_ids"] if seq2seq else template.targets([p.target for p in chunk])
         labels_rows, rare_rows, word_rows = [], [], []
         for row, p in enumerate(chunk):
-            ids = tgt_enc["input_ids"][row]
-            wids = tgt_enc.word_ids(row)
+            ids = tgt_rows[row]
+            wids = list(tgt_enc.word_ids(row))
+            wids += [None] * (len(ids) - len(wids))  # the EOS a causal LM's template appends
             words_of = p.target.split()
             rare_rows.append([w is not None and words_of[w] in rare_targets for w in wids])
             word_rows.append(wids)
             labels_rows.append(ids)
-        src = pad_batch(src_enc["input_ids"], pad)[0]
+        src, src_mask = pad_batch(src_rows, pad)
         labels = pad_batch(labels_rows, pad)[0]
         label_mask = torch.zeros_like(labels, dtype=torch.bool)
         for row, ids in enumerate(labels_rows):
             label_mask[row, :len(ids)] = True
         dec_in = torch.full_like(labels, pad)
         dec_in[:, 1:] = labels[:, :-1]
-        logits = model(input_ids=src, attention_mask=src != pad, decoder_input_ids=dec_in, use_cache=False).logits
+        if seq2seq:
+            logits = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=dec_in, use_cache=False).logits
+        else:
+            logits = forced(model, src, src_mask, dec_ids=dec_in).logits
         correct = (logits.argmax(-1) == labels).tolist()
         for row, ids in enumerate(labels_rows):
             word_ok: dict[int, bool] = {}
@@ -292,10 +335,12 @@ def token_accuracy_by_class(model, tok: PreTrainedTokenizerBase, pairs: list[Pai
             "rare_piece_share": counts["rare"] / max(1, total)}
 
 
-def evaluate_pair_bleu(model, tok, pairs: list[Pair], cfg: Config) -> dict[str, Any]:
+def evaluate_pair_bleu(model, tok, pairs: list[Pair], cfg: Config, template: InputTemplate | None = None
+                       ) -> dict[str, Any]:
     """Greedy outputs scored against the references: sacrebleu corpus BLEU and chrF, exact matches, 3 samples."""
     t0 = time.perf_counter()
-    hyps = greedy_translate(model, tok, [p.source for p in pairs], cfg.data.max_tgt_tokens, cfg.eval.batch_size)
+    hyps = greedy_translate(model, tok, [p.source for p in pairs], cfg.data.max_tgt_tokens, cfg.eval.batch_size,
+                            template)
     elapsed = time.perf_counter() - t0
     refs = [p.target for p in pairs]
     return {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score, "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
@@ -304,13 +349,14 @@ def evaluate_pair_bleu(model, tok, pairs: list[Pair], cfg: Config) -> dict[str, 
                                                for p, h in zip(pairs[:3], hyps[:3])]}
 
 
-def evaluate_model(model, tok: PreTrainedTokenizerBase, test: list[Pair], cfg: Config) -> dict[str, Any]:
+def evaluate_model(model, tok: PreTrainedTokenizerBase, test: list[Pair], cfg: Config,
+                   template: InputTemplate | None = None) -> dict[str, Any]:
     """``{"eval": BLEU etc.}`` and, on the embedded task, ``{"error_locations": ...}`` (teacher-forced accuracy on
-    rare-word pieces vs the other tokens)."""
-    out: dict[str, Any] = {"eval": evaluate_pair_bleu(model, tok, test, cfg)}
+    rare-word pieces vs the other tokens); the model reads its inputs as ``template`` writes them."""
+    out: dict[str, Any] = {"eval": evaluate_pair_bleu(model, tok, test, cfg, template)}
     rare = _rare_targets(cfg)
     if rare is not None:
-        out["error_locations"] = token_accuracy_by_class(model, tok, test, rare, cfg.eval.batch_size)
+        out["error_locations"] = token_accuracy_by_class(model, tok, test, rare, cfg.eval.batch_size, template)
     return out
 
 
@@ -352,15 +398,24 @@ def _train_data_settings(cfg: Config) -> dict:
     return d
 
 
+def _given_gguf_file(cfg: Config) -> Optional[str]:
+    """The ``gguf_file`` of the model whose tokenizer the run is given (:func:`tw_rl.config.given_tokenizer`)."""
+    if cfg.tokenizer.path:
+        return None
+    return cfg.teacher.gguf_file if cfg.teacher.name_or_path else cfg.student.gguf_file
+
+
 def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTrainedTokenizerBase, str]:
-    """The shared tokenizer: ``tokenizer.path``, else a given model's tokenizer, else one trained on ``train``.
-    Saved under ``run_dir/tokenizer`` and reused when its fingerprint matches."""
+    """The shared tokenizer: ``tokenizer.path``, else a given model's tokenizer (a GGUF file's too), else one trained
+    on ``train``. Saved under ``run_dir/tokenizer`` and reused when its fingerprint matches."""
     given = given_tokenizer(cfg)
-    fp = _fingerprint("tokenizer", cfg.tokenizer, given, _train_data_settings(cfg), cfg.budget_prompt)
+    gguf_file = _given_gguf_file(cfg)
+    extra = [gguf_file] if gguf_file else []  # (added with GGUF sources: other runs keep their fingerprints)
+    fp = _fingerprint("tokenizer", cfg.tokenizer, given, _train_data_settings(cfg), cfg.budget_prompt, *extra)
     tdir = RunDir(run_dir).tokenizer
     manifest = Manifest(run_dir)
     settings = {"tokenizer": cfg.tokenizer, "given": given, "data": _train_data_settings(cfg),
-                "budget_prompt": cfg.budget_prompt}
+                "budget_prompt": cfg.budget_prompt, **({"given_gguf_file": gguf_file} if gguf_file else {})}
     inputs = {"data/train": pairs_digest(train)}
     marker = _read_json(tdir / "done.json")
     reuse, why = manifest.reuse("tokenizer", tdir, settings, inputs)
@@ -370,9 +425,11 @@ def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTraine
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     elif cfg.teacher.name_or_path:
-        tok = load_tokenizer(cfg.teacher.name_or_path, trust_remote_code=cfg.teacher.trust_remote_code)
+        tok = load_tokenizer(cfg.teacher.name_or_path, trust_remote_code=cfg.teacher.trust_remote_code,
+                             gguf_file=cfg.teacher.gguf_file)
     elif cfg.student.name_or_path:
-        tok = load_tokenizer(cfg.student.name_or_path, trust_remote_code=cfg.student.trust_remote_code)
+        tok = load_tokenizer(cfg.student.name_or_path, trust_remote_code=cfg.student.trust_remote_code,
+                             gguf_file=cfg.student.gguf_file)
     else:
         texts = [p.source for p in train] + [p.target for p in train]
         tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, extra_texts=budget_prompt_texts(cfg.budget_prompt))
@@ -385,43 +442,72 @@ def _tokenizer(cfg: Config, train: list[Pair], run_dir: Path) -> tuple[PreTraine
 # ----------------------------------------------------------------------------------------------------------------
 # phase 0
 # ----------------------------------------------------------------------------------------------------------------
-def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenizerBase, tok_fp: str,
-                  longest_prompt: int, training_data: Callable[[], Encoded], train_hash: str = ""
-                  ) -> tuple[Any, dict[str, Any], str]:
-    """``(model, stats, model_id)`` of ``role``: the given model, the cached one, or one trained now and saved."""
+def arch_settings(arch: ArchConfig) -> dict[str, Any]:
+    """What is fingerprinted and recorded of a built model's ``arch``: all of it, less ``model_type`` when it is
+    ``t5`` (added with decoder-only models: T5 runs keep the fingerprints, caches and manifest ids they had)."""
+    d = dataclasses.asdict(arch)
+    if d["model_type"] == "t5":
+        del d["model_type"]
+    return d
+
+
+def max_positions(cfg: Config, template: InputTemplate) -> int:
+    """The longest sequence a causal LM built in phase 0 reads: the longest input (``data.max_src_tokens``, budget
+    prompt included), what the input template adds around it, and the longest output."""
+    return cfg.data.max_src_tokens + template.overhead() + cfg.data.max_tgt_tokens
+
+
+def _given_model(cfg: Config, role: str, tok: PreTrainedTokenizerBase) -> tuple[Any, dict[str, Any], str]:
+    """``(model, stats, model_id)`` of a given model (``{role}.name_or_path``, a GGUF file too), loaded and checked
+    against the shared tokenizer."""
     mcfg = getattr(cfg, role)
-    if mcfg.name_or_path:
-        model, mtok = load_seq2seq(mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code)
-        check_shared_vocab(tok, mtok)
-        return model, {"source": mcfg.name_or_path, "trained": False, "params": count_parameters(model)}, \
-            mcfg.name_or_path
+    name = source_name(mcfg.name_or_path, mcfg.gguf_file)
+    model, mtok = load_model(mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code, gguf_file=mcfg.gguf_file)
+    shared = (f"the shared tokenizer (tokenizer.path={cfg.tokenizer.path})" if cfg.tokenizer.path
+              else f"the shared tokenizer (of {given_tokenizer(cfg)})")
+    check_shared_vocab(tok, mtok, names=(shared, f"{role} {name}"))
+    return model, {"source": name, "trained": False, "params": count_parameters(model)}, name
+
+
+def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenizerBase, tok_fp: str,
+                  longest_prompt: int, training_data: Callable[[InputTemplate], Encoded], train_hash: str = ""
+                  ) -> tuple[Any, dict[str, Any], str]:
+    """``(model, stats, model_id)`` of ``role`` built in phase 0: the cached one, or one trained now and saved."""
+    mcfg = getattr(cfg, role)
+    template = input_template(cfg, role, tok)
     mdir = RunDir(run_dir).model(role)
     epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
     seed = cfg.seed * 1000 + _SEED_OFFSET[role]
     pre = dataclasses.asdict(cfg.pretrain)
     if not pre["bf16"]:  # added later: float32 runs keep the fingerprints (and caches) they had before
         del pre["bf16"]
-    fp = _fingerprint(role, tok_fp, mcfg.arch, pre, epochs, seed, cfg.data.max_src_tokens,
-                      cfg.data.max_tgt_tokens, cfg.data.on_error, longest_prompt)
+    arch = arch_settings(mcfg.arch)
+    # a causal LM's training inputs depend on its template (a given tokenizer's chat template, or the plain one)
+    extra = {f"{role}.input_template": "chat" if template.chat else "plain"} if template.family == CAUSAL else {}
+    if cfg.task_prompt:  # (added with task_prompt: runs without one keep their fingerprints)
+        extra["task_prompt"] = cfg.task_prompt
+    fp = _fingerprint(role, tok_fp, arch, pre, epochs, seed, cfg.data.max_src_tokens,
+                      cfg.data.max_tgt_tokens, cfg.data.on_error, longest_prompt, *extra.values())
     manifest = Manifest(run_dir)
-    settings = {f"{role}.arch": mcfg.arch, "pretrain": pre, "epochs": epochs, "seed": seed,
+    settings = {f"{role}.arch": arch, "pretrain": pre, "epochs": epochs, "seed": seed,
                 "data.max_src_tokens": cfg.data.max_src_tokens, "data.max_tgt_tokens": cfg.data.max_tgt_tokens,
-                "data.on_error": cfg.data.on_error, "longest_prompt": longest_prompt}
+                "data.on_error": cfg.data.on_error, "longest_prompt": longest_prompt,
+                **extra}
     inputs = {"tokenizer": tok_fp, "data/train": train_hash}
     marker = _read_json(mdir / "done.json")
     reuse, why = manifest.reuse(role, mdir, settings, inputs)
     if reuse and marker is not None and marker.get("fingerprint") == fp:
-        model, _ = load_seq2seq(str(mdir))
+        model, _ = load_model(str(mdir))
         return model, dict(marker["stats"], cached=True, dir=str(mdir)), manifest.id(role)
     if not cfg.pretrain.enabled:
         raise ConfigError(f"{role}.name_or_path is not set and pretrain.enabled=false: give a model "
                           f"({role}.name_or_path=DIR) or enable phase 0")
-    model = build_t5(mcfg.arch, tok, seed)
-    stats = train_seq2seq(model, training_data(), epochs, cfg, seed, role)
-    stats.update(trained=True, params=count_parameters(model), arch=dataclasses.asdict(mcfg.arch))
+    model = build_model(mcfg.arch, tok, seed, max_positions(cfg, template))
+    stats = train_model(model, training_data(template), epochs, cfg, seed, role)
+    stats.update(trained=True, params=count_parameters(model), arch=arch)
     say_recomputing(role, why)
     with atomic_dir(mdir) as tmp:  # a kill leaves the old model or none, never half of one
-        save_seq2seq(model, tok, tmp)
+        save_model(model, tok, tmp)
         _write_json(tmp / "done.json", {"fingerprint": fp, "stats": stats})
     return model, dict(stats, cached=False, dir=str(mdir)), manifest.record(role, mdir, settings, inputs)
 
@@ -447,6 +533,7 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
     test = load_split(cfg.data, cfg.data.test_split)
     if cfg.eval.max_examples is not None:
         test = test[:cfg.eval.max_examples]
+    prompted = [dataclasses.replace(p, source=cfg.task_prompt + p.source) for p in test]  # the inputs models read
     tok, tok_fp = _tokenizer(cfg, train, run_dir)
     train_hash = pairs_digest(train)
     longest_prompt = prompt_tokens(cfg, tok)
@@ -454,23 +541,30 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"tokenizer_dir": str(RunDir(run_dir).tokenizer), "vocab_size": len(tok),
                                "longest_budget_prompt_tokens": longest_prompt, "train_pairs": len(train),
                                "test_split": cfg.data.test_split, "test_pairs": len(test)}
-    encoded: list[Encoded] = []  # tokenized once, and only when a model is trained
+    encoded: dict[tuple[str, bool], Encoded] = {}  # tokenized once per input template, when a model is trained
 
-    def training_data() -> Encoded:
-        if not encoded:
+    def training_data(template: InputTemplate) -> Encoded:
+        key = (template.family, template.chat)
+        if key not in encoded:
             # later phases prepend the budget prompt to the student's source: leave room for it
-            encoded.append(encode_pairs(train, tok, source_room(cfg, tok),
-                                        cfg.data.max_tgt_tokens, cfg.data.on_error))
-        return encoded[0]
+            encoded[key] = encode_pairs(train, tok, source_room(cfg, tok), cfg.data.max_tgt_tokens,
+                                        cfg.data.on_error, template, prefix=cfg.task_prompt)
+        return encoded[key]
 
-    models, model_ids = {}, []
+    # every model is loaded or checked before any is trained: a bad pair fails at once, not after the teacher's hour
+    given = {role: _given_model(cfg, role, tok) for role in ROLES if getattr(cfg, role).name_or_path}
     for role in ROLES:
-        models[role], summary[role], model_id = _phase0_model(cfg, role, run_dir, tok, tok_fp, longest_prompt,
-                                                              training_data, train_hash)
+        if role not in given:
+            check_buildable(getattr(cfg, role).arch, tok, max_positions(cfg, input_template(cfg, role, tok)))
+    models, templates, model_ids = {}, {}, []
+    for role in ROLES:
+        models[role], summary[role], model_id = given[role] if role in given else _phase0_model(
+            cfg, role, run_dir, tok, tok_fp, longest_prompt, training_data, train_hash)
+        templates[role] = input_template(cfg, role, tok, family_of(models[role]))
         model_ids.append(model_id)
     summary["artefact_ids"] = {"tokenizer": tok_fp, **dict(zip(ROLES, model_ids))}  # what later phases record
 
-    eval_fp = _fingerprint("eval", model_ids, pairs_digest(test), cfg.data.test_split, cfg.eval.max_examples,
+    eval_fp = _fingerprint("eval", model_ids, pairs_digest(prompted), cfg.data.test_split, cfg.eval.max_examples,
                            cfg.data.max_tgt_tokens)
     old = _read_json(RunDir(run_dir).pretrain)
     if old is not None and old.get("eval_fingerprint") == eval_fp:
@@ -478,7 +572,7 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
             summary[role].update({k: old[role][k] for k in ("eval", "error_locations") if k in old[role]})
     else:
         for role in ROLES:
-            summary[role].update(evaluate_model(models[role], tok, test, cfg))
+            summary[role].update(evaluate_model(models[role], tok, prompted, cfg, templates[role]))
     summary["eval_fingerprint"] = eval_fp
     summary["param_ratio"] = summary["teacher"]["params"] / summary["student"]["params"]
     summary["bleu_gap"] = summary["teacher"]["eval"]["bleu"] - summary["student"]["eval"]["bleu"]

@@ -184,8 +184,10 @@ class TeacherServerStats:
 class TeacherServer:
     """Answers ``<τ>`` calls and scores outputs for many rollout workers, batching their requests dynamically.
 
-    Builds its :class:`Teacher` from ``model_dir`` (``AutoModelForSeq2SeqLM.from_pretrained(model_dir,
-    use_safetensors=True)``, so big models are loaded where they run, not pickled) or takes ``teacher``.
+    Builds its :class:`Teacher` from ``model_dir`` — a seq2seq model or a causal LM by the directory's own config,
+    or a GGUF file (a ``.gguf`` path, or ``model_dir`` with ``gguf_file``), through
+    :func:`tw_rl.models.factory.load_weights`, so big models are loaded where they run, not pickled — or takes
+    ``teacher``.
     ``vocab_size`` is ``|V|`` (required with ``model_dir``). ``next_tokens`` and ``score`` requests are queued
     separately (:class:`DynamicBatcher`); the model serves one batch at a time on a single thread.
     """
@@ -193,20 +195,17 @@ class TeacherServer:
     def __init__(self, model_dir: str | Path | None = None, vocab_size: int | None = None, *,
                  teacher: Teacher | None = None, pad_id: int = 0, start_id: int = 0, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, num_threads: int | None = None, device: str = "cpu",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, gguf_file: str | None = None):
         if num_threads is not None:  # Ray sets OMP_NUM_THREADS; be deliberate about the intra-op threads
             torch.set_num_threads(max(1, int(num_threads)))
         if teacher is None:
             if model_dir is None or vocab_size is None:
                 raise ValueError("TeacherServer needs a Teacher, or a model_dir and vocab_size")
-            from transformers import AutoModelForSeq2SeqLM
-
-            from tw_rl.models.factory import quiet_weight_loading
+            from tw_rl.models.factory import load_weights, quiet_weight_loading
 
             quiet_weight_loading()  # in the actor's process (a worker_process_setup_hook is unpickled before the
             # job's code is importable)
-            model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), use_safetensors=True,
-                                                          trust_remote_code=trust_remote_code)
+            model = load_weights(str(model_dir), trust_remote_code=trust_remote_code, gguf_file=gguf_file)
             teacher = Teacher(model, vocab_size=vocab_size, pad_id=pad_id, start_id=start_id, device=device)
         self.teacher = teacher
         self.instance = uuid.uuid4().hex[:12]

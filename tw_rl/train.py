@@ -34,7 +34,9 @@ from tw_rl.evaluation.report import write_outputs, write_report
 from tw_rl.manifest import Manifest, changes, flatten, pairs_digest, say_recomputing
 from tw_rl.examples import make_examples, pad_batch
 from tw_rl.metrics import MetricsLogger, Timer
-from tw_rl.models.factory import load_seq2seq
+from tw_rl.models.factory import input_template, load_model, role_family
+from tw_rl.models.family import CAUSAL, family_of, start_token_id
+from tw_rl.prompt import budget_prompt
 from tw_rl.models.student import Student
 from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds, demo_episode, oracle_episode
 from tw_rl.pretrain import lr_at, pretrain
@@ -163,6 +165,10 @@ def check_data(cfg: Config, run_dir: Path) -> None:
     tok = phase0_tokenizer(cfg, run_dir)
     for name, limit in _split_limits(cfg).items():
         checked_pairs(cfg, tok, name, limit)
+    sample = (budget_prompt(cfg.budget_prompt, max(cfg.budgets)) + cfg.task_prompt
+              + load_split(cfg.data, cfg.data.train_split)[0].source)
+    for role in ("teacher", "student"):  # a chat template that drops the user message: refused before training
+        input_template(cfg, role, tok).check_keeps(sample)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -174,22 +180,26 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
     teacher_dir = cfg.teacher.name_or_path or summary["teacher"]["dir"]
     student_dir = cfg.student.name_or_path or summary["student"]["dir"]
     device = check_device("teacher.driver_device", cfg.teacher.driver_device)
-    teacher_model, tok = load_seq2seq(teacher_dir, trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher_model, tok = load_model(teacher_dir, trust_remote_code=cfg.teacher.trust_remote_code,
+                                    gguf_file=cfg.teacher.gguf_file if cfg.teacher.name_or_path else None)
     sampled = sorted(set(training_budgets(cfg)))  # training inputs carry a prompt for every budget training draws
     limits = _split_limits(cfg)
+    templates = (input_template(cfg, "teacher", tok, family_of(teacher_model)), input_template(cfg, "student", tok))
 
     def split(name: str, budgets: list[float] = cfg.budgets) -> list[Example]:
-        return make_examples(checked_pairs(cfg, tok, name, limits[name]), tok, budgets, cfg.budget_prompt)
+        return make_examples(checked_pairs(cfg, tok, name, limits[name]), tok, budgets, cfg.budget_prompt,
+                             *templates, task_prompt=cfg.task_prompt)
 
     train_pairs = checked_pairs(cfg, tok, cfg.data.train_split, limits[cfg.data.train_split])
     return Run(cfg=cfg, dir=run_dir, tokenizer=tok,
                teacher=Teacher(teacher_model, vocab_size=len(tok), pad_id=tok.pad_token_id,
-                               start_id=teacher_model.config.decoder_start_token_id, device=device),
+                               start_id=start_token_id(teacher_model, tok.pad_token_id), device=device),
                teacher_dir=str(teacher_dir), base_student_dir=str(student_dir),
-               train=make_examples(train_pairs, tok, sampled, cfg.budget_prompt),
+               train=make_examples(train_pairs, tok, sampled, cfg.budget_prompt, *templates,
+                                   task_prompt=cfg.task_prompt),
                test=split(cfg.data.test_split),
                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-               start_id=teacher_model.config.decoder_start_token_id,
+               start_id=student_start_id(cfg, str(student_dir), tok.pad_token_id),
                validation=(split(cfg.data.validation_split) if cfg.rl.enabled and cfg.rl.dual_usage == "heldout"
                            else []),
                inputs={**summary["artefact_ids"], "data/train": pairs_digest(train_pairs)})
@@ -224,7 +234,7 @@ def references(run: Run) -> list[Reference]:
     if reuse:
         return read_references(path)
     say_recomputing("references", why)
-    base, _ = load_seq2seq(run.base_student_dir)
+    base = load_base_student(run)[0]
     refs = build_references(run.train, run.teacher, base.eval(), run.max_len, run.eos_id,
                             batch_size=run.cfg.eval.batch_size, pad_id=run.pad_id, start_id=run.start_id)
     off = np.concatenate([[0], np.cumsum([len(r.tokens) for r in refs])])
@@ -257,8 +267,25 @@ def read_references(path: Path) -> list[Reference]:
                             f"the references") from None
 
 
+def load_base_student(run: Run):
+    """The phase-0 student ``(model, tokenizer)`` (a given model, GGUF file included, or phase 0's)."""
+    cfg = run.cfg.student
+    return load_model(run.base_student_dir, trust_remote_code=cfg.trust_remote_code,
+                      gguf_file=cfg.gguf_file if cfg.name_or_path else None)
+
+
+def student_start_id(cfg: Config, student_dir: str, pad_id: int) -> int:
+    """The phase-0 student's decoder start (a causal student has none: ``pad_id`` stands in, never read)."""
+    if role_family(cfg, "student") == CAUSAL:
+        return pad_id
+    from transformers import AutoConfig
+
+    return start_token_id(AutoConfig.from_pretrained(student_dir, trust_remote_code=cfg.student.trust_remote_code),
+                          pad_id)
+
+
 def new_student(run: Run) -> Student:
-    base, tok = load_seq2seq(run.base_student_dir)
+    base, tok = load_base_student(run)
     return Student.from_base(base, tok, use_delta=run.cfg.student.use_delta, tau_head=run.cfg.student.tau_head)
 
 

@@ -82,10 +82,10 @@ def make_env(env_config: dict) -> gym.Env:
 
         kwargs = {k: env_config[k] for k in ("n_examples", "max_len", "seed") if k in env_config}
         return BudgetLagrangian(gym.make("tw_rl/TokenMDP-v0", **kwargs).unwrapped)
-    from tw_rl.models.factory import load_seq2seq
+    from tw_rl.models.factory import load_model
     from tw_rl.teacher import Teacher
 
-    model, _ = load_seq2seq(env_config["teacher_dir"])
+    model, _ = load_model(env_config["teacher_dir"], gguf_file=env_config.get("teacher_gguf_file"))
     torch.set_num_threads(1)
     teacher = Teacher(model, vocab_size=env_config["n_actions"] - 1, pad_id=env_config["pad_id"],
                       start_id=env_config["start_id"])
@@ -139,7 +139,7 @@ def _module_class():
             if self.student.n_actions != int(self.action_space.n):
                 raise ValueError(f"student has {self.student.n_actions} actions, env {self.action_space.n}")
             self.start_id, self.pad_id = int(mc.get("start_id", 0)), int(mc.get("pad_id", 0))
-            self.value_head = nn.Linear(self.student.model.config.d_model, 1)
+            self.value_head = nn.Linear(self.student.model.get_input_embeddings().weight.shape[1], 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
@@ -153,13 +153,10 @@ def _module_class():
             dec = torch.cat([start, prefix], 1)
             tmask = torch.cat([torch.zeros((B, 1), dtype=torch.bool, device=prefix.device),
                                obs["teacher_mask"].bool()], 1)
-            s = self.student
-            out = s.model(input_ids=src, attention_mask=src_mask.long(),
-                          decoder_inputs_embeds=s.decoder_embeds(dec, tmask), use_cache=False,
-                          output_hidden_states=True)
+            logits, hidden = self.student(src, src_mask, dec, tmask, return_hidden=True)  # either model family
             step = obs["step"].long().clamp(max=dec.shape[1] - 1)
             rows = torch.arange(B, device=dec.device)
-            return s.head(out.logits[rows, step]), out.decoder_hidden_states[-1][rows, step]
+            return logits[rows, step], hidden[rows, step]
 
         def _forward(self, batch, **kwargs):
             logits, _ = self._logits_and_hidden(batch)
@@ -277,7 +274,9 @@ def run_phase2(run, student, log, resume: bool):
         print("rllib_ppo keeps no phase-2 checkpoints: --resume starts phase 2 from the phase-1 student")
     init_ray()
     max_src = max(len(s) for ex in run.train for s in ex.student_src.values())
-    env_config = {"teacher_dir": run.teacher_dir, "examples": run.train, "n_actions": student.n_actions,
+    gguf_file = cfg.teacher.gguf_file if cfg.teacher.name_or_path else None
+    env_config = {"teacher_dir": run.teacher_dir, "teacher_gguf_file": gguf_file, "examples": run.train,
+                  "n_actions": student.n_actions,
                   "eos_id": run.eos_id, "pad_id": run.pad_id, "start_id": run.start_id, "budgets": cfg.budgets,
                   "max_len": cfg.data.max_tgt_tokens, "max_src_len": max_src}
     student_dir = RunDir(run.dir).model("phase1")

@@ -1,8 +1,9 @@
-"""Quality of a row's outputs (SPEC §7): corpus BLEU and chrF (sacrebleu), ROUGE-1/2/L for summarization, the
-signatures of those scores, the paired bootstrap test of a row against Training Wheels, and the gap closed."""
+"""Quality of a row's outputs (SPEC §7): corpus BLEU and chrF (sacrebleu), ROUGE-1/2/L for summarization, exact
+match of the final answer for math word problems (GSM8K), the signatures of those scores, the paired bootstrap test of a row against Training Wheels, and the gap closed."""
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -10,17 +11,41 @@ import sacrebleu
 
 
 def quality(hyps: Sequence[str], refs: Sequence[str], task: str = "translation") -> dict[str, float]:
-    """Corpus BLEU and chrF (sacrebleu defaults); plus ROUGE-1/2/L (mean F1 × 100) for summarization."""
+    """Corpus BLEU and chrF (sacrebleu defaults); plus ROUGE-1/2/L (mean F1 × 100) for summarization, and the exact
+    match of the final answer (% of outputs, :func:`final_answer`) for math."""
     q = {"bleu": round(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score, 2),
          "chrf": round(sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score, 2)}
     if task == "summarization":
         q.update(rouge(hyps, refs))
+    if task == "math":
+        q["exact_match"] = round(100 * float(np.mean(answer_matches(hyps, refs))) if len(refs) else 0.0, 2)
     return q
 
 
 def main_metric(task: str) -> str:
-    """The score ``gap_closed`` and the plot read: ROUGE-L for summarization, BLEU otherwise."""
-    return "rougeL" if task == "summarization" else "bleu"
+    """The score ``gap_closed`` and the plot read: ROUGE-L for summarization, exact match for math, BLEU
+    otherwise."""
+    return {"summarization": "rougeL", "math": "exact_match"}.get(task, "bleu")
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer of a worked solution, GSM8K's convention: the number after the last ``####``, else the last
+    number in the text; commas and a trailing ``.0`` dropped (``"1,000"`` = ``"1000"``, ``"5.0"`` = ``"5"``);
+    None when there is no number."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    found = _NUMBER.findall(tail) or _NUMBER.findall(text)
+    if not found:
+        return None
+    n = found[0 if "####" in text else -1].replace(",", "")
+    return n[:-2] if n.endswith(".0") else n
+
+
+def answer_matches(hyps: Sequence[str], refs: Sequence[str]) -> list[bool]:
+    """Per output: its final answer equals the reference's (an output without a number never matches)."""
+    return [final_answer(h) is not None and final_answer(h) == final_answer(r) for h, r in zip(hyps, refs)]
 
 
 def rouge(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
@@ -42,6 +67,8 @@ def signatures(task: str) -> dict[str, str]:
     sig = {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}
     if task == "summarization":
         sig["rouge"] = f"rouge-score {version('rouge-score')}|F1 mean|use_stemmer:yes|rouge1,rouge2,rougeL"
+    if task == "math":
+        sig["exact_match"] = "final answer (after the last ####, else the last number; commas and .0 dropped)|%"
     return sig
 
 
@@ -62,6 +89,29 @@ def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]],
     return float(base.ci), {k: {"bleu_delta": round(float(r.score - base.score), 2),
                                 "p_value": 1.0 if list(systems[k]) == list(baseline) else round(float(r.p_value), 4)}
                             for k, r in zip(systems, rest)}
+
+
+def paired_bootstrap_matches(baseline: Sequence[bool], systems: dict[str, Sequence[bool]], n_samples: int,
+                             seed: int = 12345) -> tuple[float, dict[str, dict]]:
+    """The paired bootstrap of :func:`paired_bootstrap` for a per-output score (exact match, in %): the same
+    resamples of the inputs for every system (seeded), the baseline's 95 % CI half-width, and for each system its
+    difference and the two-sided p-value (the share of resamples whose centred |difference| reaches the observed
+    one, ``(count + 1) / (n + 1)`` as sacrebleu counts)."""
+    base = np.asarray(baseline, dtype=float) * 100
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(base), size=(n_samples, len(base))) if len(base) else np.zeros((n_samples, 0), int)
+    b_means = base[idx].mean(1) if len(base) else np.zeros(n_samples)
+    ci = float(1.96 * b_means.std())
+    out = {}
+    for k, v in systems.items():
+        s = np.asarray(v, dtype=float) * 100
+        observed = float(s.mean() - base.mean()) if len(base) else 0.0
+        diffs = (s[idx].mean(1) - b_means) if len(base) else np.zeros(n_samples)
+        count = int((np.abs(diffs - diffs.mean()) >= abs(observed)).sum())
+        same = list(v) == list(baseline)
+        out[k] = {"exact_match_delta": round(observed, 2),
+                  "exact_match_p_value": 1.0 if same else round((count + 1) / (n_samples + 1), 4)}
+    return ci, out
 
 
 def gap_closed(tw_rows: list[dict], student_score: float, teacher_score: float, metric: str = "bleu"

@@ -93,7 +93,7 @@ def report_schema() -> dict:
         "required": ["n_examples", "split", "task", *required, "gap_closed", "signatures", "latency"],
         "properties": {
             "n_examples": {"type": "integer", "minimum": 0}, "split": {"type": "string"},
-            "task": {"enum": ["translation", "summarization"]},
+            "task": {"enum": ["translation", "summarization", "math"]},
             **row_keys,
             "gap_closed": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
             "signatures": {"type": "object", "required": ["bleu", "chrf"],
@@ -126,10 +126,13 @@ def markdown(report: dict) -> str:
     """One table: every row without a budget, then per budget Training Wheels and every row at that budget (in
     registry order, ``listed_last`` kinds last)."""
     rouge_cols = report.get("task") == "summarization"
-    cols = ["method", "budget", "BLEU", "chrF"] + (["R-1", "R-2", "R-L"] if rouge_cols else []) + [
+    em_col = report.get("task") == "math"
+    cols = ["method", "budget", "BLEU", "chrF"] + (["R-1", "R-2", "R-L"] if rouge_cols else []) + (
+        ["exact match %"] if em_col else []) + [
         "usage mean", "usage p95", "calls/token", "latency ms (bs 1)", "seq/s (bs 32)", "notes"]
-    keys = ["bleu", "chrf"] + (["rouge1", "rouge2", "rougeL"] if rouge_cols else []) + [
-        "usage_mean", "usage_p95", "calls_per_token", "latency_ms", "throughput_seq_s"]
+    keys = ["bleu", "chrf"] + (["rouge1", "rouge2", "rougeL"] if rouge_cols else []) + (
+        ["exact_match"] if em_col else []) + ["usage_mean", "usage_p95", "calls_per_token", "latency_ms",
+                                              "throughput_seq_s"]
     lines = ["# tw-rl report", "",
              f"{report.get('n_examples')} examples of the `{report.get('split', 'test')}` split; greedy decoding. "
              f"Usage = teacher tokens / output tokens; calls/token = teacher forward passes / output tokens.", ""]
@@ -144,6 +147,9 @@ def markdown(report: dict) -> str:
         note = kind.note(r, report)
         if "vs_tw" in r:  # paired bootstrap against Training Wheels at this budget
             vs = f"BLEU {r['vs_tw']['bleu_delta']:+.2f} vs Training Wheels (p = {r['vs_tw']['p_value']:.3g})"
+            if "exact_match_delta" in r["vs_tw"]:
+                vs = (f"exact match {r['vs_tw']['exact_match_delta']:+.2f} vs Training Wheels "
+                      f"(p = {r['vs_tw']['exact_match_p_value']:.3g}); {vs}")
             note = f"{note}; {vs}" if note else vs
         lines.append("| " + " | ".join([kind.title, _fmt(r.get("budget"))] + [_fmt(r.get(k)) for k in keys] + [note])
                      + " |")
@@ -164,8 +170,8 @@ def markdown(report: dict) -> str:
     sig = report.get("signatures", {})
     if sig:
         lines += ["Signatures: " + "; ".join(f"{k} `{v}`" for k, v in sig.items()), ""]
-    if rouge_cols:
-        lines += [f"Quality column of the plot: {main_metric('summarization')}.", ""]
+    if rouge_cols or em_col:
+        lines += [f"Quality column of the plot: {main_metric(report['task'])}.", ""]
     return "\n".join(lines)
 
 
@@ -181,7 +187,7 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     metric = main_metric(report.get("task", "translation"))
-    label = "ROUGE-L" if metric == "rougeL" else "BLEU"
+    label = {"rougeL": "ROUGE-L", "exact_match": "exact match of the final answer (%)"}.get(metric, "BLEU")
     drawn = [k for k in registry.kinds() if k.plot is not None]
     curves = sorted((k for k in drawn if k.plot.curve), key=lambda k: not k.per_budget)
     points = [k for k in drawn if not k.plot.curve]

@@ -1,9 +1,12 @@
-"""Build, load and save the T5-style teacher and student.
+"""Build, load and save teachers and students of either model family (:mod:`tw_rl.models.family`).
 
-``build_t5`` makes a model from an :class:`~tw_rl.config.ArchConfig` and a tokenizer (trained from scratch in
-phase 0); ``load_seq2seq`` loads a model and its tokenizer from a local directory or the Hugging Face hub;
-``save_seq2seq`` writes both in Hugging Face format (safetensors). Teacher and student must share one vocabulary
-(``check_shared_vocab``): the student's actions are token ids the teacher scores.
+``build_model`` makes a model from an :class:`~tw_rl.config.ArchConfig` and a tokenizer (trained from scratch in
+phase 0): a T5 (``build_t5``) or a decoder-only Llama, Qwen2 or GPT-2 (``build_causal``), by ``arch.model_type``.
+``load_model`` loads a model and its tokenizer from a local directory, the Hugging Face hub or a GGUF file
+(:mod:`tw_rl.models.gguf`), as a seq2seq model or a causal LM by the model's own config; ``save_model`` writes both
+in Hugging Face format (safetensors). Teacher and student must share one vocabulary (``check_shared_vocab``): the
+student's actions are token ids the teacher scores. A causal LM's tokenizer must have a pad token
+(``check_pad_token``): tw-rl never pads with EOS unasked.
 """
 
 from __future__ import annotations
@@ -12,8 +15,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase, T5Config, \
-    T5ForConditionalGeneration
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, \
+    PreTrainedConfig, PreTrainedTokenizerBase, Qwen2Config, T5Config, T5ForConditionalGeneration
+
+from tw_rl.config import ConfigError
+from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, auto_model_class, family_of
+
+CAUSAL_TYPES = ("llama", "qwen2", "gpt2")  # ArchConfig.model_type values that build a decoder-only LM
 
 
 class ModelNotAvailableError(OSError):
@@ -53,6 +61,107 @@ def build_t5(arch, tokenizer: PreTrainedTokenizerBase, seed: int) -> T5ForCondit
     return model
 
 
+def causal_config(arch, tokenizer: PreTrainedTokenizerBase, max_positions: int) -> PreTrainedConfig:
+    """The Hugging Face config of a decoder-only LM of kind ``arch.model_type`` (``llama``, ``qwen2`` or ``gpt2``) and
+    size ``arch`` for ``tokenizer`` — what :func:`build_causal` builds; a size the kind cannot take is a
+    :class:`~tw_rl.config.ConfigError` naming the key to change.
+
+    ``d_model`` → hidden size, ``d_ff`` → feed-forward size, ``num_heads`` → attention heads (as many key/value
+    heads: no grouped-query attention), ``d_kv`` → head size (Llama and Qwen2 take any; GPT-2's is
+    ``d_model / num_heads``, so ``d_kv`` must equal it), ``num_layers`` → layers (``num_decoder_layers`` is not
+    used), ``dropout_rate`` → the attention dropout (GPT-2: also residual and embedding dropout).
+    ``vocab_size = len(tokenizer)``; pad, eos and bos ids from the tokenizer (bos: its eos when it has none, as
+    GPT-2's; tw-rl never feeds one). Input and output embeddings are tied, as the T5s'. ``max_positions``: the
+    longest input plus output the model will read (GPT-2 learns one embedding per position; Llama and Qwen2 use
+    rotary positions).
+
+    Weights are drawn with standard deviation ``d_model^-0.5`` (LeCun), not Hugging Face's fixed 0.02 (LeCun's for
+    d ≈ 2500): phase 0's optimizer scales every step by its tensor's RMS (``AdamWScale``), so tiny initial weights
+    grow slowly — on the tiny test run (d 32, 40 steps) the held-out loss fell 5.30 → 4.86 with 0.02 and to 3.99
+    with ``d_model^-0.5``, as a T5 of the same size does (4.02) from its own initialisation."""
+    kind = arch.model_type
+    if kind not in CAUSAL_TYPES:
+        raise ConfigError(f"model_type={kind!r} is not a decoder-only kind; known: {', '.join(CAUSAL_TYPES)}")
+    pad, eos = check_pad_token(tokenizer, f"building a {kind} model")
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=pad, eos_token_id=eos,
+               bos_token_id=eos if tokenizer.bos_token_id is None else tokenizer.bos_token_id,
+               tie_word_embeddings=True, initializer_range=arch.d_model ** -0.5)
+    if kind in ("llama", "gpt2") and arch.d_model % arch.num_heads:
+        raise ConfigError(f"arch.model_type={kind}: d_model={arch.d_model} is not a multiple of "
+                          f"num_heads={arch.num_heads}; change arch.d_model or arch.num_heads")
+    if kind == "gpt2":
+        if arch.d_kv * arch.num_heads != arch.d_model:
+            raise ConfigError(f"arch.model_type=gpt2: a GPT-2 head has d_model / num_heads = "
+                              f"{arch.d_model // arch.num_heads} dimensions, not d_kv={arch.d_kv}; set "
+                              f"arch.d_kv={arch.d_model // arch.num_heads} (or use llama or qwen2, whose head size "
+                              f"is free)")
+        p = arch.dropout_rate
+        return GPT2Config(n_embd=arch.d_model, n_inner=arch.d_ff, n_head=arch.num_heads, n_layer=arch.num_layers,
+                          n_positions=max_positions, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **ids)
+    config_cls = LlamaConfig if kind == "llama" else Qwen2Config
+    return config_cls(hidden_size=arch.d_model, intermediate_size=arch.d_ff, num_attention_heads=arch.num_heads,
+                      num_key_value_heads=arch.num_heads, head_dim=arch.d_kv, num_hidden_layers=arch.num_layers,
+                      max_position_embeddings=max_positions, attention_dropout=arch.dropout_rate, **ids)
+
+
+def build_causal(arch, tokenizer: PreTrainedTokenizerBase, seed: int, max_positions: int) -> torch.nn.Module:
+    """A freshly initialised decoder-only LM (``arch.model_type``: Llama, Qwen2 or GPT-2) of size ``arch`` for
+    ``tokenizer``, as :func:`causal_config` maps the sizes. The initialisation depends only on ``seed`` (the global
+    torch RNG state is left unchanged), as :func:`build_t5`'s."""
+    config = causal_config(arch, tokenizer, max_positions)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.bos_token_id = config.bos_token_id
+    return model
+
+
+def build_model(arch, tokenizer: PreTrainedTokenizerBase, seed: int, max_positions: int) -> torch.nn.Module:
+    """A freshly initialised model of kind ``arch.model_type``: a T5 (:func:`build_t5`; its relative positions need
+    no ``max_positions``) or a decoder-only LM (:func:`build_causal`)."""
+    if arch.model_type == "t5":
+        return build_t5(arch, tokenizer, seed)
+    return build_causal(arch, tokenizer, seed, max_positions)
+
+
+def check_buildable(arch, tokenizer: PreTrainedTokenizerBase, max_positions: int) -> None:
+    """Raise what :func:`build_model` would raise for ``arch`` and ``tokenizer``, without building anything (phase 0
+    checks every model it is to build before it trains any)."""
+    if arch.model_type == "t5":
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ConfigError(f"the tokenizer {_name(tokenizer)!r} has no pad or no eos token: a T5 built in phase 0 "
+                              f"needs both (pad is also its decoder start); point tokenizer.path at one that has them "
+                              f"or leave it unset to train one on the data")
+        return
+    causal_config(arch, tokenizer, max_positions)
+
+
+def check_pad_token(tokenizer: PreTrainedTokenizerBase, what: str) -> tuple[int, int]:
+    """``(pad_id, eos_id)`` of a causal LM's tokenizer; a tokenizer without a pad token (or an eos token) is a
+    :class:`ModelNotAvailableError` naming ``what`` (the model, or the model being built) and the way out. tw-rl pads
+    every batch (a causal LM's inputs on the left) and never pads with EOS unasked: a tokenizer whose pad token *is*
+    its EOS (as SmolLM2's) says so itself and is taken as it is."""
+    if tokenizer.eos_token_id is None:
+        raise ModelNotAvailableError(f"{what}: the tokenizer {_name(tokenizer)!r} has no eos token; a causal LM's "
+                                     f"outputs end with it. Give the tokenizer one (tok.eos_token = ...), save it and "
+                                     f"point the model (or tokenizer.path) at the saved directory")
+    if tokenizer.pad_token_id is None:
+        raise ModelNotAvailableError(
+            f"{what}: the tokenizer {_name(tokenizer)!r} has no pad token; tw-rl pads batches of a causal LM (its "
+            f"inputs on the left, under the attention mask) and does not pick a pad token for you. Give the tokenizer "
+            f"one and save it with the model: tok.pad_token = tok.eos_token (EOS doubles as padding) or "
+            f"tok.add_special_tokens({{'pad_token': '<pad>'}}) with model.resize_token_embeddings(len(tok)); then "
+            f"tok.save_pretrained(DIR), model.save_pretrained(DIR) and point teacher.name_or_path / "
+            f"student.name_or_path (or tokenizer.path) at DIR")
+    return int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
+
+
+def _name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
 _QUIET_BARS = ("Loading weights", "Writing model shards")  # transformers' per-model bars: ~10 per run
 
 
@@ -78,9 +187,9 @@ def _not_available(name_or_path: str, e: Exception) -> ModelNotAvailableError:
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return ModelNotAvailableError(
-            f"could not load a seq2seq model and tokenizer from the directory {local}: {e}. It must hold a "
-            f"Hugging Face model (config.json, model.safetensors) and its tokenizer files, as written by "
-            f"save_pretrained")
+            f"could not load a model (seq2seq or causal LM) and its tokenizer from the directory {local}: {e}. It "
+            f"must hold a Hugging Face model (config.json, model.safetensors) and its tokenizer files, as written by "
+            f"save_pretrained (or a GGUF file: name it, or set gguf_file)")
     where = ("HF_HUB_OFFLINE=1 is set" if _offline()
              else "it is not in the local Hugging Face cache and the hub could not be reached")
     first_line = str(e).splitlines()[0] if str(e) else ""
@@ -96,50 +205,81 @@ def _resolve(name_or_path: str) -> str:
     return str(local) if local.is_dir() else name_or_path
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` with the same clear error as :func:`load_seq2seq`."""
+def is_gguf(name_or_path: str | Path, gguf_file: str | None = None) -> bool:
+    """Whether a model source is a GGUF file: a path ending ``.gguf``, or a directory with ``gguf_file``."""
+    return gguf_file is not None or str(name_or_path).endswith(".gguf")
+
+
+def source_name(name_or_path: str | Path, gguf_file: str | None = None) -> str:
+    """How a model source is named in messages and records: the path, or ``directory/gguf_file``."""
+    return str(Path(name_or_path) / gguf_file) if gguf_file is not None else str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None
+                   ) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` (of a GGUF file too: :func:`is_gguf`) with the same clear error as
+    :func:`load_model`."""
+    if is_gguf(name_or_path, gguf_file):
+        from tw_rl.models.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(name_or_path, gguf_file)
     try:
         return AutoTokenizer.from_pretrained(_resolve(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _not_available(name_or_path, e) from e
 
 
+def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """The model's own ``config.json`` (which decides its family), with the clear error of :func:`load_model`."""
+    try:
+        return AutoConfig.from_pretrained(_resolve(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _not_available(name_or_path, e) from e
+
+
+def load_weights(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None
+                 ) -> torch.nn.Module:
+    """The model alone, eval mode: a GGUF causal LM (:mod:`tw_rl.models.gguf`), else ``AutoModelForSeq2SeqLM`` or
+    ``AutoModelForCausalLM`` by the model's config (:func:`tw_rl.models.family.auto_model_class`), safetensors
+    weights only. What :func:`load_model` and the teacher server (which needs no tokenizer) load."""
+    if is_gguf(name_or_path, gguf_file):
+        from tw_rl.models.gguf import load_gguf_model
+
+        return load_gguf_model(name_or_path, gguf_file)
+    config = load_model_config(name_or_path, trust_remote_code)
+    try:
+        model = auto_model_class(config).from_pretrained(_resolve(name_or_path), use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _not_available(name_or_path, e) from e
+    return model.eval()
+
+
+def load_model(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None
+               ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)``, model in eval mode, from a local directory, a hub name or a GGUF file (a path
+    ending ``.gguf``, or the directory ``name_or_path`` with ``gguf_file``): a seq2seq model or a causal LM, as the
+    model's own config says (:func:`load_weights`).
+
+    Raises :class:`ModelNotAvailableError` naming the model and the way out when it cannot be loaded — e.g. a hub
+    name on a machine without network or with ``HF_HUB_OFFLINE=1`` (which fails at once), a GGUF file that is
+    missing or truncated — or when it is a causal LM whose tokenizer has no pad token (:func:`check_pad_token`,
+    before its weights load).
+    """
+    name = source_name(name_or_path, gguf_file)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code, gguf_file)
+    if is_gguf(name_or_path, gguf_file) or family_of(load_model_config(name_or_path, trust_remote_code)) == CAUSAL:
+        check_pad_token(tokenizer, name)
+    return load_weights(name_or_path, trust_remote_code, gguf_file), tokenizer
+
+
 def load_seq2seq(name_or_path: str, trust_remote_code: bool = False
                  ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from a local directory or a hub name (safetensors weights only), model in eval
-    mode.
-
-    Raises :class:`ModelNotAvailableError` naming the model and the way out (a local directory) when it cannot be
-    loaded, e.g. a hub name on a machine without network or with ``HF_HUB_OFFLINE=1`` (which fails at once).
-    """
-    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
-    check_encoder_decoder(name_or_path, trust_remote_code)
-    try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(_resolve(name_or_path), use_safetensors=True,
-                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _not_available(name_or_path, e) from e
-    model.eval()
-    return model, tokenizer
+    """The name earlier callers use for :func:`load_model` (it loads either family now)."""
+    return load_model(name_or_path, trust_remote_code)
 
 
-def check_encoder_decoder(name_or_path: str, trust_remote_code: bool = False) -> None:
-    """A decoder-only model (its config not ``is_encoder_decoder``) is refused with what it is, before its weights
-    load: the trainer's students and teachers are encoder-decoders (T5-style) today; decoder-only models load only
-    as GGUF causal LMs (:mod:`tw_rl.models.gguf`), not yet into training."""
-    try:
-        config = AutoConfig.from_pretrained(_resolve(name_or_path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _not_available(name_or_path, e) from e
-    if not getattr(config, "is_encoder_decoder", False):
-        kind = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
-        raise ModelNotAvailableError(
-            f"{name_or_path} is a decoder-only model ({kind}); tw-rl trains encoder-decoder (T5-style) students and "
-            f"teachers, e.g. google/flan-t5-small: point teacher.name_or_path / student.name_or_path at one, or leave "
-            f"them unset to train T5s from scratch in phase 0")
-
-
-def save_seq2seq(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
     """Write model (safetensors) and tokenizer to ``directory`` in Hugging Face format; returns the directory."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -148,10 +288,12 @@ def save_seq2seq(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dir
     return d
 
 
-def check_shared_vocab(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase) -> None:
-    """Raise ``ValueError`` unless both tokenizers map the same tokens to the same ids.
+def check_shared_vocab(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,
+                       names: tuple[str, str] = ("teacher", "student")) -> None:
+    """Raise :class:`~tw_rl.config.ConfigError` (a ``ValueError``) unless both tokenizers map the same tokens to the
+    same ids, whatever the two models' families.
 
-    The message gives both sizes and the first id whose token differs.
+    The message names both (``names``), gives both sizes and the first id whose token differs.
     """
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
     if tv == sv:
@@ -163,12 +305,31 @@ def check_shared_vocab(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTra
         if t_by_id.get(i) != s_by_id.get(i):
             first = i
             break
-    raise ValueError(
-        f"teacher and student vocabularies differ: teacher has {len(tv)} tokens, student has {len(sv)}; first "
-        f"difference at id {first}: teacher {t_by_id.get(first)!r} vs student {s_by_id.get(first)!r}. The "
-        f"student's actions are token ids scored by the teacher, so both must use the same tokenizer")
+    a, b = names
+    raise ConfigError(
+        f"vocabularies differ between {a} and {b}: {a} has {len(tv)} tokens, {b} has {len(sv)}; first "
+        f"difference at id {first}: {t_by_id.get(first)!r} vs {s_by_id.get(first)!r}. The "
+        f"student's actions are token ids scored by the teacher, so both must use the same tokenizer: give a "
+        f"teacher and a student of one tokenizer (or train the other one in phase 0 on it)")
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def role_family(cfg, role: str) -> str:
+    """The model family (:mod:`tw_rl.models.family`) of ``role`` (``"teacher"`` or ``"student"``): a given model's
+    own config decides (a GGUF file is a causal LM); a model built in phase 0 is ``arch.model_type``'s."""
+    mcfg = getattr(cfg, role)
+    if not mcfg.name_or_path:
+        return SEQ2SEQ if mcfg.arch.model_type == "t5" else CAUSAL
+    if is_gguf(mcfg.name_or_path, mcfg.gguf_file):
+        return CAUSAL
+    return family_of(load_model_config(mcfg.name_or_path, mcfg.trust_remote_code))
+
+
+def input_template(cfg, role: str, tokenizer: PreTrainedTokenizerBase, family: str | None = None) -> InputTemplate:
+    """How ``role``'s inputs are written (:class:`~tw_rl.models.family.InputTemplate`): its family's, with the chat
+    template when the model is a causal LM, ``{role}.chat_template`` is on and the tokenizer has one."""
+    return InputTemplate(tokenizer, family or role_family(cfg, role), getattr(cfg, role).chat_template)

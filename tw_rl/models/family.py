@@ -47,6 +47,16 @@ def auto_model_class(config):
     return AutoModelForCausalLM if is_causal(config) else AutoModelForSeq2SeqLM
 
 
+def start_token_id(model_or_config, pad_id: int) -> int:
+    """The decoder start token: a seq2seq model's own; for a causal LM, whose start position is its input's last, any
+    id stands in (``pad_id``: it is never read)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if is_causal(config):
+        return int(pad_id)
+    start = getattr(config, "decoder_start_token_id", None)
+    return int(pad_id if start is None else start)
+
+
 def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move every row's real tokens (``mask`` true) to the right end, keeping their order: right padding → left
     padding (a row already left-padded is unchanged)."""

