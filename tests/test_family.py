@@ -65,8 +65,12 @@ def test_causal_forced_hidden_and_prompt_states(kind: str) -> None:
     model = _model(kind)
     srcs, dec = _ragged(1)
     ids, mask = _pad(srcs)
-    out = forced(model, ids, mask, dec_ids=dec, hidden=True)
+    out = forced(model, ids, mask, dec_ids=dec, hidden=True, prompt=True)
     torch.testing.assert_close(model.get_output_embeddings()(out.hidden), out.logits, atol=1e-5, rtol=1e-5)
+    short = forced(model, ids, mask, dec_ids=dec, hidden=True)  # the output layer on the output positions only
+    assert short.prompt is None
+    torch.testing.assert_close(short.logits, out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short.hidden, out.hidden, atol=1e-5, rtol=1e-5)
     assert out.prompt.shape[:2] == ids.shape and out.prompt_mask.tolist() == left_align(ids, mask)[1].tolist()
     st = Stepper(model, ids, mask)
     st.feed(ids=dec[:, :1], read_prompt=True)

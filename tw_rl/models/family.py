@@ -103,10 +103,13 @@ class Forced:
 
 
 def forced(model, src_ids: torch.Tensor, src_mask: torch.Tensor, dec_ids: torch.Tensor | None = None,
-           dec_embeds: torch.Tensor | None = None, *, hidden: bool = False, encoder_outputs=None) -> Forced:
+           dec_embeds: torch.Tensor | None = None, *, hidden: bool = False, prompt: bool = False,
+           encoder_outputs=None) -> Forced:
     """Teacher-forced logits at every output position. ``dec_ids [B, L]`` (or ``dec_embeds [B, L, d]``) are the
     decoder inputs: the start token, then ``y_0 … y_{L-2}``. A causal LM reads ``x ⧺ y_{<L-1}`` (the start position is
-    the input's last). ``encoder_outputs``: a seq2seq model's encoder states, computed already."""
+    the input's last) and, unless ``prompt`` asks for the input's final states (the ``prompt_gate`` head's), its
+    output layer runs on the ``L`` output positions only (``logits_to_keep``). ``encoder_outputs``: a seq2seq model's
+    encoder states, computed already (a seq2seq model always returns its encoder's states)."""
     if (dec_ids is None) == (dec_embeds is None):
         raise ValueError("forced: give dec_ids or dec_embeds")
     if not is_causal(model):
@@ -121,11 +124,14 @@ def forced(model, src_ids: torch.Tensor, src_mask: torch.Tensor, dec_ids: torch.
     rest = embed(dec_ids[:, 1:]) if dec_embeds is None else dec_embeds[:, 1:]
     inputs = torch.cat([embed(ids).to(rest.dtype), rest], dim=1)
     full_mask = torch.cat([mask.long(), torch.ones(rest.shape[:2], dtype=torch.long, device=mask.device)], dim=1)
-    with _Capture(model, True) as cap:
+    L = dec_ids.shape[1] if dec_ids is not None else dec_embeds.shape[1]
+    kw = {"logits_to_keep": L} if not prompt and _keeps_logits(model) else {}
+    with _Capture(model, hidden or prompt) as cap:
         out = model(inputs_embeds=inputs, attention_mask=full_mask, position_ids=_positions(full_mask),
-                    use_cache=False)
+                    use_cache=False, **kw)
     h = cap.value
-    return Forced(out.logits[:, S - 1:], h[:, S - 1:] if hidden else None, h[:, :S], mask)
+    return Forced(out.logits[:, -L:], None if h is None or not hidden else h[:, -L:],
+                  h[:, :S] if prompt else None, mask)
 
 
 class Stepper:

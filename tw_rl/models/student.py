@@ -166,7 +166,7 @@ class Student(nn.Module):
         ``return_hidden``: also the output layer's input ``h [B, L, d]`` at every position (the decoder state a
         value head reads, :class:`tw_rl.models.value.ValueHead`)."""
         out = forced(self.model, src_ids, src_mask, dec_embeds=self.decoder_embeds(dec_tokens, dec_teacher_mask),
-                     hidden=return_hidden, encoder_outputs=encoder_outputs)
+                     hidden=return_hidden, prompt=self.reader is not None, encoder_outputs=encoder_outputs)
         logits = self.head(out.logits, self._read(out.prompt, out.prompt_mask))
         return (logits, out.hidden) if return_hidden else logits
 
