@@ -79,10 +79,12 @@ def test_build_references_flags_the_students_greedy_errors():
         def distributions(self, src, outs):
             return torch.log_softmax(torch.tensor([[0., 0., 3., 0.], [0., 3., 0., 0.]]), -1).expand(len(src), 2, 4)
 
-    class Student(torch.nn.Module):  # greedy 2 then 3: right at t = 0, wrong at t = 1
-        def forward(self, input_ids, attention_mask, decoder_input_ids):
+    class Student(torch.nn.Module):  # greedy 2 then 3: right at t = 0, wrong at t = 1; an encoder-decoder
+        config = type("Config", (), {"is_encoder_decoder": True})()
+
+        def forward(self, input_ids, attention_mask, decoder_input_ids, **kw):
             logits = torch.tensor([[0., 0., 5., 0.], [0., 0., 0., 5.]]).expand(len(input_ids), 2, 4)
-            return type("Out", (), {"logits": logits})()
+            return type("Out", (), {"logits": logits, "encoder_last_hidden_state": None})()
 
     refs = build_references([Example(teacher_src=[3, 1], student_src={})], Teacher(), Student(), max_len=4, eos_id=1)
     assert refs[0].student_wrong.tolist() == [False, True] and refs[0].terminated

