@@ -165,3 +165,149 @@ def test_greedy_translate_of_a_causal_lm_equals_hf_generate_row_by_row():
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              pad_token_id=0, eos_token_id=1)
         assert text == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a student made of the teacher's layers (student.init_layers), trained on the teacher's outputs
+# (pretrain.student_targets=teacher)
+
+
+_TRAIN, _TEACHER_OUTPUTS = pretrain_mod.train_model, pretrain_mod.teacher_outputs
+
+
+def _recording_train(monkeypatch, seen: list):
+    """``train_model`` as it is, recording ``(desc, a copy of the model's state before training, the data, the
+    model)``."""
+    real = _TRAIN
+
+    def train(m, e, ep, c, seed, desc):
+        seen.append((desc, {k: v.clone() for k, v in m.state_dict().items()}, e, m))
+        return real(m, e, ep, c, seed, desc)
+
+    monkeypatch.setattr(pretrain_mod, "train_model", train)
+
+
+def test_a_student_of_the_teachers_layers_starts_as_them_trains_and_is_cached_by_its_layers(tmp_path, monkeypatch):
+    from tw_rl.models.factory import count_parameters, pruned_config
+
+    seen: list = []
+    _recording_train(monkeypatch, seen)
+    cfg = _cfg(tmp_path, "teacher.arch.model_type=llama", "teacher.arch.num_layers=3", "student.init_layers=[0,2]",
+               "student.chat_template=false")
+    s = pretrain(cfg, tmp_path)
+    assert [d for d, *_ in seen] == ["teacher", "student"]
+    teacher, tok = load_model(s["teacher"]["dir"])
+    student = load_model(s["student"]["dir"])[0]
+    assert type(student).__name__ == "LlamaForCausalLM" and student.config.num_hidden_layers == 2
+    fresh = type(teacher)(pruned_config(teacher.config, [0, 2]))
+    assert s["student"]["params"] == count_parameters(student) == count_parameters(fresh)
+    assert s["student"]["params"] < s["teacher"]["params"] and s["teacher"]["params"] - s["student"]["params"] == \
+        sum(p.numel() for p in teacher.model.layers[1].parameters())
+    assert s["student"]["init_layers"] == [0, 2] and s["student"]["arch"] == {"model_type": "llama", "num_layers": 2}
+    # it started as the trained teacher's layers 0 and 2 (and its embeddings, norm, output layer) ...
+    before = seen[1][1]
+    t_state = teacher.state_dict()
+    for key, value in before.items():
+        src = key.replace("model.layers.1.", "model.layers.2.")
+        assert torch.equal(value, t_state[src]), key
+    # ... and was trained from there
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert s["student"]["trained"] and s["student"]["steps"] == 10
+    manifest = json.loads((tmp_path / "manifest.json").read_text())["artefacts"]
+    settings, inputs = manifest["student"]["settings"], manifest["student"]["inputs"]
+    assert settings["student.init_layers"] == [0, 2] and "student.arch.d_model" not in settings
+    assert settings["student.init_from"] == inputs["teacher"] == manifest["teacher"]["id"]
+
+    # cached by its layers: student.arch (unused) changes nothing, other layers retrain the student only
+    def boom(*a, **k):
+        raise AssertionError("retrained a cached model")
+
+    monkeypatch.setattr(pretrain_mod, "train_model", boom)
+    again = pretrain(_cfg(tmp_path, "teacher.arch.model_type=llama", "teacher.arch.num_layers=3",
+                          "student.init_layers=[0,2]", "student.chat_template=false", "student.arch.d_model=12"),
+                     tmp_path)
+    assert again["student"]["cached"] and again["teacher"]["cached"]
+    seen.clear()
+    _recording_train(monkeypatch, seen)
+    third = pretrain(_cfg(tmp_path, "teacher.arch.model_type=llama", "teacher.arch.num_layers=3",
+                          "student.init_layers=[1]", "student.chat_template=false"), tmp_path)
+    assert [d for d, *_ in seen] == ["student"] and load_model(third["student"]["dir"])[0].config.num_hidden_layers == 1
+    # a new teacher is a new student
+    seen.clear()
+    pretrain(_cfg(tmp_path, "teacher.arch.model_type=llama", "teacher.arch.num_layers=3", "student.init_layers=[1]",
+                  "student.chat_template=false", "pretrain.teacher_epochs=1"), tmp_path)
+    assert [d for d, *_ in seen] == ["teacher", "student"]
+
+
+def test_init_layers_out_of_a_given_teachers_range_or_of_a_t5_teacher_fail_before_any_training(tmp_path, monkeypatch):
+    tok = train_tokenizer(["ka lo mi", "ba lo", "mi ka"] * 30, 80)
+    arch = _cfg(tmp_path, "teacher.arch.model_type=qwen2").teacher.arch
+    save_model(build_model(arch, tok, 0, 128), tok, tmp_path / "qwen2")
+    save_model(build_model(_cfg(tmp_path).teacher.arch, tok, 0, 128), tok, tmp_path / "t5")
+    monkeypatch.setattr(pretrain_mod, "train_model", lambda *a, **k: pytest.fail("trained"))
+    cfg = _cfg(tmp_path / "a", f"teacher.name_or_path={tmp_path / 'qwen2'}", "student.init_layers=[0,2]")
+    with pytest.raises(ConfigError, match=rf"init_layers=\[0, 2\]: the teacher {tmp_path / 'qwen2'} has 1 decoder "
+                                          rf"layer \(0\.\.0\); \[2\] is out of range"):
+        pretrain(cfg, tmp_path / "a")
+    cfg = _cfg(tmp_path / "b", f"teacher.name_or_path={tmp_path / 't5'}", "student.init_layers=[0]")
+    with pytest.raises(ConfigError, match=rf"needs a decoder-only teacher .* the teacher {tmp_path / 't5'} is an "
+                                          rf"encoder-decoder \(t5\)"):
+        pretrain(cfg, tmp_path / "b")
+
+
+def test_student_targets_teacher_trains_the_student_on_the_teachers_greedy_outputs(tmp_path, monkeypatch):
+    from tw_rl.config import source_room
+    from tw_rl.decoding import decode_teacher
+    from tw_rl.examples import pad_batch
+    from tw_rl.models.family import SEQ2SEQ
+
+    seen: list = []
+    _recording_train(monkeypatch, seen)
+    over = ["student.arch.model_type=llama", "pretrain.student_targets=teacher", "eval.batch_size=16"]
+    cfg = _cfg(tmp_path, *over)  # a T5 teacher, a causal student
+    s = pretrain(cfg, tmp_path)
+    (_, _, teacher_data, _), (_, _, student_data, _) = seen
+    teacher, tok = load_model(s["teacher"]["dir"])
+    train = load_split(cfg.data, cfg.data.train_split)
+    # the student reads its own inputs (the causal template) ...
+    mine = encode_pairs(train, tok, source_room(cfg, tok), cfg.data.max_tgt_tokens, template=InputTemplate(tok, CAUSAL))
+    assert student_data.src == mine.src and student_data.origins == mine.origins
+    # ... and learns the teacher's greedy outputs of its inputs (the seq2seq template), decoded here in one batch
+    # in the data's order (phase 0 batches by length) and, for the first 40, one at a time
+    theirs = encode_pairs(train, tok, source_room(cfg, tok), cfg.data.max_tgt_tokens,
+                          template=InputTemplate(tok, SEQ2SEQ))
+
+    def greedy(rows):
+        ids, mask = pad_batch(rows, tok.pad_token_id)
+        d = decode_teacher(teacher, ids, mask, max_len=cfg.data.max_tgt_tokens, eos_id=tok.eos_token_id,
+                           vocab_size=len(tok), start_id=tok.pad_token_id, pad_id=tok.pad_token_id)
+        return [d.tokens[k, :d.lengths[k]].tolist() for k in range(len(rows))]
+
+    want = greedy(theirs.src)
+    assert [greedy([src])[0] for src in theirs.src[:40]] == want[:40]
+    assert student_data.tgt == want and student_data.tgt != mine.tgt  # not the references
+    assert all(1 <= len(t) <= cfg.data.max_tgt_tokens for t in want)
+    stats = s["student"]["teacher_targets"]
+    assert s["student"]["targets"] == "teacher" and stats["pairs"] == len(train) and stats["cached"] is False
+    manifest = json.loads((tmp_path / "manifest.json").read_text())["artefacts"]
+    assert manifest["teacher_targets"]["inputs"]["teacher"] == manifest["teacher"]["id"]
+    assert manifest["teacher_targets"]["path"] == "models/teacher_targets.json"
+    assert manifest["student"]["settings"]["pretrain.student_targets"] == "teacher"
+    assert "student_targets" not in json.dumps(manifest["teacher"]["settings"])  # the teacher's record as before
+
+    # cached: nothing decoded or trained again; a new student reuses the targets; a new teacher redoes them
+    def boom(*a, **k):
+        raise AssertionError("decoded or trained again")
+
+    monkeypatch.setattr(pretrain_mod, "teacher_outputs", boom)
+    monkeypatch.setattr(pretrain_mod, "train_model", boom)
+    assert pretrain(cfg, tmp_path)["student"]["cached"]
+    seen.clear()
+    _recording_train(monkeypatch, seen)
+    s2 = pretrain(_cfg(tmp_path, *over, "student.arch.d_model=16"), tmp_path)
+    assert [d for d, *_ in seen] == ["student"] and s2["student"]["teacher_targets"]["cached"] is True
+    assert seen[0][2].tgt == want
+    decoded = []
+    monkeypatch.setattr(pretrain_mod, "teacher_outputs", lambda *a, **k: decoded.append(1) or _TEACHER_OUTPUTS(*a, **k))
+    s3 = pretrain(_cfg(tmp_path, *over, "pretrain.teacher_epochs=1"), tmp_path)
+    assert decoded == [1] and not s3["teacher"]["cached"] and not s3["student"]["cached"]

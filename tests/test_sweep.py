@@ -21,6 +21,8 @@ def test_share_level_follows_what_the_grid_changes():
     assert share_level({"algo": [], "phase1.enabled": [], "student.use_delta": []}) == "phase1"
     assert share_level({"phase1.lr": []}) == "phase0"
     assert share_level({"student.arch.d_model": []}) == "none"
+    for key in ("student.init_layers", "task_prompt", "teacher.gguf_file", "student.chat_template"):  # phase 0 keys
+        assert share_level({key: []}) == "none", key
     assert share_level({"seed": []}) == "none"
 
 

@@ -154,6 +154,11 @@ class StudentConfig:
                                    "an attention read-out of the input, so the call rule can follow the budget the "
                                    "prompt states; demo.yaml sets it)",
                           choices=["token", "gate", "prompt_gate"])
+    init_layers: Optional[list[int]] = param(None, "build the phase-0 student from the teacher: its embeddings, final "
+                                                   "norm, output layer and these decoder layers (0-based, in order; "
+                                                   "layer-dropped as DistilBERT); needs a decoder-only teacher of the "
+                                                   "Llama/Qwen2/GPT-2 kind; student.arch is then unused (None: build "
+                                                   "student.arch from scratch)", ge=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,6 +186,10 @@ class PretrainConfig:
     bf16: bool = param(False, "train with bfloat16 autocast (weights, optimizer and loss stay float32): ~1.6x "
                               "more tokens/s on a CPU with AVX512-BF16 or AMX (measured on this machine's EPYC); "
                               "much slower on CPUs without them. Evaluation stays float32")
+    student_targets: str = param("reference", "what the phase-0 student is trained on: reference (the data's "
+                                              "targets) or teacher (the teacher's greedy outputs for the training "
+                                              "sources: sequence-level distillation, Kim & Rush 2016; cached in "
+                                              "models/teacher_targets.json)", choices=["reference", "teacher"])
 
 
 @dataclass
@@ -467,6 +476,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
             if m.gguf_file and not m.name_or_path:
                 raise ConfigError(f"{role}.gguf_file={m.gguf_file!r} names a file inside {role}.name_or_path, which "
                                   f"is not set: give {role}.name_or_path=DIR (the directory holding it)")
+        _check_phase0_student(cfg)
         for key, (value, why) in requirements(cfg.algo).items():  # load_config applied them where left unset
             current = _get(cfg, key)
             if current != value:
@@ -486,6 +496,38 @@ def validate(cfg: Any, prefix: str = "") -> None:
                               f"rl.value={cfg.rl.value!r}; set rl.dual_estimator=count")
         if cfg.rl.call_learner == "rollout" and not any(b > 0 for b in cfg.budgets):
             raise ConfigError(f"rl.call_learner=rollout needs a positive budget; budgets={list(cfg.budgets)}")
+
+
+def _check_phase0_student(cfg: "Config") -> None:
+    """``pretrain.student_targets=teacher`` only for a student phase 0 trains; ``student.init_layers``: a non-empty,
+    strictly increasing list, for a student built in phase 0; when the teacher is built in phase 0 too, of a
+    decoder-only kind with that many layers (a given teacher is checked when phase 0 loads it,
+    :func:`tw_rl.models.factory.check_init_layers`)."""
+    if cfg.pretrain.student_targets == "teacher" and cfg.student.name_or_path:
+        raise ConfigError(f"pretrain.student_targets=teacher sets what the phase-0 student trains on, but "
+                          f"student.name_or_path={cfg.student.name_or_path!r} gives the student (phase 0 does not "
+                          f"train it): unset one of the two")
+    layers = cfg.student.init_layers
+    if layers is None:
+        return
+    key = f"student.init_layers={list(layers)}"
+    if not layers:
+        raise ConfigError(f"{key} is empty: list the teacher's decoder layers the student keeps (e.g. [0, 2]), or "
+                          f"leave student.init_layers unset to build student.arch from scratch")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ConfigError(f"{key} must list each teacher layer once, in increasing order (the student's layers run "
+                          f"in the teacher's order), e.g. {sorted(set(layers))}")
+    if cfg.student.name_or_path:
+        raise ConfigError(f"{key} builds the student from the teacher in phase 0, but student.name_or_path="
+                          f"{cfg.student.name_or_path!r} gives one: unset one of the two")
+    if not cfg.teacher.name_or_path:
+        arch = cfg.teacher.arch
+        if arch.model_type == "t5":
+            raise ConfigError(f"{key} needs a decoder-only teacher (llama, qwen2 or gpt2), not teacher.arch."
+                              f"model_type=t5: set teacher.arch.model_type or leave student.init_layers unset")
+        if layers[-1] >= arch.num_layers:
+            raise ConfigError(f"{key}: the teacher built in phase 0 has teacher.arch.num_layers={arch.num_layers} "
+                              f"layers (0..{arch.num_layers - 1}); drop layer {layers[-1]} or add teacher layers")
 
 
 def _check_budgets(cfg: "Config") -> None:

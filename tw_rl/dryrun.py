@@ -68,6 +68,9 @@ def _model(role: str, mcfg, cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"{role}.name_or_path is not set and pretrain.enabled=false: give a model "
                               f"({role}.name_or_path=DIR or a hub name) or enable phase 0")
         a = mcfg.arch
+        if getattr(mcfg, "init_layers", None):
+            return {"role": role, "source": "phase 0 (the teacher's layers, then trained)",
+                    "arch": f"the teacher's embeddings, final norm, output layer and layers {list(mcfg.init_layers)}"}
         layers = f"{a.num_layers}+{a.num_decoder_layers}" if a.model_type == "t5" else f"{a.num_layers}"
         return {"role": role, "source": "phase 0 (trained from scratch)",
                 "arch": f"{a.model_type} d_model={a.d_model} d_ff={a.d_ff} heads={a.num_heads} layers={layers}"}

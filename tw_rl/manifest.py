@@ -99,7 +99,7 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 # the manifest
 # --------------------------------------------------------------------------------------------------------------
-PHASE0_ARTEFACTS = ("tokenizer", "teacher", "student")
+PHASE0_ARTEFACTS = ("tokenizer", "teacher", "student", "teacher_targets")  # (teacher_targets: when recorded)
 PHASE1_ARTEFACTS = ("references", "phase1_student")
 class Manifest:
     """``run_dir/manifest.json``, read once; every :meth:`record` rewrites it atomically."""

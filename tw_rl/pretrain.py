@@ -11,7 +11,12 @@
    ``<τ>``; later phases add those. Each role's sources are written by its input template
    (:class:`tw_rl.models.family.InputTemplate`); a causal LM reads ``x ⧺ y`` and is trained on the ``y`` positions
    only (:func:`tw_rl.models.family.forced`). Given models are loaded (:func:`tw_rl.models.factory.load_model`, GGUF
-   files too) and every model is checked (shared vocabulary, pad token, buildable size) before any is trained;
+   files too) and every model is checked (shared vocabulary, pad token, buildable size) before any is trained.
+   Two options make the student's phase 0 distillation from the (given or trained) teacher: ``student.init_layers``
+   builds it from the teacher's own layers (:func:`tw_rl.models.factory.init_from_layers`, layer-dropped as
+   DistilBERT), and ``pretrain.student_targets=teacher`` trains it on the teacher's greedy outputs for the training
+   sources instead of the references (sequence-level distillation, :func:`teacher_targets`, cached as
+   ``models/teacher_targets.json``);
 4. saves each under ``run_dir/models/{teacher,student}`` (Hugging Face format, safetensors) with a ``done.json``
    marker holding the training statistics and a fingerprint of the settings that produced it, so a second call
    with the same settings reuses the models;
@@ -52,11 +57,11 @@ from tw_rl.data.validate import check_token_lengths
 from tw_rl.decoding import decode_teacher
 from tw_rl.examples import pad_batch
 from tw_rl.manifest import Manifest, pairs_digest, say_recomputing
-from tw_rl.models.factory import build_model, check_buildable, check_shared_vocab, count_parameters, input_template, \
-    load_model, load_tokenizer, save_model, source_name
-from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, family_of, forced, is_causal
+from tw_rl.models.factory import build_model, causal_config, check_buildable, check_init_layers, check_shared_vocab, \
+    count_parameters, init_from_layers, input_template, load_model, load_tokenizer, save_model, source_name
+from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, family_of, forced, is_causal, start_token_id
 from tw_rl.models.tokenizer import budget_prompt_texts, train_tokenizer
-from tw_rl.rundir import RunDir, atomic_dir
+from tw_rl.rundir import RunDir, atomic_dir, atomic_write
 
 ROLES = ("teacher", "student")
 _SEED_OFFSET = {"teacher": 1, "student": 2}  # teacher and student get different initialisations and data orders
@@ -469,10 +474,84 @@ def _given_model(cfg: Config, role: str, tok: PreTrainedTokenizerBase) -> tuple[
     return model, {"source": name, "trained": False, "params": count_parameters(model)}, name
 
 
+def teacher_outputs(teacher, tok: PreTrainedTokenizerBase, src: list[list[int]], max_len: int, batch_size: int,
+                    desc: str = "teacher targets") -> list[list[int]]:
+    """The teacher's greedy outputs (token ids, its EOS included when it ended within ``max_len``) for the input
+    ids ``src`` (written by the teacher's own template), in order: tw-rl's KV-cached loop
+    (:func:`tw_rl.decoding.decode_teacher`, either family), batched by input length."""
+    teacher.eval()
+    pad = tok.pad_token_id
+    start = start_token_id(teacher, pad)
+    order = sorted(range(len(src)), key=lambda i: len(src[i]))
+    out: list[list[int]] = [[] for _ in src]
+    for b in tqdm(range(0, len(order), batch_size), desc=f"phase 0: {desc}", unit="batch", dynamic_ncols=True,
+                  mininterval=1.0):
+        idx = order[b:b + batch_size]
+        ids, mask = pad_batch([src[i] for i in idx], pad)
+        d = decode_teacher(teacher, ids, mask, max_len=max_len, eos_id=tok.eos_token_id, vocab_size=len(tok),
+                           start_id=start, pad_id=pad)
+        for k, i in enumerate(idx):
+            out[i] = d.tokens[k, :d.lengths[k]].tolist()
+    return out
+
+
+def teacher_targets(cfg: Config, run_dir: Path, teacher, teacher_id: str, teacher_data: Encoded,
+                    teacher_template: InputTemplate, tok: PreTrainedTokenizerBase, tok_fp: str, train_hash: str,
+                    longest_prompt: int) -> tuple[list[list[int]], dict[str, Any]]:
+    """``(targets, stats)``: the teacher's greedy outputs for the training sources (``pretrain.student_targets=
+    teacher``: sequence-level distillation, Kim & Rush 2016), one per pair of ``teacher_data`` (the training pairs
+    within the limits, written by the teacher's template), each at most ``data.max_tgt_tokens`` tokens — the
+    episode length — ending with EOS when the teacher ended by then.
+
+    Cached in ``models/teacher_targets.json`` and recorded in the manifest (``teacher_targets``, its inputs the
+    teacher, the tokenizer and the training data), so a new teacher or new data redoes them."""
+    path = RunDir(run_dir).models / "teacher_targets.json"
+    settings = {"teacher.input_template": ("chat" if teacher_template.chat else "plain")
+                if teacher_template.family == CAUSAL else SEQ2SEQ,
+                "data.max_src_tokens": cfg.data.max_src_tokens, "data.max_tgt_tokens": cfg.data.max_tgt_tokens,
+                "data.on_error": cfg.data.on_error, "longest_prompt": longest_prompt, "task_prompt": cfg.task_prompt}
+    inputs = {"teacher": teacher_id, "tokenizer": tok_fp, "data/train": train_hash}
+    fp = _fingerprint("teacher_targets", settings, inputs)
+    manifest = Manifest(run_dir)
+    reuse, why = manifest.reuse("teacher_targets", path, settings, inputs)
+    cached = _read_json(path) if reuse else None
+    if cached is not None and cached.get("fingerprint") == fp and cached.get("origins") == teacher_data.origins:
+        targets, stats = cached["targets"], dict(cached["stats"], cached=True)
+    else:
+        say_recomputing("teacher_targets", why)
+        t0 = time.perf_counter()
+        targets = teacher_outputs(teacher, tok, teacher_data.src, cfg.data.max_tgt_tokens, cfg.eval.batch_size)
+        n = max(1, len(targets))
+        stats = {"pairs": len(targets), "decode_time_s": time.perf_counter() - t0,
+                 "mean_tokens": sum(map(len, targets)) / n,
+                 "ended": sum(bool(t) and t[-1] == tok.eos_token_id for t in targets) / n}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps({"fingerprint": fp, "stats": stats, "origins": teacher_data.origins,
+                                       "targets": targets}))
+        manifest.record("teacher_targets", path, settings, inputs)
+        stats = dict(stats, cached=False)
+    return targets, dict(stats, file=str(path))
+
+
+@dataclasses.dataclass
+class PhaseZeroTeacher:
+    """The phase-0 teacher (given or trained) as the student's phase 0 reads it: what ``student.init_layers`` copies
+    and ``pretrain.student_targets=teacher`` decodes. ``model_id``: its manifest id (a given model's source name),
+    recorded by the student so that a new teacher redoes it."""
+
+    model: Any
+    model_id: str
+    template: InputTemplate
+
+
 def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenizerBase, tok_fp: str,
-                  longest_prompt: int, training_data: Callable[[InputTemplate], Encoded], train_hash: str = ""
-                  ) -> tuple[Any, dict[str, Any], str]:
-    """``(model, stats, model_id)`` of ``role`` built in phase 0: the cached one, or one trained now and saved."""
+                  longest_prompt: int, training_data: Callable[[InputTemplate], Encoded], train_hash: str = "",
+                  teacher: Optional[PhaseZeroTeacher] = None) -> tuple[Any, dict[str, Any], str]:
+    """``(model, stats, model_id)`` of ``role`` built in phase 0: the cached one, or one trained now and saved.
+
+    The student may be made of the teacher's layers (``student.init_layers``, :func:`init_from_layers`) and trained
+    on the teacher's outputs (``pretrain.student_targets=teacher``, :func:`teacher_targets`); either needs
+    ``teacher``, whose id the student's fingerprint and manifest record then."""
     mcfg = getattr(cfg, role)
     template = input_template(cfg, role, tok)
     mdir = RunDir(run_dir).model(role)
@@ -481,19 +560,32 @@ def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenize
     pre = dataclasses.asdict(cfg.pretrain)
     if not pre["bf16"]:  # added later: float32 runs keep the fingerprints (and caches) they had before
         del pre["bf16"]
-    arch = arch_settings(mcfg.arch)
+    del pre["student_targets"]  # the student's data only, recorded below when it is not the references
+    init_layers = mcfg.init_layers if role == "student" else None
+    distil = role == "student" and cfg.pretrain.student_targets == "teacher"
+    if (init_layers is not None or distil) and teacher is None:
+        raise ValueError("_phase0_model: student.init_layers and pretrain.student_targets=teacher need the teacher")
+    # a student made of the teacher's layers is those layers (its arch unused), else its size
+    shape = ({f"{role}.init_layers": list(init_layers)} if init_layers is not None
+             else {f"{role}.arch": arch_settings(mcfg.arch)})
     # a causal LM's training inputs depend on its template (a given tokenizer's chat template, or the plain one)
     extra = {f"{role}.input_template": "chat" if template.chat else "plain"} if template.family == CAUSAL else {}
     if cfg.task_prompt:  # (added with task_prompt: runs without one keep their fingerprints)
         extra["task_prompt"] = cfg.task_prompt
-    fp = _fingerprint(role, tok_fp, arch, pre, epochs, seed, cfg.data.max_src_tokens,
+    if distil:  # (added with these two options: runs without them keep their fingerprints)
+        extra["pretrain.student_targets"] = cfg.pretrain.student_targets
+    if init_layers is not None or distil:
+        extra["student.init_from"] = teacher.model_id
+    fp = _fingerprint(role, tok_fp, *shape.values(), pre, epochs, seed, cfg.data.max_src_tokens,
                       cfg.data.max_tgt_tokens, cfg.data.on_error, longest_prompt, *extra.values())
     manifest = Manifest(run_dir)
-    settings = {f"{role}.arch": arch, "pretrain": pre, "epochs": epochs, "seed": seed,
+    settings = {**shape, "pretrain": pre, "epochs": epochs, "seed": seed,
                 "data.max_src_tokens": cfg.data.max_src_tokens, "data.max_tgt_tokens": cfg.data.max_tgt_tokens,
                 "data.on_error": cfg.data.on_error, "longest_prompt": longest_prompt,
                 **extra}
     inputs = {"tokenizer": tok_fp, "data/train": train_hash}
+    if "student.init_from" in extra:
+        inputs["teacher"] = teacher.model_id
     marker = _read_json(mdir / "done.json")
     reuse, why = manifest.reuse(role, mdir, settings, inputs)
     if reuse and marker is not None and marker.get("fingerprint") == fp:
@@ -502,14 +594,40 @@ def _phase0_model(cfg: Config, role: str, run_dir: Path, tok: PreTrainedTokenize
     if not cfg.pretrain.enabled:
         raise ConfigError(f"{role}.name_or_path is not set and pretrain.enabled=false: give a model "
                           f"({role}.name_or_path=DIR) or enable phase 0")
-    model = build_model(mcfg.arch, tok, seed, max_positions(cfg, template))
-    stats = train_model(model, training_data(template), epochs, cfg, seed, role)
-    stats.update(trained=True, params=count_parameters(model), arch=arch)
+    extra_stats: dict[str, Any] = {}
+    if init_layers is not None:
+        model = init_from_layers(teacher.model, list(init_layers))
+        if model.config.pad_token_id is None:  # (a GGUF teacher's config may lack it; the tokenizer has one)
+            model.config.pad_token_id = tok.pad_token_id
+        arch: dict[str, Any] = {"model_type": model.config.model_type, "num_layers": len(init_layers)}
+        extra_stats.update(init_layers=list(init_layers), init_from=teacher.model_id,
+                           teacher_params=count_parameters(teacher.model))
+    else:
+        model = build_model(mcfg.arch, tok, seed, max_positions(cfg, template))
+        arch = shape[f"{role}.arch"]
+    data = training_data(template)
+    if distil:
+        targets, extra_stats["teacher_targets"] = teacher_targets(
+            cfg, run_dir, teacher.model, teacher.model_id, training_data(teacher.template), teacher.template, tok,
+            tok_fp, train_hash, longest_prompt)
+        data = student_on_teacher(data, targets, training_data(teacher.template).origins)
+        extra_stats["targets"] = "teacher"
+    stats = train_model(model, data, epochs, cfg, seed, role)
+    stats.update(trained=True, params=count_parameters(model), arch=arch, **extra_stats)
     say_recomputing(role, why)
     with atomic_dir(mdir) as tmp:  # a kill leaves the old model or none, never half of one
         save_model(model, tok, tmp)
         _write_json(tmp / "done.json", {"fingerprint": fp, "stats": stats})
     return model, dict(stats, cached=False, dir=str(mdir)), manifest.record(role, mdir, settings, inputs)
+
+
+def student_on_teacher(student_data: Encoded, targets: list[list[int]], teacher_origins: list[str]) -> Encoded:
+    """The student's training pairs with the teacher's outputs as targets: its own inputs (its template), the
+    teacher's output for the same pair (``targets``, in ``teacher_origins``' order, which the two encodings share:
+    which pairs are kept depends on the tokenizer and the limits only)."""
+    if teacher_origins != student_data.origins or len(targets) != len(student_data.src):
+        raise ValueError("student_on_teacher: the teacher's and the student's training pairs differ")
+    return Encoded(student_data.src, [list(t) for t in targets], student_data.origins)
 
 
 def tokenizer(cfg: Config, run_dir: Path) -> PreTrainedTokenizerBase:
@@ -524,6 +642,23 @@ def pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
         return _pretrain(cfg, Path(run_dir))
     finally:
         torch.set_num_threads(cfg.num_threads)  # what the rest of the run uses
+
+
+def _check_student_of_teacher(cfg: Config, tok: PreTrainedTokenizerBase, given_teacher) -> None:
+    """``student.init_layers`` against the teacher it copies — the given one's config, or the config phase 0 builds
+    from ``teacher.arch`` — before anything trains (:func:`tw_rl.models.factory.check_init_layers`)."""
+    layers = list(cfg.student.init_layers)
+    if given_teacher is not None:
+        model, _, name = given_teacher
+        check_init_layers(layers, model.config, name)
+        return
+    arch = cfg.teacher.arch
+    if arch.model_type == "t5":
+        raise ConfigError(f"student.init_layers={layers} needs a decoder-only teacher (llama, qwen2 or gpt2), not "
+                          f"teacher.arch.model_type=t5: set teacher.arch.model_type or leave student.init_layers "
+                          f"unset")
+    config = causal_config(arch, tok, max_positions(cfg, input_template(cfg, "teacher", tok)))
+    check_init_layers(layers, config, f"built in phase 0 (teacher.arch, {arch.model_type})")
 
 
 def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -554,12 +689,17 @@ def _pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
     # every model is loaded or checked before any is trained: a bad pair fails at once, not after the teacher's hour
     given = {role: _given_model(cfg, role, tok) for role in ROLES if getattr(cfg, role).name_or_path}
     for role in ROLES:
-        if role not in given:
+        if role not in given and not (role == "student" and cfg.student.init_layers is not None):
             check_buildable(getattr(cfg, role).arch, tok, max_positions(cfg, input_template(cfg, role, tok)))
+    if cfg.student.init_layers is not None and "student" not in given:
+        _check_student_of_teacher(cfg, tok, given.get("teacher"))
     models, templates, model_ids = {}, {}, []
     for role in ROLES:
+        teacher = None
+        if role == "student" and "teacher" in models:
+            teacher = PhaseZeroTeacher(models["teacher"], model_ids[0], templates["teacher"])
         models[role], summary[role], model_id = given[role] if role in given else _phase0_model(
-            cfg, role, run_dir, tok, tok_fp, longest_prompt, training_data, train_hash)
+            cfg, role, run_dir, tok, tok_fp, longest_prompt, training_data, train_hash, teacher)
         templates[role] = input_template(cfg, role, tok, family_of(models[role]))
         model_ids.append(model_id)
     summary["artefact_ids"] = {"tokenizer": tok_fp, **dict(zip(ROLES, model_ids))}  # what later phases record

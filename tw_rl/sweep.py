@@ -32,8 +32,9 @@ from typing import Any, Sequence
 from tw_rl.config import Config, ConfigError, load_config
 from tw_rl.rundir import RunDir
 
-_PHASE0_KEYS = ("data.", "tokenizer.", "teacher.arch", "teacher.name_or_path", "student.arch",
-                "student.name_or_path", "pretrain.", "seed=")
+_PHASE0_KEYS = ("data.", "tokenizer.", "teacher.arch", "teacher.name_or_path", "teacher.gguf_file",
+                "teacher.chat_template", "student.arch", "student.name_or_path", "student.gguf_file",
+                "student.chat_template", "student.init_layers", "task_prompt", "pretrain.", "seed=")
 
 
 def parse_grid(overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:

@@ -11,6 +11,7 @@ student's actions are token ids the teacher scores. A causal LM's tokenizer must
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 
 from tw_rl.config import ConfigError
 from tw_rl.models.errors import ModelNotAvailableError
-from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, auto_model_class, family_of
+from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, auto_model_class, family_of, is_causal
 
 CAUSAL_TYPES = ("llama", "qwen2", "gpt2")  # ArchConfig.model_type values that build a decoder-only LM
 
@@ -135,6 +136,85 @@ def check_buildable(arch, tokenizer: PreTrainedTokenizerBase, max_positions: int
                               f"or leave it unset to train one on the data")
         return
     causal_config(arch, tokenizer, max_positions)
+
+
+def _layer_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """``(prefix, layers)``: the state-dict prefix of a decoder-only LM's decoder layers and the layers themselves —
+    ``model.layers`` (Llama, Qwen2) or ``transformer.h`` (GPT-2)."""
+    if model.config.model_type == "gpt2":
+        return "transformer.h.", model.transformer.h
+    return "model.layers.", model.model.layers
+
+
+def check_init_layers(layers, teacher_config, teacher: str) -> None:
+    """Raise :class:`~tw_rl.config.ConfigError` unless :func:`init_from_layers` can keep ``layers`` of a teacher of
+    ``teacher_config`` (named ``teacher`` in the message): a decoder-only Llama, Qwen2 or GPT-2 with every index
+    below its layer count, listed once and in order (phase 0 checks this before it trains anything)."""
+    key = f"student.init_layers={list(layers)}"
+    kind = getattr(teacher_config, "model_type", None)
+    if not is_causal(teacher_config):
+        raise ConfigError(f"{key} needs a decoder-only teacher (Llama, Qwen2 or GPT-2 kind); the teacher {teacher} is "
+                          f"an encoder-decoder ({kind}): give a causal teacher or leave student.init_layers unset")
+    if kind not in CAUSAL_TYPES:
+        raise ConfigError(f"{key}: the teacher {teacher} is a {kind!r} model; tw-rl drops layers of "
+                          f"{', '.join(CAUSAL_TYPES)} models only: leave student.init_layers unset (build "
+                          f"student.arch) for this teacher")
+    if kind == "gpt2" and getattr(teacher_config, "scale_attn_by_inverse_layer_idx", False):
+        raise ConfigError(f"{key}: the GPT-2 teacher {teacher} scales attention by 1/(layer index + 1) "
+                          f"(scale_attn_by_inverse_layer_idx), which renumbered layers would change: leave "
+                          f"student.init_layers unset for this teacher")
+    n = int(teacher_config.num_hidden_layers)
+    if not layers:
+        raise ConfigError(f"{key} is empty: list the teacher's decoder layers to keep (0..{n - 1})")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ConfigError(f"{key} must list each teacher layer once, in increasing order, e.g. {sorted(set(layers))}")
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"{key}: the teacher {teacher} has {n} decoder layer{'s' if n != 1 else ''} (0..{n - 1}); {bad} "
+                          f"{'is' if len(bad) == 1 else 'are'} out of range")
+
+
+def pruned_config(teacher_config, layers) -> PreTrainedConfig:
+    """The teacher's config with only ``layers`` kept: the layer count (``num_hidden_layers``, GPT-2's ``n_layer``)
+    and every per-layer list (Qwen2's ``layer_types``) sliced; Qwen2's ``max_window_layers`` counts the kept layers
+    below it (``layer_types`` is what its model reads)."""
+    config = copy.deepcopy(teacher_config)
+    n = int(teacher_config.num_hidden_layers)
+    for name, value in list(vars(config).items()):
+        if "layer" in name and isinstance(value, (list, tuple)) and len(value) == n:
+            setattr(config, name, type(value)(value[i] for i in layers))
+    if isinstance(getattr(config, "max_window_layers", None), int):
+        config.max_window_layers = sum(i < teacher_config.max_window_layers for i in layers)
+    config.num_hidden_layers = len(layers)
+    return config
+
+
+def init_from_layers(teacher: torch.nn.Module, layers) -> torch.nn.Module:
+    """A student made from ``teacher`` (a decoder-only Llama, Qwen2 or GPT-2) by dropping layers, as DistilBERT was
+    made from BERT (Sanh et al. 2019): the teacher's embeddings (GPT-2's position table too), final norm and output
+    layer, and its decoder layers ``layers`` (0-based, increasing) as layers ``0 … k−1``.
+
+    The student is a fresh model of the smaller config (:func:`pruned_config`) loaded with those weights (copies:
+    training it leaves the teacher as it was), so every attention module's ``layer_idx`` — the KV cache's slot — is
+    its new position and the saved model reloads as it is. Raises :class:`~tw_rl.config.ConfigError` for a teacher
+    or a layer list it cannot take (:func:`check_init_layers`)."""
+    check_init_layers(layers, teacher.config, getattr(teacher.config, "name_or_path", "") or type(teacher).__name__)
+    config = pruned_config(teacher.config, layers)
+    with torch.random.fork_rng(devices=[]):  # the fresh weights are overwritten below: leave the RNG as it was
+        student = type(teacher)(config)
+    prefix, _ = _layer_stack(student)
+    source = teacher.state_dict()
+    weights = {}
+    for key in student.state_dict():
+        old = key
+        if key.startswith(prefix):
+            j, rest = key[len(prefix):].split(".", 1)
+            old = f"{prefix}{layers[int(j)]}.{rest}"
+        weights[key] = source[old].detach().clone()
+    student.load_state_dict(weights, strict=True)
+    student.to(next(teacher.parameters()).dtype)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.train(teacher.training)
 
 
 def check_pad_token(tokenizer: PreTrainedTokenizerBase, what: str) -> tuple[int, int]:
@@ -319,8 +399,11 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def role_family(cfg, role: str) -> str:
     """The model family (:mod:`tw_rl.models.family`) of ``role`` (``"teacher"`` or ``"student"``): a given model's
-    own config decides (a GGUF file is a causal LM); a model built in phase 0 is ``arch.model_type``'s."""
+    own config decides (a GGUF file is a causal LM); a model built in phase 0 is ``arch.model_type``'s, a student
+    made of the teacher's layers (``student.init_layers``) a causal LM."""
     mcfg = getattr(cfg, role)
+    if getattr(mcfg, "init_layers", None) is not None:  # a student made of the (decoder-only) teacher's layers
+        return CAUSAL
     if not mcfg.name_or_path:
         return SEQ2SEQ if mcfg.arch.model_type == "t5" else CAUSAL
     if is_gguf(mcfg.name_or_path, mcfg.gguf_file):
