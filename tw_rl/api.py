@@ -137,9 +137,8 @@ class TrainedModel:
                 raise ValueError("this TrainedModel has no phase-0 student (base_student_dir was not given)")
             from tw_rl.models.factory import load_model
 
-            given = self.cfg.student.name_or_path
             self._base = load_model(str(self._base_dir), trust_remote_code=self.cfg.student.trust_remote_code,
-                                    gguf_file=self.cfg.student.gguf_file if given else None)[0]
+                                    gguf_file=self.cfg.student.gguf_file)[0]
         return self._base.to(self.device).eval()
 
     @property
@@ -362,7 +361,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", overrides: Seq
     base_dir = cfg.student.name_or_path or RunDir(run).model("student")
     student, _ = Student.load(student_dir(run, cfg), trust_remote_code=cfg.student.trust_remote_code)
     model, tok = load_model(str(teacher_dir), trust_remote_code=cfg.teacher.trust_remote_code,
-                            gguf_file=cfg.teacher.gguf_file if cfg.teacher.name_or_path else None)
+                            gguf_file=cfg.teacher.gguf_file)
     teacher = Teacher(model, vocab_size=len(tok), pad_id=tok.pad_token_id,
                       start_id=start_token_id(model, tok.pad_token_id), device=device)
     return TrainedModel(cfg, tok, student, teacher, base_student_dir=base_dir, device=device)

@@ -181,7 +181,7 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
     student_dir = cfg.student.name_or_path or summary["student"]["dir"]
     device = check_device("teacher.driver_device", cfg.teacher.driver_device)
     teacher_model, tok = load_model(teacher_dir, trust_remote_code=cfg.teacher.trust_remote_code,
-                                    gguf_file=cfg.teacher.gguf_file if cfg.teacher.name_or_path else None)
+                                    gguf_file=cfg.teacher.gguf_file)
     sampled = sorted(set(training_budgets(cfg)))  # training inputs carry a prompt for every budget training draws
     limits = _split_limits(cfg)
     templates = (input_template(cfg, "teacher", tok, family_of(teacher_model)), input_template(cfg, "student", tok))
@@ -271,7 +271,7 @@ def load_base_student(run: Run):
     """The phase-0 student ``(model, tokenizer)`` (a given model, GGUF file included, or phase 0's)."""
     cfg = run.cfg.student
     return load_model(run.base_student_dir, trust_remote_code=cfg.trust_remote_code,
-                      gguf_file=cfg.gguf_file if cfg.name_or_path else None)
+                      gguf_file=cfg.gguf_file)
 
 
 def student_start_id(cfg: Config, student_dir: str, pad_id: int) -> int:

@@ -274,8 +274,7 @@ def run_phase2(run, student, log, resume: bool):
         print("rllib_ppo keeps no phase-2 checkpoints: --resume starts phase 2 from the phase-1 student")
     init_ray()
     max_src = max(len(s) for ex in run.train for s in ex.student_src.values())
-    gguf_file = cfg.teacher.gguf_file if cfg.teacher.name_or_path else None
-    env_config = {"teacher_dir": run.teacher_dir, "teacher_gguf_file": gguf_file, "examples": run.train,
+    env_config = {"teacher_dir": run.teacher_dir, "teacher_gguf_file": cfg.teacher.gguf_file, "examples": run.train,
                   "n_actions": student.n_actions,
                   "eos_id": run.eos_id, "pad_id": run.pad_id, "start_id": run.start_id, "budgets": cfg.budgets,
                   "max_len": cfg.data.max_tgt_tokens, "max_src_len": max_src}
