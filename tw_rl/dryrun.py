@@ -22,6 +22,8 @@ from typing import Any
 
 from tw_rl.config import Config, ConfigError, given_tokenizer
 from tw_rl.evaluation.task import resolve_task
+from tw_rl.models.errors import ModelNotAvailableError
+from tw_rl.models.location import is_package, local_path
 
 _DATA_LOADERS = {"embedded": "tw_rl.data.embedded", "files": "tw_rl.data.files", "hf": "tw_rl.data.hf"}
 
@@ -81,7 +83,11 @@ def _model(role: str, mcfg, cfg: Config) -> dict[str, Any]:
 
 def _gguf(role: str, name: str, gguf_file: str | None) -> dict[str, Any]:
     """A GGUF model source (a .gguf file, or a directory and ``gguf_file``): it must exist; it is read in phase 0."""
-    p = Path(name).expanduser() / gguf_file if gguf_file else Path(name).expanduser()
+    try:
+        where = local_path(name)
+    except ModelNotAvailableError as e:
+        raise ConfigError(f"{role}.name_or_path={name!r}: {e}") from None
+    p = where / gguf_file if gguf_file else where
     if not p.is_file():
         key = f"{role}.name_or_path={name!r}" + (f" with {role}.gguf_file={gguf_file!r}" if gguf_file else "")
         raise ConfigError(f"{key}: no GGUF file at {p}")
@@ -90,9 +96,12 @@ def _gguf(role: str, name: str, gguf_file: str | None) -> dict[str, Any]:
 
 
 def _named(role: str, name: str, trust_remote_code: bool = False, weights: bool = True) -> dict[str, Any]:
-    """A local directory (checked) or a hub id (download listed)."""
-    p = Path(name).expanduser()
-    if p.exists() or name.startswith((".", "/", "~")):
+    """A local directory (checked; ``package:NAME`` an installed package's) or a hub id (download listed)."""
+    try:
+        p = local_path(name)
+    except ModelNotAvailableError as e:
+        raise ConfigError(f"{role}.name_or_path={name!r}: {e}") from None
+    if p.exists() or name.startswith((".", "/", "~")) or is_package(name):
         if not p.is_dir():
             raise ConfigError(f"{role}.name_or_path={name!r}: no such directory")
         if weights and not ((p / "config.json").is_file() and any(p.glob("*.safetensors"))):
@@ -218,14 +227,20 @@ def plan(cfg: Config) -> dict[str, Any]:
     if "id" in data:
         downloads.append({"kind": "dataset", "id": data["id"], "config": data["config"], "cached": data["cached"],
                           "splits": sorted(set(data["splits"].values()))})
-    trained = [m["role"] for m in models if m["source"].startswith("phase 0")]
+    scratch = [m["role"] for m in models if m["source"] == "phase 0 (trained from scratch)"]
+    distilled = [m["role"] for m in models if m["source"].startswith("phase 0 (the teacher's layers")]
+    phase0 = ([f"train {' and '.join(scratch)} from scratch"] if scratch else []) + (
+        [f"train the {distilled[0]} from the teacher's layers"] if distilled else [])
+    if phase0 and cfg.pretrain.student_targets == "teacher":
+        phase0[-1] += " on the teacher's greedy outputs (sequence-level distillation)"
     phases = {
-        "phase0": f"train {' and '.join(trained)} from scratch" if trained else "skipped (both models given)",
+        "phase0": "; ".join(phase0) if phase0 else "skipped (both models given)",
         "phase1": (f"KL-oracle behaviour cloning, {cfg.phase1.num_examples or 'all'} inputs × {cfg.phase1.epochs:g} "
                    f"epochs" if cfg.phase1.enabled else "disabled"),
         "phase2": phase2_summary(cfg, algo.__name__),
         "eval": f"{task}: " + {"summarization": "BLEU, chrF, ROUGE-1/2/L",
-                               "math": "exact match of the final answer, BLEU, chrF"}.get(task, "BLEU, chrF")
+                               "math": "exact match of the final answer, BLEU, chrF",
+                               "qa": "answer accuracy, BLEU, chrF"}.get(task, "BLEU, chrF")
                 + (" + baselines" if cfg.eval.baselines else ""),
     }
     return {"out_dir": cfg.out_dir, "budgets": cfg.budgets, "algorithm": {"name": cfg.algo, "module": algo.__name__},

@@ -14,7 +14,7 @@ from tw_rl.evaluation import registry
 from tw_rl.evaluation.alone import ends
 from tw_rl.evaluation.calibration import usage_targets
 from tw_rl.evaluation.outputs import Method, detok, records, run, score
-from tw_rl.evaluation.quality import answer_matches, gap_closed, main_metric, paired_bootstrap, \
+from tw_rl.evaluation.quality import MATCH_METRIC, gap_closed, main_metric, matches, paired_bootstrap, \
     paired_bootstrap_matches, signatures
 from tw_rl.evaluation.rows import OMITTED, Context, Point, RowKind
 from tw_rl.evaluation.task import resolve_task
@@ -106,7 +106,8 @@ class _Decoding:
 
 def compare_to_tw(ctx: Context, n_samples: int) -> None:
     """At every budget, each ``compared`` row against the Training Wheels row: ``vs_tw`` (BLEU difference and
-    paired-bootstrap p-value; for math also the exact match's) on the row, ``bleu_ci95`` (``exact_match_ci95``) on
+    paired-bootstrap p-value; for math and qa also the per-output metric's) on the row, ``bleu_ci95`` (and
+    ``exact_match_ci95`` or ``answer_accuracy_ci95``) on
     the Training Wheels row."""
     references = [e.reference for e in ctx.test]
     compared = [kind.method for kind in registry.kinds() if kind.compared]
@@ -117,10 +118,11 @@ def compare_to_tw(ctx: Context, n_samples: int) -> None:
             continue
         ci, vs = paired_bootstrap(ctx.hyps[tw], others, references, n_samples)
         ctx.rows[tw]["bleu_ci95"] = round(ci, 2)
-        if ctx.task == "math":
-            ok = {m: answer_matches(h, references) for m, h in others.items()}
-            em_ci, em = paired_bootstrap_matches(answer_matches(ctx.hyps[tw], references), ok, n_samples)
-            ctx.rows[tw]["exact_match_ci95"] = round(em_ci, 2)
+        if ctx.task in MATCH_METRIC:
+            ok = {m: matches(ctx.task, h, references) for m, h in others.items()}
+            em_ci, em = paired_bootstrap_matches(matches(ctx.task, ctx.hyps[tw], references), ok, n_samples,
+                                                 key=MATCH_METRIC[ctx.task])
+            ctx.rows[tw][f"{MATCH_METRIC[ctx.task]}_ci95"] = round(em_ci, 2)
             for m in vs:
                 vs[m].update(em[m])
         for m, result in vs.items():

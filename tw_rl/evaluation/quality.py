@@ -1,9 +1,12 @@
 """Quality of a row's outputs (SPEC §7): corpus BLEU and chrF (sacrebleu), ROUGE-1/2/L for summarization, exact
-match of the final answer for math word problems (GSM8K), the signatures of those scores, the paired bootstrap test of a row against Training Wheels, and the gap closed."""
+match of the final answer for math word problems (GSM8K), answer accuracy for short-answer questions (a reference
+answer found in the output), the signatures of those scores, the paired bootstrap test of a row against Training
+Wheels, and the gap closed."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Sequence
 
 import numpy as np
@@ -12,20 +15,36 @@ import sacrebleu
 
 def quality(hyps: Sequence[str], refs: Sequence[str], task: str = "translation") -> dict[str, float]:
     """Corpus BLEU and chrF (sacrebleu defaults); plus ROUGE-1/2/L (mean F1 × 100) for summarization, and the exact
-    match of the final answer (% of outputs, :func:`final_answer`) for math."""
+    match of the final answer (% of outputs, :func:`final_answer`) for math, the answer accuracy (% of outputs,
+    :func:`answer_found`) for qa."""
     q = {"bleu": round(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score, 2),
          "chrf": round(sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score, 2)}
     if task == "summarization":
         q.update(rouge(hyps, refs))
-    if task == "math":
-        q["exact_match"] = round(100 * float(np.mean(answer_matches(hyps, refs))) if len(refs) else 0.0, 2)
+    if task in MATCH_METRIC:
+        q[MATCH_METRIC[task]] = round(100 * float(np.mean(matches(task, hyps, refs))) if len(refs) else 0.0, 2)
     return q
 
 
+# the per-output score of a task, in % of outputs: its key in the report
+MATCH_METRIC = {"math": "exact_match", "qa": "answer_accuracy"}
+MATCH_LABEL = {"exact_match": "exact match of the final answer (%)",
+               "answer_accuracy": "answer accuracy (% of outputs containing a reference answer)"}
+
+
 def main_metric(task: str) -> str:
-    """The score ``gap_closed`` and the plot read: ROUGE-L for summarization, exact match for math, BLEU
-    otherwise."""
-    return {"summarization": "rougeL", "math": "exact_match"}.get(task, "bleu")
+    """The score ``gap_closed`` and the plot read: ROUGE-L for summarization, exact match for math, answer accuracy
+    for qa, BLEU otherwise."""
+    return {"summarization": "rougeL", **MATCH_METRIC}.get(task, "bleu")
+
+
+def matches(task: str, hyps: Sequence[str], refs: Sequence[str]) -> list[bool]:
+    """Per output, whether it scores under ``task``'s per-output metric (:data:`MATCH_METRIC`)."""
+    if task == "math":
+        return answer_matches(hyps, refs)
+    if task == "qa":
+        return [answer_found(h, r) for h, r in zip(hyps, refs)]
+    raise ValueError(f"task {task!r} has no per-output metric (those that do: {sorted(MATCH_METRIC)})")
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -46,6 +65,23 @@ def final_answer(text: str) -> str | None:
 def answer_matches(hyps: Sequence[str], refs: Sequence[str]) -> list[bool]:
     """Per output: its final answer equals the reference's (an output without a number never matches)."""
     return [final_answer(h) is not None and final_answer(h) == final_answer(r) for h, r in zip(hyps, refs)]
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation (lower case; punctuation, the articles a/an/the and extra spaces dropped), with
+    accents dropped too (``"Brasília"`` = ``"Brasilia"``)."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).lower()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def answer_found(hyp: str, ref: str) -> bool:
+    """A short answer is right when one of the reference's answers (alternatives separated by ``|``: ``"Sucre|La
+    Paz"``) occurs in the output as whole words, both normalised (:func:`normalize_answer`): the accuracy of the
+    open-domain QA evaluations of generative models, which answer in a sentence ("The capital of France is
+    Paris.")."""
+    out = f" {normalize_answer(hyp)} "
+    return any(a and f" {a} " in out for a in (normalize_answer(x) for x in ref.split("|")))
 
 
 def rouge(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
@@ -69,6 +105,9 @@ def signatures(task: str) -> dict[str, str]:
         sig["rouge"] = f"rouge-score {version('rouge-score')}|F1 mean|use_stemmer:yes|rouge1,rouge2,rougeL"
     if task == "math":
         sig["exact_match"] = "final answer (after the last ####, else the last number; commas and .0 dropped)|%"
+    if task == "qa":
+        sig["answer_accuracy"] = ("a reference answer (alternatives split at |) occurs in the output as whole words, "
+                                  "both SQuAD-normalised, accents dropped|%")
     return sig
 
 
@@ -92,8 +131,9 @@ def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]],
 
 
 def paired_bootstrap_matches(baseline: Sequence[bool], systems: dict[str, Sequence[bool]], n_samples: int,
-                             seed: int = 12345) -> tuple[float, dict[str, dict]]:
-    """The paired bootstrap of :func:`paired_bootstrap` for a per-output score (exact match, in %): the same
+                             seed: int = 12345, key: str = "exact_match") -> tuple[float, dict[str, dict]]:
+    """The paired bootstrap of :func:`paired_bootstrap` for a per-output score (exact match, answer accuracy; in %;
+    ``key`` names it in the result: ``{key}_delta``, ``{key}_p_value``): the same
     resamples of the inputs for every system (seeded), the baseline's 95 % CI half-width, and for each system its
     difference and the two-sided p-value (the share of resamples whose centred |difference| reaches the observed
     one, ``(count + 1) / (n + 1)`` as sacrebleu counts)."""
@@ -109,8 +149,8 @@ def paired_bootstrap_matches(baseline: Sequence[bool], systems: dict[str, Sequen
         diffs = (s[idx].mean(1) - b_means) if len(base) else np.zeros(n_samples)
         count = int((np.abs(diffs - diffs.mean()) >= abs(observed)).sum())
         same = list(v) == list(baseline)
-        out[k] = {"exact_match_delta": round(observed, 2),
-                  "exact_match_p_value": 1.0 if same else round((count + 1) / (n_samples + 1), 4)}
+        out[k] = {f"{key}_delta": round(observed, 2),
+                  f"{key}_p_value": 1.0 if same else round((count + 1) / (n_samples + 1), 4)}
     return ci, out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tw_rl.evaluation import registry
-from tw_rl.evaluation.quality import main_metric
+from tw_rl.evaluation.quality import MATCH_LABEL, MATCH_METRIC, main_metric
 from tw_rl.evaluation.rows import RowKind
 from tw_rl.rundir import RunDir, atomic_file, atomic_write
 
@@ -33,7 +33,8 @@ _ROW = {"type": "object", "required": ["method", "loop", *_METRICS],
         "properties": {"method": {"type": "string"}, "loop": {"type": "string"},
                        "bleu": {"type": "number", "minimum": 0},
                        "chrf": {"type": "number", "minimum": 0},
-                       **{k: {"type": "number", "minimum": 0, "maximum": 100} for k in ("rouge1", "rouge2", "rougeL")},
+                       **{k: {"type": "number", "minimum": 0, "maximum": 100}
+                          for k in ("rouge1", "rouge2", "rougeL", "exact_match", "answer_accuracy")},
                        "usage_mean": {"type": "number", "minimum": 0, "maximum": 1},
                        "usage_p95": {"type": "number", "minimum": 0, "maximum": 1},
                        "calls_per_token": {"type": "number", "minimum": 0},
@@ -93,7 +94,7 @@ def report_schema() -> dict:
         "required": ["n_examples", "split", "task", *required, "gap_closed", "signatures", "latency"],
         "properties": {
             "n_examples": {"type": "integer", "minimum": 0}, "split": {"type": "string"},
-            "task": {"enum": ["translation", "summarization", "math"]},
+            "task": {"enum": ["translation", "summarization", "math", "qa"]},
             **row_keys,
             "gap_closed": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
             "signatures": {"type": "object", "required": ["bleu", "chrf"],
@@ -126,12 +127,13 @@ def markdown(report: dict) -> str:
     """One table: every row without a budget, then per budget Training Wheels and every row at that budget (in
     registry order, ``listed_last`` kinds last)."""
     rouge_cols = report.get("task") == "summarization"
-    em_col = report.get("task") == "math"
+    em = MATCH_METRIC.get(report.get("task", ""))
+    em_col = em is not None
     cols = ["method", "budget", "BLEU", "chrF"] + (["R-1", "R-2", "R-L"] if rouge_cols else []) + (
-        ["exact match %"] if em_col else []) + [
+        [{"exact_match": "exact match %", "answer_accuracy": "answer accuracy %"}[em]] if em_col else []) + [
         "usage mean", "usage p95", "calls/token", "latency ms (bs 1)", "seq/s (bs 32)", "notes"]
     keys = ["bleu", "chrf"] + (["rouge1", "rouge2", "rougeL"] if rouge_cols else []) + (
-        ["exact_match"] if em_col else []) + ["usage_mean", "usage_p95", "calls_per_token", "latency_ms",
+        [em] if em_col else []) + ["usage_mean", "usage_p95", "calls_per_token", "latency_ms",
                                               "throughput_seq_s"]
     lines = ["# tw-rl report", "",
              f"{report.get('n_examples')} examples of the `{report.get('split', 'test')}` split; greedy decoding. "
@@ -147,9 +149,9 @@ def markdown(report: dict) -> str:
         note = kind.note(r, report)
         if "vs_tw" in r:  # paired bootstrap against Training Wheels at this budget
             vs = f"BLEU {r['vs_tw']['bleu_delta']:+.2f} vs Training Wheels (p = {r['vs_tw']['p_value']:.3g})"
-            if "exact_match_delta" in r["vs_tw"]:
-                vs = (f"exact match {r['vs_tw']['exact_match_delta']:+.2f} vs Training Wheels "
-                      f"(p = {r['vs_tw']['exact_match_p_value']:.3g}); {vs}")
+            if em_col and f"{em}_delta" in r["vs_tw"]:
+                vs = (f"{em.replace('_', ' ')} {r['vs_tw'][f'{em}_delta']:+.2f} vs Training Wheels "
+                      f"(p = {r['vs_tw'][f'{em}_p_value']:.3g}); {vs}")
             note = f"{note}; {vs}" if note else vs
         lines.append("| " + " | ".join([kind.title, _fmt(r.get("budget"))] + [_fmt(r.get(k)) for k in keys] + [note])
                      + " |")
@@ -187,7 +189,7 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     metric = main_metric(report.get("task", "translation"))
-    label = {"rougeL": "ROUGE-L", "exact_match": "exact match of the final answer (%)"}.get(metric, "BLEU")
+    label = {"rougeL": "ROUGE-L", **MATCH_LABEL}.get(metric, "BLEU")
     drawn = [k for k in registry.kinds() if k.plot is not None]
     curves = sorted((k for k in drawn if k.plot.curve), key=lambda k: not k.per_budget)
     points = [k for k in drawn if not k.plot.curve]

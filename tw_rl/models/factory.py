@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 from tw_rl.config import ConfigError
 from tw_rl.models.errors import ModelNotAvailableError
 from tw_rl.models.family import CAUSAL, SEQ2SEQ, InputTemplate, auto_model_class, family_of, is_causal
+from tw_rl.models.location import local_path
 
 CAUSAL_TYPES = ("llama", "qwen2", "gpt2")  # ArchConfig.model_type values that build a decoder-only LM
 
@@ -280,7 +281,7 @@ def _not_available(name_or_path: str, e: Exception) -> ModelNotAvailableError:
 
 
 def _resolve(name_or_path: str) -> str:
-    local = Path(name_or_path).expanduser()
+    local = local_path(name_or_path)  # package:NAME is an installed package's directory
     return str(local) if local.is_dir() else name_or_path
 
 

