@@ -74,6 +74,15 @@ def test_report_schema_and_files(run):
     assert [r["budget"] for r in report["tw"]] == [r["budget"] for r in report["tw_hard_cap"]] == cfg.budgets
     assert report["teacher_only"]["usage_mean"] == report["teacher_only"]["calls_per_token"] == 1.0
     assert report["student_only"]["usage_mean"] == report["student_only"]["calls_per_token"] == 0.0
+    m = run["model"]
+    assert report["models"] == {
+        "teacher": f"{type(m.teacher.model).__name__} (phase 0: t5 d_model={cfg.teacher.arch.d_model} "
+                   f"d_ff={cfg.teacher.arch.d_ff} heads={cfg.teacher.arch.num_heads}, trained from scratch)",
+        "student": f"{type(m.student.model).__name__} (phase 0: t5 d_model={cfg.student.arch.d_model} "
+                   f"d_ff={cfg.student.arch.d_ff} heads={cfg.student.arch.num_heads}, trained from scratch)",
+        "teacher_parameters": sum(p.numel() for p in m.teacher.model.parameters()),  # (tied tensors once)
+        "student_parameters": sum(p.numel() for p in m.student.parameters())}
+    assert report["models"]["teacher_parameters"] > report["models"]["student_parameters"] > 0
     lines = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
     for r in report["tw"] + report["oracle"]:  # usage and calls/token are the teacher's tokens in the outputs
         own = [x for x in lines if x["method"] == r["method"] and x["budget"] == r["budget"]]

@@ -53,10 +53,32 @@ def evaluate(model: "TrainedModel", test: Sequence[Example], validation: Sequenc
     main = main_metric(ctx.task)
     report["gap_closed"] = gap_closed(decoding.by_kind.get(registry.TRAINING_WHEELS, []), *ends(ctx), main)
     report["signatures"] = signatures(ctx.task)
+    report["models"] = describe_models(model)
     report["latency"] = {"batch_size": 1, "examples": min(len(ctx.test), cfg.eval.latency_examples),
                          "repeats": cfg.eval.latency_repeats, "throughput_batch_size": cfg.eval.throughput_batch_size,
                          "device": str(model.device), "torch_threads": torch.get_num_threads()}
     return report, decoding.records
+
+
+def describe_models(model: "TrainedModel") -> dict[str, Any]:
+    """The report's ``models``: where the teacher and the student came from (a given model's source, or how phase 0
+    built it), their classes, and their parameter counts (distinct tensors, tied embeddings once; the student's with
+    its ``<τ>`` head)."""
+    from tw_rl.models.factory import count_parameters, source_name
+
+    def source(role: str) -> str:
+        m = getattr(model.cfg, role)
+        if m.name_or_path:
+            return source_name(m.name_or_path, m.gguf_file)
+        if role == "student" and m.init_layers:
+            return f"phase 0: the teacher's layers {list(m.init_layers)}, then trained"
+        a = m.arch
+        return f"phase 0: {a.model_type} d_model={a.d_model} d_ff={a.d_ff} heads={a.num_heads}, trained from scratch"
+
+    teacher, student = model.teacher.model, model.student
+    return {"teacher": f"{type(teacher).__name__} ({source('teacher')})",
+            "student": f"{type(student.model).__name__} ({source('student')})",
+            "teacher_parameters": count_parameters(teacher), "student_parameters": count_parameters(student)}
 
 
 class _Decoding:
