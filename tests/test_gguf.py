@@ -133,3 +133,24 @@ def test_smollm2_through_phase_0s_pieces(smollm2, tmp_path):
     with torch.no_grad():
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert out[1] == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_a_student_of_smollm2s_layers_saves_and_reloads_as_a_plain_model(smollm2, tmp_path):
+    """The layer-dropped student of a GGUF teacher is a plain float model: its config drops the teacher's
+    ``quantization_config`` (kept, the reloaded student would be "quantized with gguf" and refuse to save again,
+    as phase 1 saves it), and it reloads with the same weights."""
+    import torch
+
+    from tw_rl.models.factory import init_from_layers, load_weights, save_model
+
+    model, tok = smollm2
+    assert getattr(model.config, "quantization_config", None) is not None  # what transformers records for GGUF
+    student = init_from_layers(model, [0, 29])
+    assert getattr(student.config, "quantization_config", None) is None
+    save_model(student, tok, tmp_path / "s")
+    again = load_weights(str(tmp_path / "s"))
+    assert getattr(again, "hf_quantizer", None) is None and again.config.num_hidden_layers == 2
+    save_model(again, tok, tmp_path / "s2")  # what failed: the second save (phase 1's) of a reloaded student
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, student(ids).logits)

@@ -178,8 +178,12 @@ def check_init_layers(layers, teacher_config, teacher: str) -> None:
 def pruned_config(teacher_config, layers) -> PreTrainedConfig:
     """The teacher's config with only ``layers`` kept: the layer count (``num_hidden_layers``, GPT-2's ``n_layer``)
     and every per-layer list (Qwen2's ``layer_types``) sliced; Qwen2's ``max_window_layers`` counts the kept layers
-    below it (``layer_types`` is what its model reads)."""
+    below it (``layer_types`` is what its model reads). A GGUF teacher's ``quantization_config`` is dropped: the
+    student's weights are plain float tensors (the teacher's were dequantized on load), and a config that kept it
+    would reload as a GGUF-quantized model that transformers refuses to save."""
     config = copy.deepcopy(teacher_config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     n = int(teacher_config.num_hidden_layers)
     for name, value in list(vars(config).items()):
         if "layer" in name and isinstance(value, (list, tuple)) and len(value) == n:
