@@ -93,3 +93,25 @@ def test_the_report_shows_answer_accuracy_and_its_comparison():
     assert "| chrF | answer accuracy % | usage mean |" in header
     assert "41.67" in text and "answer accuracy -11.67 vs Training Wheels (p = 0.03)" in text
     assert "Quality column of the plot: answer_accuracy." in text
+
+
+@pytest.mark.parametrize("task, key, want", [("qa", "answer_accuracy", 50.0), ("math", "exact_match", 50.0),
+                                             ("translation", None, None)])
+def test_phase_0s_evaluation_reports_the_tasks_metric(monkeypatch, task, key, want):
+    """Phase 0's check of a model scores its greedy outputs with the task's per-output metric as the evaluation does
+    (for math it replaces the plain string equality, which shares its name)."""
+    import tw_rl.pretrain as pretrain
+    from tw_rl.data import Pair
+
+    pairs = {"qa": [Pair("What is the capital of France?", "Paris"), Pair("… of Chile?", "Santiago")],
+             "math": [Pair("2 + 2?", "4 #### 4"), Pair("3 + 3?", "#### 6")],
+             "translation": [Pair("ein Hund", "a dog"), Pair("eine Katze", "a cat")]}[task]
+    outputs = {"qa": ["The capital of France is Paris.", "It is Lima."], "math": ["so #### 4", "#### 7"],
+               "translation": ["a dog", "the cat"]}[task]
+    monkeypatch.setattr(pretrain, "greedy_translate", lambda *a, **k: outputs)
+    got = pretrain.evaluate_pair_bleu(None, None, pairs, load_config(None, [f"eval.task={task}"]))
+    if key is None:
+        assert got["exact_match"] == 0.5 and "answer_accuracy" not in got  # plain string equality
+    else:
+        assert got[key] == want
+        assert task != "qa" or got["exact_match"] == 0.0  # qa keeps the string equality beside it

@@ -55,7 +55,7 @@ from tw_rl.config import ArchConfig, Config, ConfigError, given_tokenizer, promp
 from tw_rl.data import Pair, load_split
 from tw_rl.data.validate import check_token_lengths
 from tw_rl.decoding import decode_teacher
-from tw_rl.evaluation.quality import MATCH_METRIC, quality
+from tw_rl.evaluation.quality import MATCH_METRIC, match_rate
 from tw_rl.evaluation.task import resolve_task
 from tw_rl.examples import pad_batch
 from tw_rl.manifest import Manifest, pairs_digest, say_recomputing
@@ -345,7 +345,8 @@ def token_accuracy_by_class(model, tok: PreTrainedTokenizerBase, pairs: list[Pai
 def evaluate_pair_bleu(model, tok, pairs: list[Pair], cfg: Config, template: InputTemplate | None = None
                        ) -> dict[str, Any]:
     """Greedy outputs scored against the references: sacrebleu corpus BLEU and chrF, exact matches (the fraction of
-    outputs equal to their reference), for math and qa the task's own per-output metric (``eval.task``), 3
+    outputs equal to their reference; for math, whose per-output metric is also called exact_match, that metric
+    instead: the final answer's, in %), for math and qa the task's own per-output metric (``eval.task``), 3
     samples."""
     t0 = time.perf_counter()
     hyps = greedy_translate(model, tok, [p.source for p in pairs], cfg.data.max_tgt_tokens, cfg.eval.batch_size,
@@ -353,10 +354,10 @@ def evaluate_pair_bleu(model, tok, pairs: list[Pair], cfg: Config, template: Inp
     elapsed = time.perf_counter() - t0
     refs = [p.target for p in pairs]
     task = resolve_task(cfg)  # math and qa: also their per-output metric (% of outputs), as the evaluation reports it
-    per_output = {MATCH_METRIC[task]: quality(hyps, refs, task)[MATCH_METRIC[task]]} if task in MATCH_METRIC else {}
+    per_output = {MATCH_METRIC[task]: match_rate(task, hyps, refs)} if task in MATCH_METRIC else {}
     return {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score, "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
-            **per_output,
-            "exact_match": sum(h == r for h, r in zip(hyps, refs)) / max(1, len(refs)), "eval_time_s": elapsed,
+            "exact_match": sum(h == r for h, r in zip(hyps, refs)) / max(1, len(refs)), **per_output,
+            "eval_time_s": elapsed,
             "examples": len(pairs), "sample": [{"source": p.source, "reference": p.target, "output": h}
                                                for p, h in zip(pairs[:3], hyps[:3])]}
 

@@ -22,7 +22,7 @@ def quality(hyps: Sequence[str], refs: Sequence[str], task: str = "translation")
     if task == "summarization":
         q.update(rouge(hyps, refs))
     if task in MATCH_METRIC:
-        q[MATCH_METRIC[task]] = round(100 * float(np.mean(matches(task, hyps, refs))) if len(refs) else 0.0, 2)
+        q[MATCH_METRIC[task]] = match_rate(task, hyps, refs)
     return q
 
 
@@ -36,6 +36,11 @@ def main_metric(task: str) -> str:
     """The score ``gap_closed`` and the plot read: ROUGE-L for summarization, exact match for math, answer accuracy
     for qa, BLEU otherwise."""
     return {"summarization": "rougeL", **MATCH_METRIC}.get(task, "bleu")
+
+
+def match_rate(task: str, hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """``task``'s per-output metric over the outputs, in % (0 without outputs), rounded to 2 decimals."""
+    return round(100 * float(np.mean(matches(task, hyps, refs))) if len(refs) else 0.0, 2)
 
 
 def matches(task: str, hyps: Sequence[str], refs: Sequence[str]) -> list[bool]:

@@ -135,7 +135,7 @@ def markdown(report: dict) -> str:
     em = MATCH_METRIC.get(report.get("task", ""))
     em_col = em is not None
     cols = ["method", "budget", "BLEU", "chrF"] + (["R-1", "R-2", "R-L"] if rouge_cols else []) + (
-        [{"exact_match": "exact match %", "answer_accuracy": "answer accuracy %"}[em]] if em_col else []) + [
+        [f"{em.replace('_', ' ')} %"] if em_col else []) + [
         "usage mean", "usage p95", "calls/token", "latency ms (bs 1)", "seq/s (bs 32)", "notes"]
     keys = ["bleu", "chrf"] + (["rouge1", "rouge2", "rougeL"] if rouge_cols else []) + (
         [em] if em_col else []) + ["usage_mean", "usage_p95", "calls_per_token", "latency_ms",
