@@ -202,6 +202,10 @@ class Phase1Config:
     epochs: float = param(8.0, "passes over the training inputs (one random budget per example and pass)", gt=0.0)
     batch_size: int = param(64, "examples per step", ge=1)
     lr: float = param(3e-3, "learning rate", gt=0.0)
+    added_lr: Optional[float] = param(None, "learning rate of what the method adds to the student and starts from "
+                                            "zero: the output layer's <τ> row, the gate bias, the prompt reader and "
+                                            "δ (None: phase1.lr). For a pretrained student whose body needs a small "
+                                            "phase1.lr (tw_rl/optim.py)", gt=0.0)
     final_lr_fraction: float = param(0.05, "cosine decay of the learning rate over phase 1, ending at this fraction of "
                                            "lr (1.0: constant; the constant rate cost the student's own tokens ~3 BLEU "
                                            "on the demo, docs/results.md)", gt=0.0, le=1.0)

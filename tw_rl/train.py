@@ -38,8 +38,9 @@ from tw_rl.models.factory import input_template, load_model, role_family
 from tw_rl.models.family import CAUSAL, family_of, start_token_id
 from tw_rl.prompt import budget_prompt
 from tw_rl.models.student import Student
+from tw_rl.optim import AddedRateAdamW
 from tw_rl.oracle import Reference, bc_loss, build_references, corpus_thresholds, demo_episode, oracle_episode
-from tw_rl.pretrain import lr_at, pretrain
+from tw_rl.pretrain import pretrain
 from tw_rl.refit import refit_gate, write_fit
 from tw_rl.replay import ReplayBuffer
 from tw_rl.rundir import ArtefactError, RunDir, atomic_dir, atomic_file, atomic_write
@@ -331,12 +332,10 @@ def behaviour_cloning(run: Run, student: Student, log: MetricsLogger) -> int:
     refs = references(run)
     thresholds = oracle_thresholds(run, refs)
     rng = np.random.default_rng(run.cfg.seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
     steps = int(cfg.epochs * len(refs) / cfg.batch_size)
+    opt = AddedRateAdamW(student, cfg.lr, cfg.added_lr, steps, cfg.final_lr_fraction)
     student.train()
     for step in tqdm(range(steps), desc="phase 1 (oracle BC)", unit="step"):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.lr, 0, cfg.final_lr_fraction)
         idx = rng.integers(len(refs), size=cfg.batch_size)
         budgets = rng.choice(training_budgets(run.cfg), size=cfg.batch_size)
         eps = [oracle_episode(run.train[i], refs[i], float(b), student.tau_id, cfg.oracle, thresholds.get(float(b)))
@@ -347,12 +346,12 @@ def behaviour_cloning(run: Run, student: Student, log: MetricsLogger) -> int:
         t_logp = run.teacher.distributions([run.train[i].teacher_src for i in idx],
                                            [refs[i].tokens.tolist() for i in idx])
         loss, stats = bc_loss(logits, batch.actions, batch.mask, batch.teacher_mask, t_logp, cfg.distill_weight)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         if step % 20 == 0 or step == steps - 1:
-            log.log(step, {**stats, "phase1/lr": opt.param_groups[0]["lr"]}, phase="phase1")
+            log.log(step, {**stats, "phase1/lr": opt.lr}, phase="phase1")
     return steps
 
 

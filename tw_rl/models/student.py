@@ -94,6 +94,13 @@ class Student(nn.Module):
             if self.reader is not None:
                 self.reader.requires_grad_(True)
 
+    def added_parameters(self) -> list[nn.Parameter]:
+        """What the method adds to the model and that starts from scratch, besides the output layer's ``<τ>`` row
+        (a row of a shared tensor: :class:`tw_rl.optim.AddedRateAdamW` rates it): δ, the gate bias, the prompt
+        reader."""
+        extra = [self.gate_bias] if self.gate_bias is not None else []
+        return [self.delta, *extra, *(self.reader.parameters() if self.reader is not None else [])]
+
     def mask_grads(self) -> None:
         """With ``set_trainable("tau")``: zero the gradient of every output-layer row but ``<τ>``'s."""
         grad = self.model.get_output_embeddings().weight.grad
