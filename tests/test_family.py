@@ -121,6 +121,47 @@ def test_causal_teacher_paths_agree(causal_toy) -> None:
         assert scores[k].tolist() == pytest.approx(lp_all[torch.arange(len(g)), torch.tensor(g)].tolist(), abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_stacked_teacher_caches_agree_with_the_full_prefix_forward(kind) -> None:
+    """Teacher(stack_caches=True): the rows' own KV caches, of different lengths, stacked into one forward over the
+    new tokens only, answer what one padded forward over every full prefix answers (tokens exactly, log-probs to
+    float rounding) over several rounds of growing prefixes: rows fresh and kept, rows advancing by different
+    counts, a row asking again for what it holds, two rows asking the same thing, a row that went through the
+    one-row incremental path in between."""
+    model = tiny_causal(kind, V, d_model=32, seed=3, layers=2)
+    torch.manual_seed(0)
+    src = [torch.randint(2, V, (n,)).tolist() for n in (3, 7, 5, 9, 4)]
+    out = [torch.randint(2, V, (12,)).tolist() for _ in src]
+    stacked = Teacher(model, vocab_size=V, incremental_max_rows=0, stack_caches=True)
+    full = Teacher(model, vocab_size=V, incremental_max_rows=0)
+    rounds = [  # (row, prefix length) per request
+        [(0, 0), (1, 2), (2, 1), (3, 0)],
+        [(0, 1), (1, 5), (2, 1), (3, 4), (4, 3)],  # row 2 asks again; row 4 is new
+        [(0, 6), (1, 6), (1, 6), (4, 3), (2, 9)],  # a duplicate row
+        [(0, 11), (3, 10), (4, 7), (1, 12), (2, 10)],
+    ]
+    padded = 0  # the positions of the full-prefix forwards, padding included
+    for k, request in enumerate(rounds):
+        s = [src[r] for r, _ in request]
+        p = [out[r][:n] for r, n in request]
+        padded += len(request) * max(len(a) + len(b) + 1 for a, b in zip(s, p))
+        w, lp = stacked.next_tokens(s, p)
+        w_full, lp_full = full.next_tokens(s, p)
+        assert w == w_full, (kind, k)
+        assert lp == pytest.approx(lp_full, abs=1e-5), (kind, k)
+        if k == 1:  # one row through the one-row incremental path: its state is extended there, then stacked again
+            one = Teacher(model, vocab_size=V)
+            stacked.incremental_max_rows = 1
+            assert stacked.next_tokens([src[3]], [out[3][:7]])[0] == one.next_tokens([src[3]], [out[3][:7]])[0]
+            stacked.incremental_max_rows = 0
+    st = stacked.stats
+    assert st["stacked_rows"] == sum(len(r) for r in rounds) and st["batched_rows"] == 0
+    # each row's input is fed once; later requests feed the new tokens only (padded to the block's width)
+    assert st["state_misses"] == len(src) and st["stacked_positions"] < padded / 2
+    with pytest.raises(ValueError, match="stack_caches .*seq2seq"):
+        Teacher(tiny_t5(V, d_model=16, seed=1), vocab_size=V, stack_caches=True)
+
+
 def test_causal_speculative_decoding_is_lossless(causal_toy) -> None:
     teacher = causal_toy["teacher"]
     draft = tiny_causal("llama", V, d_model=32, seed=5, layers=1)  # an untrained draft: most tokens rejected

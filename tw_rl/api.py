@@ -363,5 +363,6 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", overrides: Seq
     model, tok = load_model(str(teacher_dir), trust_remote_code=cfg.teacher.trust_remote_code,
                             gguf_file=cfg.teacher.gguf_file)
     teacher = Teacher(model, vocab_size=len(tok), pad_id=tok.pad_token_id,
-                      start_id=start_token_id(model, tok.pad_token_id), device=device)
+                      start_id=start_token_id(model, tok.pad_token_id), device=device,
+                      stack_caches=cfg.teacher.stack_caches)
     return TrainedModel(cfg, tok, student, teacher, base_student_dir=base_dir, device=device)

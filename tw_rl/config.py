@@ -128,6 +128,11 @@ class TeacherConfig:
     num_gpus: float = param(0.0, "GPUs per teacher replica", ge=0.0)
     max_batch_size: int = param(64, "dynamic batching: largest batch of queued requests served at once", ge=1)
     max_wait_ms: float = param(2.0, "dynamic batching: longest wait for more requests before serving", ge=0.0)
+    stack_caches: bool = param(False, "a causal LM teacher answers a <τ> request of many rows with one forward over "
+                                      "the rows' own KV caches, stacked, feeding only the tokens each lacks (false: "
+                                      "one forward over the full prefixes, no cache); pays where the teacher's "
+                                      "per-position cost dominates a forward, e.g. SmolLM2-135M on CPU "
+                                      "(docs/benchmarks.md)")
     driver_device: str = param("cpu", "torch device of the driver's own teacher: phase 1 (oracle traces, "
                                       "distillation), calibration and evaluation, e.g. cpu, cuda or cuda:1 (the "
                                       "replicas of phase 2 use teacher.num_gpus). cuda on a machine without one "

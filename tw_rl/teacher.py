@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from tw_rl.examples import pad_batch
-from tw_rl.models.family import Stepper, forced, is_causal, left_align
+from tw_rl.models.family import Stepper, feed_rows, forced, is_causal, left_align
 
 
 @dataclass(eq=False)
@@ -53,6 +53,14 @@ class Teacher:
       of a model call is shared by the rows. The teacher server (:mod:`tw_rl.teacher_server`) merges the requests
       of many workers into such batches. It neither reads nor updates the decoder states.
 
+    - *stacked* (more rows, ``stack_caches=True``, causal LMs): the rows' own KV caches (the incremental path's
+      states) are stacked, left-padded to the longest, into one forward over the tokens each row's cache lacks
+      (right-aligned in a block as wide as the longest such span; a fresh row feeds its input too, in a forward of
+      its own with the other fresh rows). One or two model calls for the request, over the new tokens only; the padding positions stay in the
+      rows' caches, masked. It pays where a teacher's per-position cost dominates a forward (SmolLM2-135M on CPU:
+      ``docs/benchmarks.md``, "Stacked teacher caches"). Models whose layers differ in cache kind (sliding-window
+      layers) are not supported on this path.
+
     The default ``incremental_max_rows = 1`` is the measured crossover (one CPU thread, ``docs/benchmarks.md``,
     "Teacher call cost"): on CPU a decoder forward of these small teachers costs a fixed ~2 ms (d 128) to ~5 ms
     (d 256, 3+3 layers) of Python and kernel-launch overhead whatever it feeds, so with every row adding 5 tokens
@@ -70,10 +78,15 @@ class Teacher:
 
     def __init__(self, model: PreTrainedModel, vocab_size: int, pad_id: int = 0, start_id: int = 0,
                  encoder_cache_size: int = 8192, device: str | torch.device = "cpu", *,
-                 incremental_max_rows: int = 1, decoder_cache_size: int = 256, states_per_source: int = 4):
+                 incremental_max_rows: int = 1, decoder_cache_size: int = 256, states_per_source: int = 4,
+                 stack_caches: bool = False):
         if decoder_cache_size < 1 or states_per_source < 1 or incremental_max_rows < 0:
             raise ValueError("decoder_cache_size and states_per_source must be >= 1, incremental_max_rows >= 0")
+        if stack_caches and not is_causal(model):
+            raise ValueError(f"stack_caches (teacher.stack_caches) needs a causal LM teacher; "
+                             f"{type(model).__name__} is a seq2seq model: set teacher.stack_caches=false")
         self.model = model.to(device).eval()
+        self.stack_caches = stack_caches
         self.vocab_size, self.pad_id, self.start_id, self.device = vocab_size, pad_id, start_id, torch.device(device)
         self._enc_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._enc_cache_size = encoder_cache_size
@@ -84,6 +97,7 @@ class Teacher:
         self._n_states = 0
         self.stats = {"calls": 0, "rows": 0, "seconds": 0.0, "encoder_hits": 0, "encoder_misses": 0,
                       "incremental_rows": 0, "batched_rows": 0, "incremental_positions": 0, "batched_positions": 0,
+                      "stacked_rows": 0, "stacked_positions": 0,
                       "state_hits": 0, "state_misses": 0, "state_evictions": 0}
 
     def clear_cache(self) -> None:
@@ -153,10 +167,10 @@ class Teacher:
         last = logits[torch.arange(len(prefixes)), torch.tensor([len(p) for p in prefixes])]
         return torch.log_softmax(last.float(), dim=-1)[:, :self.vocab_size]
 
-    def _last_logprobs_incremental(self, src: Sequence[int], prefix: Sequence[int]) -> torch.Tensor:
-        """``log π_T(· | x, prefix)`` ``[|V|]`` from the sequence's decoder state, feeding only new tokens."""
-        key = _key(src)
-        seq = (self.start_id,) + _key(prefix)
+    def _claim_state(self, key: tuple[int, ...], seq: tuple[int, ...], claimed: Sequence[_DecoderState] = ()
+                     ) -> _DecoderState:
+        """The kept state of source ``key`` that ``seq`` extends the furthest (none of ``claimed``: the states other
+        rows of the same request are using), made the most recently used; a fresh state (nothing fed) if none is."""
         group = self._states.get(key)
         if group is None:
             group = self._states[key] = []
@@ -164,12 +178,14 @@ class Teacher:
         state = None
         for s in group:  # the longest kept sequence that seq extends
             n = len(s.fed)
-            if n <= len(seq) and seq[:n] == s.fed and (state is None or n > len(state.fed)):
+            if (n <= len(seq) and seq[:n] == s.fed and (state is None or n > len(state.fed))
+                    and not any(s is c for c in claimed)):
                 state = s
         if state is None:
             self.stats["state_misses"] += 1
-            if len(group) >= self._states_per_source:
-                group.pop(0)
+            free = [s for s in group if not any(s is c for c in claimed)]
+            while len(group) >= self._states_per_source and free:
+                group.remove(free.pop(0))
                 self._n_states -= 1
                 self.stats["state_evictions"] += 1
             state = _DecoderState(self._stepper(key))
@@ -178,13 +194,25 @@ class Teacher:
             self.stats["state_hits"] += 1
             group.remove(state)
         group.append(state)
+        return state
+
+    def _forget(self, key: tuple[int, ...], state: _DecoderState) -> None:
+        group = self._states.get(key, [])
+        if any(s is state for s in group):
+            group.remove(state)
+            self._n_states -= 1
+
+    def _last_logprobs_incremental(self, src: Sequence[int], prefix: Sequence[int]) -> torch.Tensor:
+        """``log π_T(· | x, prefix)`` ``[|V|]`` from the sequence's decoder state, feeding only new tokens."""
+        key = _key(src)
+        seq = (self.start_id,) + _key(prefix)
+        state = self._claim_state(key, seq)
         new = seq[len(state.fed):]
         if new:
             try:
                 logits = state.steps.feed(ids=torch.tensor([new], device=self.device))
             except BaseException:  # the cache may hold part of the new tokens: forget the state
-                group.remove(state)
-                self._n_states -= 1
+                self._forget(key, state)
                 raise
             state.logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)[:self.vocab_size]
             state.fed = seq
@@ -193,6 +221,42 @@ class Teacher:
         lp = state.logprobs
         self._evict()
         return lp
+
+    def _last_logprobs_stacked(self, src: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]
+                               ) -> torch.Tensor:
+        """``log π_T(· | x, prefix)`` ``[B, |V|]``: the rows' own KV caches stacked into one forward over the tokens
+        each lacks (causal LMs; the *stacked* path of the class docstring). Rows asking the same (source, prefix)
+        share one state."""
+        unique: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        order = [unique.setdefault((_key(s), (self.start_id,) + _key(p)), len(unique))
+                 for s, p in zip(src, prefixes)]
+        states: list[_DecoderState] = []
+        for key, seq in unique:
+            states.append(self._claim_state(key, seq, states))
+        todo = [(state, key, seq) for state, (key, seq) in zip(states, unique) if state.fed != seq]
+        if todo:
+            try:  # rows that read their input first, then the kept ones: a short span is not padded to an input
+                for part in ([t for t in todo if not t[0].fed], [t for t in todo if t[0].fed]):
+                    if part:
+                        self._feed_stacked(part)
+            except BaseException:  # a cache may be half replaced: forget every state of the request
+                for state, key, _ in todo:
+                    self._forget(key, state)
+                raise
+        self.stats["stacked_rows"] += len(prefixes)
+        lp = torch.stack([states[i].logprobs for i in order])
+        self._evict()
+        return lp
+
+    def _feed_stacked(self, todo: Sequence[tuple[_DecoderState, tuple[int, ...], tuple[int, ...]]]) -> None:
+        """One forward for the states of ``todo`` ``(state, source, seq)``: each is fed ``seq`` beyond what it holds."""
+        steps = [state.steps for state, _, _ in todo]
+        new = [list(seq[len(state.fed):]) for state, _, seq in todo]
+        logits, width = feed_rows(steps, new, self.pad_id)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)[:, :self.vocab_size]
+        for i, (state, _, seq) in enumerate(todo):
+            state.fed, state.logprobs = seq, logprobs[i]
+        self.stats["stacked_positions"] += len(todo) * width
 
     def _stepper(self, key: tuple[int, ...]) -> Stepper:
         """A fresh one-row :class:`Stepper` on the source ``key`` (a seq2seq model's encoder states from the cache)."""
@@ -220,6 +284,8 @@ class Teacher:
         t0 = time.perf_counter()
         if len(prefixes) <= self.incremental_max_rows:
             last = torch.stack([self._last_logprobs_incremental(s, p) for s, p in zip(src, prefixes)])
+        elif self.stack_caches:
+            last = self._last_logprobs_stacked(src, prefixes)
         else:
             last = self._last_logprobs_batched(src, prefixes)
         val, idx = last.max(dim=-1)

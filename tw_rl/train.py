@@ -194,7 +194,8 @@ def phase0(cfg: Config, run_dir: Path) -> Run:
     train_pairs = checked_pairs(cfg, tok, cfg.data.train_split, limits[cfg.data.train_split])
     return Run(cfg=cfg, dir=run_dir, tokenizer=tok,
                teacher=Teacher(teacher_model, vocab_size=len(tok), pad_id=tok.pad_token_id,
-                               start_id=start_token_id(teacher_model, tok.pad_token_id), device=device),
+                               start_id=start_token_id(teacher_model, tok.pad_token_id), device=device,
+                               stack_caches=cfg.teacher.stack_caches),
                teacher_dir=str(teacher_dir), base_student_dir=str(student_dir),
                train=make_examples(train_pairs, tok, sampled, cfg.budget_prompt, *templates,
                                    task_prompt=cfg.task_prompt),

@@ -208,6 +208,58 @@ class Stepper:
         self.fed = n
 
 
+def feed_rows(steppers: Sequence[Stepper], new: Sequence[Sequence[int]], pad_id: int = 0
+              ) -> tuple[torch.Tensor, int]:
+    """Feed one-row causal :class:`Stepper` s their next ids in **one** forward: the logits ``[B, V_out]`` at each
+    row's last new position, and the block's width. Row ``i`` reads ``new[i]`` (≥ 1 id; a stepper that has fed
+    nothing reads its input first, the first id standing for the start as in :meth:`Stepper.feed`). The rows' KV
+    caches, of different lengths, are stacked left-padded to the longest; the new ids are right-aligned in a block
+    as wide as the longest, so every row's last new position is the block's last column. Each stepper keeps its own
+    positions afterwards — its cache, then the block, in-block padding included (masked; positions come from the
+    mask, so padding never shifts a position). Only caches whose layers are all plain (no sliding window)."""
+    if not steppers or not all(st.causal and st.mask.shape[0] == 1 for st in steppers):
+        raise ValueError("feed_rows: give one-row steppers of a causal LM")
+    if any(len(n) < 1 for n in new) or len(new) != len(steppers):
+        raise ValueError("feed_rows: give every stepper at least one new id")
+    model = steppers[0].model
+    device = steppers[0].mask.device
+    rows = [(st.ids[0][st.prompt_mask[0]].tolist() + list(n[1:])) if st.fed == 0 else list(n)
+            for st, n in zip(steppers, new)]
+    held = [st.mask.shape[1] if st.fed else 0 for st in steppers]  # cache positions, padding included
+    B, L, N = len(steppers), max(held), max(len(r) for r in rows)
+    ids = torch.full((B, N), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L + N, dtype=torch.long)
+    for i, (st, r) in enumerate(zip(steppers, rows)):
+        ids[i, N - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, L + N - len(r):] = 1
+        if held[i]:
+            mask[i, L - held[i]:L] = st.mask[0].cpu()
+    ids, mask = ids.to(device), mask.to(device)
+    cache = DynamicCache()
+    if L:
+        full = [st.cache for st, h in zip(steppers, held) if h]
+        layers = []
+        for layer in range(len(full[0].layers)):
+            kv = []
+            for part in ("keys", "values"):
+                ref = getattr(full[0].layers[layer], part)
+                kv.append(torch.cat([torch.nn.functional.pad(
+                    getattr(st.cache.layers[layer], part) if h else ref[:, :, :0], (0, 0, L - h, 0))
+                    for st, h in zip(steppers, held)]))
+            layers.append(tuple(kv))
+        cache = DynamicCache(ddp_cache_data=layers)
+    kw = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, L:], cache=cache,
+                use_cache=True, **kw)
+    for i, (st, n) in enumerate(zip(steppers, new)):
+        start = L - held[i]  # the row's own positions: its cache, then the block
+        st.cache = DynamicCache(ddp_cache_data=[(layer.keys[i:i + 1, :, start:].clone(),
+                                                 layer.values[i:i + 1, :, start:].clone()) for layer in cache.layers])
+        st.mask = mask[i:i + 1, start:].clone()
+        st.fed += len(n)
+    return out.logits[:, -1], N
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # inputs as text
 
