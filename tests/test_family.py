@@ -134,21 +134,25 @@ def test_stacked_teacher_caches_agree_with_the_full_prefix_forward(kind) -> None
     out = [torch.randint(2, V, (12,)).tolist() for _ in src]
     stacked = Teacher(model, vocab_size=V, incremental_max_rows=0, stack_caches=True)
     full = Teacher(model, vocab_size=V, incremental_max_rows=0)
+    reuse = Teacher(model, vocab_size=V, incremental_max_rows=0, stack_caches=True, reuse_prefixes=True)
+    alt = [o[:3] + torch.randint(2, V, (9,)).tolist() for o in out]  # agrees with out for 3 tokens
     rounds = [  # (row, prefix length) per request
         [(0, 0), (1, 2), (2, 1), (3, 0)],
         [(0, 1), (1, 5), (2, 1), (3, 4), (4, 3)],  # row 2 asks again; row 4 is new
         [(0, 6), (1, 6), (1, 6), (4, 3), (2, 9)],  # a duplicate row
         [(0, 11), (3, 10), (4, 7), (1, 12), (2, 10)],
+        [(0, -6), (1, -2), (2, -9), (3, -5), (4, -4)],  # another decode of the same inputs: alt[:n], diverging
     ]
     padded = 0  # the positions of the full-prefix forwards, padding included
     for k, request in enumerate(rounds):
         s = [src[r] for r, _ in request]
-        p = [out[r][:n] for r, n in request]
+        p = [out[r][:n] if n >= 0 else alt[r][:-n] for r, n in request]
         padded += len(request) * max(len(a) + len(b) + 1 for a, b in zip(s, p))
         w, lp = stacked.next_tokens(s, p)
         w_full, lp_full = full.next_tokens(s, p)
-        assert w == w_full, (kind, k)
-        assert lp == pytest.approx(lp_full, abs=1e-5), (kind, k)
+        w_reuse, lp_reuse = reuse.next_tokens(s, p)
+        assert w == w_full == w_reuse, (kind, k)
+        assert lp == pytest.approx(lp_full, abs=1e-5) and lp_reuse == pytest.approx(lp_full, abs=1e-5), (kind, k)
         if k == 1:  # one row through the one-row incremental path: its state is extended there, then stacked again
             one = Teacher(model, vocab_size=V)
             stacked.incremental_max_rows = 1
@@ -157,7 +161,12 @@ def test_stacked_teacher_caches_agree_with_the_full_prefix_forward(kind) -> None
     st = stacked.stats
     assert st["stacked_rows"] == sum(len(r) for r in rounds) and st["batched_rows"] == 0
     # each row's input is fed once; later requests feed the new tokens only (padded to the block's width)
-    assert st["state_misses"] == len(src) and st["stacked_positions"] < padded / 2
+    assert st["stacked_positions"] < padded / 2
+    # the last round: stacked keeps its states (4 per source) and reads each input again; reuse_prefixes crops the
+    # kept ones back to the start they share with alt (the input and up to 3 tokens) and feeds only the rest
+    assert st["state_misses"] == 2 * len(src) and reuse.stats["state_misses"] == len(src)
+    assert reuse.stats["state_crops"] == len(src)
+    assert reuse.stats["stacked_positions"] < st["stacked_positions"]
     with pytest.raises(ValueError, match="stack_caches .*seq2seq"):
         Teacher(tiny_t5(V, d_model=16, seed=1), vocab_size=V, stack_caches=True)
 

@@ -88,6 +88,29 @@ def test_prefix_that_does_not_extend_the_cached_one(model):
     assert inc.num_decoder_states == 1 and inc.stats["state_evictions"] == 3
 
 
+def test_reuse_prefixes_crops_a_kept_state_back_to_the_common_start(model):
+    """``reuse_prefixes``: a prefix that does not extend the kept state reuses it, cropped to their longest common
+    start (at most all but the prefix's last token), instead of reading everything again — same answers, fewer
+    positions fed. Another decode of the same input (calibration, the baselines) starts from the kept input."""
+    g = torch.Generator().manual_seed(2)
+    src = random_sources(g, 1)
+    a, b = (torch.randint(2, V, (12,), generator=g).tolist() for _ in range(2))
+    b[:3] = a[:3]  # b agrees with a on its first 3 tokens, then diverges
+    d = [2 + (a[0] - 1) % (V - 2)] + a[1:4]  # differs from a at once
+    plain, _ = pair(model, states_per_source=1)
+    inc, bat = pair(model, states_per_source=1, reuse_prefixes=True)
+    for prefix in (a[:3], a[:7], a[:12], a[:5], b[:6], b[:9], [], a[:2], d):
+        same(inc, bat, src, [prefix])
+        same(plain, bat, src, [prefix])
+    # a[:5] crops to 5 (+ start) and feeds a[4]; b[:6] crops to the 3 shared (+ start) and feeds 3; b[:9] extends;
+    # [] is a first call (a crop could keep nothing it needs: a fresh state, the other evicted); a[:2] extends it;
+    # d crops it back to the start (the input) and feeds 4
+    assert inc.stats["state_crops"] == 3 and inc.stats["state_hits"] == 4 and inc.stats["state_misses"] == 2
+    assert plain.stats["state_crops"] == 0 and plain.stats["state_misses"] == 5
+    fed = [13, 1, 3, 3, 1, 2, 4]  # start + a[:12]; a[4]; b[3:6]; b[6:9]; the start; a[:2]; d
+    assert inc.stats["incremental_positions"] == sum(fed) < plain.stats["incremental_positions"]
+
+
 def test_lru_eviction_bound(model):
     inc, bat = pair(model, decoder_cache_size=3, states_per_source=2)
     g = torch.Generator().manual_seed(3)

@@ -364,5 +364,5 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", overrides: Seq
                             gguf_file=cfg.teacher.gguf_file)
     teacher = Teacher(model, vocab_size=len(tok), pad_id=tok.pad_token_id,
                       start_id=start_token_id(model, tok.pad_token_id), device=device,
-                      stack_caches=cfg.teacher.stack_caches)
+                      stack_caches=cfg.teacher.stack_caches, reuse_prefixes=cfg.teacher.reuse_prefixes)
     return TrainedModel(cfg, tok, student, teacher, base_student_dir=base_dir, device=device)

@@ -133,6 +133,10 @@ class TeacherConfig:
                                       "one forward over the full prefixes, no cache); pays where the teacher's "
                                       "per-position cost dominates a forward, e.g. SmolLM2-135M on CPU "
                                       "(docs/benchmarks.md)")
+    reuse_prefixes: bool = param(False, "a sequence whose prefix does not extend the teacher's kept KV cache for its "
+                                        "input reuses the kept cache sharing the longest start with it, cropped "
+                                        "(false: it reads its input again); pays where the same inputs are decoded "
+                                        "again and again: calibration, the evaluation's baselines")
     driver_device: str = param("cpu", "torch device of the driver's own teacher: phase 1 (oracle traces, "
                                       "distillation), calibration and evaluation, e.g. cpu, cuda or cuda:1 (the "
                                       "replicas of phase 2 use teacher.num_gpus). cuda on a machine without one "

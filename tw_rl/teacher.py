@@ -79,14 +79,14 @@ class Teacher:
     def __init__(self, model: PreTrainedModel, vocab_size: int, pad_id: int = 0, start_id: int = 0,
                  encoder_cache_size: int = 8192, device: str | torch.device = "cpu", *,
                  incremental_max_rows: int = 1, decoder_cache_size: int = 256, states_per_source: int = 4,
-                 stack_caches: bool = False):
+                 stack_caches: bool = False, reuse_prefixes: bool = False):
         if decoder_cache_size < 1 or states_per_source < 1 or incremental_max_rows < 0:
             raise ValueError("decoder_cache_size and states_per_source must be >= 1, incremental_max_rows >= 0")
         if stack_caches and not is_causal(model):
             raise ValueError(f"stack_caches (teacher.stack_caches) needs a causal LM teacher; "
                              f"{type(model).__name__} is a seq2seq model: set teacher.stack_caches=false")
         self.model = model.to(device).eval()
-        self.stack_caches = stack_caches
+        self.stack_caches, self.reuse_prefixes = stack_caches, reuse_prefixes
         self.vocab_size, self.pad_id, self.start_id, self.device = vocab_size, pad_id, start_id, torch.device(device)
         self._enc_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._enc_cache_size = encoder_cache_size
@@ -95,15 +95,18 @@ class Teacher:
         # source -> its decoder states, least recently used first (in both levels)
         self._states: OrderedDict[tuple[int, ...], list[_DecoderState]] = OrderedDict()
         self._n_states = 0
+        # reuse_prefixes: source -> log π_T(· | x), the answer to a first call (kept for decoder_cache_size sources)
+        self._first: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.stats = {"calls": 0, "rows": 0, "seconds": 0.0, "encoder_hits": 0, "encoder_misses": 0,
                       "incremental_rows": 0, "batched_rows": 0, "incremental_positions": 0, "batched_positions": 0,
-                      "stacked_rows": 0, "stacked_positions": 0,
+                      "stacked_rows": 0, "stacked_positions": 0, "state_crops": 0,
                       "state_hits": 0, "state_misses": 0, "state_evictions": 0}
 
     def clear_cache(self) -> None:
         """Forget all cached encoder states and decoder states (the next call for any source starts cold)."""
         self._enc_cache.clear()
         self._states.clear()
+        self._first.clear()
         self._n_states = 0
 
     @property
@@ -113,6 +116,7 @@ class Teacher:
     def __getstate__(self) -> dict:  # pickled (Ray) without its caches
         state = self.__dict__.copy()
         state["_enc_cache"], state["_states"], state["_n_states"] = OrderedDict(), OrderedDict(), 0
+        state["_first"] = OrderedDict()
         return state
 
     # ----------------------------------------------------------------------------------------------------------
@@ -170,20 +174,33 @@ class Teacher:
     def _claim_state(self, key: tuple[int, ...], seq: tuple[int, ...], claimed: Sequence[_DecoderState] = ()
                      ) -> _DecoderState:
         """The kept state of source ``key`` that ``seq`` extends the furthest (none of ``claimed``: the states other
-        rows of the same request are using), made the most recently used; a fresh state (nothing fed) if none is."""
+        rows of the same request are using), made the most recently used. With ``reuse_prefixes``, else the kept
+        state sharing the longest start with ``seq`` (beyond the input), cropped back to it. Else a fresh state."""
         group = self._states.get(key)
         if group is None:
             group = self._states[key] = []
         self._states.move_to_end(key)
+        free = [s for s in group if not any(s is c for c in claimed)]
         state = None
-        for s in group:  # the longest kept sequence that seq extends
+        for s in free:  # the longest kept sequence that seq extends
             n = len(s.fed)
-            if (n <= len(seq) and seq[:n] == s.fed and (state is None or n > len(state.fed))
-                    and not any(s is c for c in claimed)):
+            if n <= len(seq) and seq[:n] == s.fed and (state is None or n > len(state.fed)):
                 state = s
+        if state is not None:
+            self.stats["state_hits"] += 1
+        elif self.reuse_prefixes:
+            first = self._first.get(key) if len(seq) == 1 else None  # a first call whose answer is known
+            m = 0
+            for s in free:  # at most all but seq's last (its log-probs are not kept), or the known first call
+                c = _common(s.fed, seq, 1 if first is not None else len(seq) - 1)
+                if c > m:
+                    state, m = s, c
+            if state is not None:
+                state.steps.crop(m)
+                state.fed, state.logprobs = seq[:m], first
+                self.stats["state_crops"] += 1
         if state is None:
             self.stats["state_misses"] += 1
-            free = [s for s in group if not any(s is c for c in claimed)]
             while len(group) >= self._states_per_source and free:
                 group.remove(free.pop(0))
                 self._n_states -= 1
@@ -191,10 +208,17 @@ class Teacher:
             state = _DecoderState(self._stepper(key))
             self._n_states += 1
         else:
-            self.stats["state_hits"] += 1
             group.remove(state)
         group.append(state)
         return state
+
+    def _remember(self, key: tuple[int, ...], seq: tuple[int, ...], logprobs: torch.Tensor) -> None:
+        """Keep the answer to a first call (``seq`` the start alone) for ``reuse_prefixes``."""
+        if self.reuse_prefixes and len(seq) == 1:
+            self._first[key] = logprobs
+            self._first.move_to_end(key)
+            while len(self._first) > self._dec_cache_size:
+                self._first.popitem(last=False)
 
     def _forget(self, key: tuple[int, ...], state: _DecoderState) -> None:
         group = self._states.get(key, [])
@@ -216,6 +240,7 @@ class Teacher:
                 raise
             state.logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)[:self.vocab_size]
             state.fed = seq
+            self._remember(key, seq, state.logprobs)
             self.stats["incremental_positions"] += len(new)
         self.stats["incremental_rows"] += 1
         lp = state.logprobs
@@ -254,8 +279,9 @@ class Teacher:
         new = [list(seq[len(state.fed):]) for state, _, seq in todo]
         logits, width = feed_rows(steps, new, self.pad_id)
         logprobs = torch.log_softmax(logits.float(), dim=-1)[:, :self.vocab_size]
-        for i, (state, _, seq) in enumerate(todo):
+        for i, (state, key, seq) in enumerate(todo):
             state.fed, state.logprobs = seq, logprobs[i]
+            self._remember(key, seq, state.logprobs)
         self.stats["stacked_positions"] += len(todo) * width
 
     def _stepper(self, key: tuple[int, ...]) -> Stepper:
@@ -328,6 +354,16 @@ class Teacher:
         self.stats["calls"] += 1
         self.stats["rows"] += rows
         self.stats["seconds"] += time.perf_counter() - t0
+
+
+def _common(a: Sequence[int], b: Sequence[int], most: int) -> int:
+    """The length of the longest common start of ``a`` and ``b``, at most ``most``."""
+    n = 0
+    for x, y in zip(a, b):
+        if n >= most or x != y:
+            break
+        n += 1
+    return n
 
 
 def _key(seq: Sequence[int]) -> tuple[int, ...]:

@@ -195,7 +195,8 @@ class TeacherServer:
     def __init__(self, model_dir: str | Path | None = None, vocab_size: int | None = None, *,
                  teacher: Teacher | None = None, pad_id: int = 0, start_id: int = 0, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, num_threads: int | None = None, device: str = "cpu",
-                 trust_remote_code: bool = False, gguf_file: str | None = None, stack_caches: bool = False):
+                 trust_remote_code: bool = False, gguf_file: str | None = None, stack_caches: bool = False,
+                 reuse_prefixes: bool = False):
         if num_threads is not None:  # Ray sets OMP_NUM_THREADS; be deliberate about the intra-op threads
             torch.set_num_threads(max(1, int(num_threads)))
         if teacher is None:
@@ -207,7 +208,7 @@ class TeacherServer:
             # job's code is importable)
             model = load_weights(str(model_dir), trust_remote_code=trust_remote_code, gguf_file=gguf_file)
             teacher = Teacher(model, vocab_size=vocab_size, pad_id=pad_id, start_id=start_id, device=device,
-                              stack_caches=stack_caches)
+                              stack_caches=stack_caches, reuse_prefixes=reuse_prefixes)
         self.teacher = teacher
         self.instance = uuid.uuid4().hex[:12]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")

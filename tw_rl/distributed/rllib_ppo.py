@@ -88,7 +88,8 @@ def make_env(env_config: dict) -> gym.Env:
     model, _ = load_model(env_config["teacher_dir"], gguf_file=env_config.get("teacher_gguf_file"))
     torch.set_num_threads(1)
     teacher = Teacher(model, vocab_size=env_config["n_actions"] - 1, pad_id=env_config["pad_id"],
-                      start_id=env_config["start_id"], stack_caches=env_config.get("teacher_stack_caches", False))
+                      start_id=env_config["start_id"], stack_caches=env_config.get("teacher_stack_caches", False),
+                      reuse_prefixes=env_config.get("teacher_reuse_prefixes", False))
     env = TokenMDPEnv(env_config["examples"], teacher, n_actions=env_config["n_actions"],
                       eos_id=env_config["eos_id"], budgets=env_config["budgets"], max_len=env_config["max_len"],
                       max_src_len=env_config["max_src_len"], pad_id=env_config["pad_id"])
@@ -275,7 +276,8 @@ def run_phase2(run, student, log, resume: bool):
     init_ray()
     max_src = max(len(s) for ex in run.train for s in ex.student_src.values())
     env_config = {"teacher_dir": run.teacher_dir, "teacher_gguf_file": cfg.teacher.gguf_file,
-                  "teacher_stack_caches": cfg.teacher.stack_caches, "examples": run.train,
+                  "teacher_stack_caches": cfg.teacher.stack_caches,
+                  "teacher_reuse_prefixes": cfg.teacher.reuse_prefixes, "examples": run.train,
                   "n_actions": student.n_actions,
                   "eos_id": run.eos_id, "pad_id": run.pad_id, "start_id": run.start_id, "budgets": cfg.budgets,
                   "max_len": cfg.data.max_tgt_tokens, "max_src_len": max_src}

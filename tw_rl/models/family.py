@@ -202,6 +202,11 @@ class Stepper:
         if n == self.fed:
             return
         drop = self.fed - n
+        if self.causal and self.mask.shape[0] == 1:  # one row (the teacher's): its cache may hold masked padding
+            # (feed_rows), so keep up to its (input + n − 1)-th real position rather than counting columns
+            real = self.mask[0].long().cumsum(0)
+            keep = int((real < int(self.prompt_mask.sum()) + n - 1).sum()) + 1
+            drop = self.mask.shape[1] - keep
         self.cache.crop(-drop)  # (transformers 5: a negative count of positions to drop from the end)
         if self.causal:
             self.mask = self.mask[:, :-drop]
