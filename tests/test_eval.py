@@ -614,6 +614,32 @@ def test_oracle_on_the_trained_run(run):
         assert abs(row["validation_usage"] - row["usage_target"]) <= 0.01 + 1e-9 or row["calibration_steps"] == 20
 
 
+def test_baseline_calibration_honours_its_budget_of_decodes(run):
+    """eval.baseline_max_iter / eval.baseline_tolerance bound a calibrated baseline's bisection (the run's own
+    baselines were searched with the defaults, 20 and 0.01): at most that many validation decodes, and a search
+    that stops on tolerance stops as soon as it is within it."""
+    import dataclasses
+
+    from tw_rl.evaluation.fallback import ConfidenceFallback, RandomCalls
+    from tw_rl.evaluation.rows import Context, Point
+
+    model, validation = run["model"], run["validation"]
+    for max_iter, tol in ((2, 1e-9), (20, 0.2)):
+        cfg = dataclasses.replace(model.cfg, eval=dataclasses.replace(model.cfg.eval, baseline_max_iter=max_iter,
+                                                                      baseline_tolerance=tol))
+        bounded = copy.copy(model)
+        bounded.cfg = cfg
+        ctx = Context(model=bounded, test=run["test"], validation=validation,
+                      budgets=[0.2], task="translation", targets={0.2: 0.3})
+        for kind in (RandomCalls(), ConfidenceFallback()):
+            setting = kind.calibrate(ctx, Point(0, 0.2))
+            steps, usage = setting.fields["calibration_steps"], setting.fields["validation_usage"]
+            if max_iter == 2:  # no usage lands within 1e-9 of 0.3: the search runs out
+                assert steps == 2, kind.method
+            else:  # the first decode (x = 0.5) or a later one is within 0.2 of 0.3: a few steps
+                assert abs(usage - 0.3) <= 0.2 + 1e-9 and steps < 20, (kind.method, steps, usage)
+
+
 def test_paired_bootstrap_tells_a_real_difference_from_none():
     from tw_rl.evaluation.quality import paired_bootstrap
 

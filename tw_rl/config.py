@@ -398,6 +398,11 @@ class EvalConfig:
                                        help="lenience of the draft-and-verify speculative decoding curve (1: lossless; "
                                             "smaller: lossy, as in DistillSpec); []: Hugging Face assisted generation "
                                             "only", gt=0.0, le=1.0)
+    baseline_tolerance: float = param(0.01, "a calibrated baseline's knob (random-call rate, confidence threshold, "
+                                            "oracle gain) stops when its validation usage is within this of "
+                                            "Training Wheels' there", gt=0.0, le=0.5)
+    baseline_max_iter: int = param(20, "most bisection steps (greedy decodes of the validation inputs) per "
+                                       "calibrated baseline and budget; the closest usage seen is kept", ge=1)
     spec_draft_tokens: int = param(5, "tokens the draft proposes per round in draft-and-verify decoding", ge=1)
     bootstrap_samples: int = param(1000, "paired bootstrap resamples (sacrebleu) for the BLEU difference of each "
                                          "baseline against Training Wheels at the same budget; 0: no test", ge=0)

@@ -61,6 +61,11 @@ class Teacher:
       ``docs/benchmarks.md``, "Stacked teacher caches"). Models whose layers differ in cache kind (sliding-window
       layers) are not supported on this path.
 
+    With ``reuse_prefixes``, a sequence whose prefix extends none of its source's kept states takes the kept state
+    sharing the longest start with it (beyond the input), cropped back to that start (:meth:`Stepper.crop`), instead
+    of a fresh state that reads the input again; the answer to a first call (the input alone) is kept per source.
+    It pays where the same inputs are decoded again and again (calibration's bisection, the evaluation's baselines).
+
     The default ``incremental_max_rows = 1`` is the measured crossover (one CPU thread, ``docs/benchmarks.md``,
     "Teacher call cost"): on CPU a decoder forward of these small teachers costs a fixed ~2 ms (d 128) to ~5 ms
     (d 256, 3+3 layers) of Python and kernel-launch overhead whatever it feeds, so with every row adding 5 tokens

@@ -120,16 +120,17 @@ def usage_targets(model: "TrainedModel", validation: Sequence[Example], budgets:
 
 
 def calibrate(make: Callable[[float], Method], validation: Sequence[Example], target: float, batch_size: int,
-              tol: float = 0.01) -> Calibration:
+              tol: float = 0.01, max_iter: int = 20) -> Calibration:
     """The knob ``x ∈ [0, 1]`` (a random-call rate, a confidence threshold) at which the method ``make(x)`` has
-    mean usage ``target ± tol`` on ``validation`` (bisection, :func:`calibrate_threshold`)."""
+    mean usage ``target ± tol`` on ``validation`` (bisection, :func:`calibrate_threshold`, at most ``max_iter``
+    decodes)."""
     if target > 0 and not validation:
         raise ValueError(_NO_VALIDATION)
 
     def usage_at(x: float) -> float:
         return float(np.mean(usages(run(make(x), validation, batch_size))))
 
-    return calibrate_threshold(usage_at, target, tol)
+    return calibrate_threshold(usage_at, target, tol, max_iter)
 
 
 def calibrated_fields(target: float, cal: Calibration) -> dict:

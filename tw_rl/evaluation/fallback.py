@@ -156,7 +156,9 @@ def _calibrated_setting(kind: RowKind, ctx: Context, at: Point, fields: Callable
     """The knob ``x ∈ [0, 1]`` at which ``kind`` has Training Wheels' validation usage at ``at``'s budget, and the
     row's ``fields(calibration, target)``."""
     target = ctx.targets[at.value]
-    cal = calibrate(lambda x: kind.decoder(ctx, at, x), ctx.validation, target, ctx.cfg.eval.batch_size)
+    ecfg = ctx.cfg.eval
+    cal = calibrate(lambda x: kind.decoder(ctx, at, x), ctx.validation, target, ecfg.batch_size,
+                    ecfg.baseline_tolerance, ecfg.baseline_max_iter)
     return Setting(cal.threshold, fields(cal, target))
 
 
