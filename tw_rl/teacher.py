@@ -56,8 +56,8 @@ class Teacher:
     - *stacked* (more rows, ``stack_caches=True``, causal LMs): the rows' own KV caches (the incremental path's
       states) are stacked, left-padded to the longest, into one forward over the tokens each row's cache lacks
       (right-aligned in a block as wide as the longest such span; a fresh row feeds its input too, in a forward of
-      its own with the other fresh rows). One or two model calls for the request, over the new tokens only; the padding positions stay in the
-      rows' caches, masked. It pays where a teacher's per-position cost dominates a forward (SmolLM2-135M on CPU:
+      its own with the other fresh rows). One or two model calls for the request, over the new tokens only; the
+      padding positions stay in the rows' caches, masked. It pays where a teacher's per-position cost dominates a forward (SmolLM2-135M on CPU:
       ``docs/benchmarks.md``, "Stacked teacher caches"). Models whose layers differ in cache kind (sliding-window
       layers) are not supported on this path.
 
@@ -185,7 +185,7 @@ class Teacher:
         if group is None:
             group = self._states[key] = []
         self._states.move_to_end(key)
-        free = [s for s in group if not any(s is c for c in claimed)]
+        free = [s for s in group if s not in claimed]  # (states compare by identity: eq=False)
         state = None
         for s in free:  # the longest kept sequence that seq extends
             n = len(s.fed)
@@ -227,7 +227,7 @@ class Teacher:
 
     def _forget(self, key: tuple[int, ...], state: _DecoderState) -> None:
         group = self._states.get(key, [])
-        if any(s is state for s in group):
+        if state in group:
             group.remove(state)
             self._n_states -= 1
 

@@ -83,8 +83,8 @@ def start_teacher(cfg: TeacherConfig, model_dir: str | Path | None = None, vocab
         None if model_dir is None else str(model_dir), vocab_size, teacher=teacher, pad_id=pad_id,
         start_id=start_id, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
         num_threads=max(1, int(cfg.num_cpus)), device=device, trust_remote_code=cfg.trust_remote_code,
-        gguf_file=cfg.gguf_file, stack_caches=cfg.stack_caches,
-        reuse_prefixes=cfg.reuse_prefixes)  # a given GGUF teacher: its file in the directory (set only with name_or_path)
+        gguf_file=cfg.gguf_file,  # a given GGUF teacher: its file in the directory (set only with name_or_path)
+        stack_caches=cfg.stack_caches, reuse_prefixes=cfg.reuse_prefixes)
         for _ in range(cfg.num_replicas)]
     client = RemoteTeacher(handles)
     client.check_restarts()  # waits until every replica has loaded its model; records their instances
