@@ -375,7 +375,11 @@ class CalibrationConfig:
 
     enabled: bool = param(True, "calibrate the trained student (and the phase-1 student of the report) after training")
     tolerance: float = param(0.005, "stop when validation usage is within this of the budget", gt=0.0, le=0.5)
-    max_iter: int = param(16, "most bisection steps (greedy decodes of the validation inputs) per budget", ge=1)
+    max_iter: int = param(16, "most search steps (greedy decodes of the validation inputs) per budget", ge=1)
+    search: str = param("bisect", "how every knob is searched on validation (the <τ> offsets and the calibrated "
+                                  "baselines' rates and thresholds): bisect (halve the bracket) or secant (Illinois "
+                                  "regula falsi, each budget level starting from the previous level's decodes: about "
+                                  "half the decodes, docs/design.md)", choices=["bisect", "secant"])
     max_examples: Optional[int] = param(500, "validation inputs used (None: the whole split)", ge=1)
 
 
@@ -401,7 +405,7 @@ class EvalConfig:
     baseline_tolerance: float = param(0.01, "a calibrated baseline's knob (random-call rate, confidence threshold, "
                                             "oracle gain) stops when its validation usage is within this of "
                                             "Training Wheels' there", gt=0.0, le=0.5)
-    baseline_max_iter: int = param(20, "most bisection steps (greedy decodes of the validation inputs) per "
+    baseline_max_iter: int = param(20, "most search steps (greedy decodes of the validation inputs) per "
                                        "calibrated baseline and budget; the closest usage seen is kept", ge=1)
     spec_draft_tokens: int = param(5, "tokens the draft proposes per round in draft-and-verify decoding", ge=1)
     bootstrap_samples: int = param(1000, "paired bootstrap resamples (sacrebleu) for the BLEU difference of each "

@@ -1,5 +1,7 @@
-"""Calibration on the validation split: every knob of the evaluation is found here, by one bisection
-(:func:`calibrate_threshold`) on a coordinate ``x ∈ [0, 1]`` along which usage is non-decreasing.
+"""Calibration on the validation split: every knob of the evaluation is found here, by one search
+(:func:`calibrate_threshold`) on a coordinate ``x ∈ [0, 1]`` along which usage is non-decreasing: bisection (the
+default, ``calibration.search=bisect``) or a safeguarded secant search (``secant``, :func:`secant_search`) that
+draws a line through the bracket's ends and starts from what the previous budget level found.
 
 **The baselines' knobs** (:func:`calibrate`): the random-call rate, the confidence threshold and the oracle's gain
 threshold, each set so that the baseline's validation usage is Training Wheels' validation usage at that budget
@@ -63,8 +65,139 @@ class Calibration:
 _SATURATION_CHECK = 0.9  # calibrate_threshold decodes x = 1 once bisection, always short, passes this
 
 
+SEARCHES = ("bisect", "secant")  # calibration.search
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Where :func:`secant_search` draws its lines: the knob coordinate through ``knob`` (with its inverse) and the
+    usage through ``usage``, both increasing. :data:`LINEAR`: as they are (a random-call rate, whose usage is about
+    the rate); :data:`LOGIT`: both as logits (a ``<τ>`` offset ``κ = logit(x)``, whose usage is about
+    ``σ(κ + a)``)."""
+
+    knob: Callable[[float], float]
+    inverse: Callable[[float], float]
+    usage: Callable[[float], float]
+
+
+def _identity(v: float) -> float:
+    return v
+
+
+_U_MIN = 1e-3  # LOGIT clips usage to [1e-3, 1 − 1e-3]: below one call in a thousand tokens is "none"
+
+
+def _usage_logit(u: float) -> float:
+    u = min(max(u, _U_MIN), 1.0 - _U_MIN)
+    return math.log(u / (1.0 - u))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+LINEAR = Scale(_identity, _identity, _identity)
+LOGIT = Scale(lambda x: bias_of(x), _sigmoid, _usage_logit)
+
+_SAFEGUARD = 0.02  # secant_search never proposes within this fraction of the bracket's width from either end
+
+
+def _interpolate(lo: tuple[float, float], hi: tuple[float, float], target: float, scale: Scale) -> float:
+    """The ``x`` at which the line through ``lo`` and ``hi`` (``(x, usage)``, ``usage`` below / above ``target``)
+    meets ``target`` in ``scale``, kept inside the bracket by :data:`_SAFEGUARD`."""
+    (x0, u0), (x1, u1) = lo, hi
+    h0, h1, g0, g1, g = scale.knob(x0), scale.knob(x1), scale.usage(u0), scale.usage(u1), scale.usage(target)
+    x = scale.inverse(h0 + (g - g0) * (h1 - h0) / (g1 - g0)) if g1 > g0 else (x0 + x1) / 2
+    margin = _SAFEGUARD * (x1 - x0)
+    return min(max(x, x0 + margin), x1 - margin)
+
+
+def _secant(a: tuple[float, float], b: tuple[float, float], target: float, scale: Scale, lo: float, hi: float,
+            fallback: float) -> float:
+    """Where the line through the decoded points ``a`` and ``b`` meets ``target`` in ``scale``, if that is inside
+    ``(lo, hi)`` by :data:`_SAFEGUARD`; else ``fallback``."""
+    (x0, u0), (x1, u1) = a, b
+    g0, g1 = scale.usage(u0), scale.usage(u1)
+    if x0 == x1 or g0 == g1:
+        return fallback
+    h0, h1 = scale.knob(x0), scale.knob(x1)
+    x = scale.inverse(h1 + (scale.usage(target) - g1) * (h1 - h0) / (g1 - g0))
+    margin = _SAFEGUARD * (hi - lo)
+    return x if lo + margin <= x <= hi - margin else fallback
+
+
+def secant_search(usage_at: Callable[[float], float], target: float, tol: float = 0.01, max_iter: int = 20,
+                  first: float | None = None, prior: Sequence[tuple[float, float]] = (), scale: Scale = LINEAR
+                  ) -> Calibration:
+    """The knob ``x ∈ [0, 1]`` whose usage is ``target ± tol``, by the Illinois variant of regula falsi.
+
+    The bracket starts at ``x = 0`` with usage 0 (never calls) and ``x = 1`` with usage 1 (calls at every step),
+    neither decoded: the ends are a prior, replaced by decoded points as they land. Each step decodes where the
+    line through the bracket's ends (in ``scale``) meets ``target``, at least :data:`_SAFEGUARD` of the bracket's
+    width inside it; when one end survives two steps in a row, its distance to ``target`` is halved (Illinois), so
+    the bracket closes from both sides. ``first`` is decoded first (a budget's ``κ = 0``); then, if ``prior`` holds
+    ``(x, usage)`` points decoded for a similar function (the previous budget level's), the line through the two
+    prior points nearest ``target`` on either side proposes the next ``x`` — a guess only: the bracket holds
+    decoded points alone. As :func:`calibrate_threshold`, a method that saturates below ``target`` is found out by
+    decoding ``x = 1`` once the proposal passes 0.9 with every decode short; the closest usage seen is returned."""
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"secant_search: target usage {target} must lie in [0, 1]")
+    if target == 0.0:
+        return Calibration(0.0, 0.0, [])
+    lo, hi = (0.0, 0.0), (1.0, 1.0)  # (x, usage used for the line): decoded points once they land
+    hi_decoded, kept, trace = False, 0, []  # kept: −1 / +1 when the last step moved the upper / lower end
+    below = [(x, u) for x, u in prior if u < target]
+    above = [(x, u) for x, u in prior if u > target]
+    guess = None
+    if below or above:
+        nearest = (max(below, key=lambda p: p[1], default=lo), min(above, key=lambda p: p[1], default=hi))
+        guess = _interpolate(*sorted(nearest), target, scale)
+    while len(trace) < max_iter:
+        if first is not None and not trace:
+            x = first
+        elif guess is not None and lo[0] < guess < hi[0]:
+            x, guess = guess, None
+        else:
+            guess = None
+            x = _interpolate(lo, hi, target, scale)
+            if len(trace) >= 2:  # the line through the last two decodes, when it stays inside the bracket (Dekker)
+                x = _secant(trace[-2], trace[-1], target, scale, lo[0], hi[0], x)
+            if not hi_decoded and x >= _SATURATION_CHECK and all(u < target for _, u in trace):
+                x = 1.0
+        u = float(usage_at(x))
+        trace.append((x, u))
+        if abs(u - target) <= tol + 1e-12:
+            break
+        if x == 1.0 and u < target:  # x = 1 falls short: nothing reaches the target
+            break
+        if u < target:
+            lo = (x, u)
+            if kept == +1:  # the upper end survived twice: pull its usage halfway to the target
+                hi = (hi[0], target + (hi[1] - target) / 2)
+            kept = +1
+        else:
+            hi, hi_decoded = (x, u), hi_decoded or x == 1.0
+            if kept == -1:
+                lo = (lo[0], target - (target - lo[1]) / 2)
+            kept = -1
+    best = min(trace, key=lambda tu: abs(tu[1] - target))
+    return Calibration(best[0], best[1], trace)
+
+
 def calibrate_threshold(usage_at: Callable[[float], float], target: float, tol: float = 0.01,
-                        max_iter: int = 20) -> Calibration:
+                        max_iter: int = 20, search: str = "bisect", first: float | None = None,
+                        prior: Sequence[tuple[float, float]] = (), scale: Scale = LINEAR) -> Calibration:
+    """The knob whose usage is ``target ± tol``: bisection (below), or with ``search="secant"``
+    :func:`secant_search` (``first``, ``prior`` and ``scale`` are its; bisection ignores them)."""
+    if search == "secant":
+        return secant_search(usage_at, target, tol, max_iter, first, prior, scale)
+    if search != "bisect":
+        raise ValueError(f"calibrate_threshold: search={search!r} is not one of {SEARCHES}")
+    return _bisect(usage_at, target, tol, max_iter)
+
+
+def _bisect(usage_at: Callable[[float], float], target: float, tol: float = 0.01, max_iter: int = 20
+            ) -> Calibration:
     """Bisection on ``[0, 1]`` for the confidence threshold (or random-call rate) whose usage is ``target ± tol``.
 
     ``usage_at(x)`` decodes the validation data with :func:`tw_rl.evaluation.fallback.confidence_fallback` at
@@ -120,17 +253,18 @@ def usage_targets(model: "TrainedModel", validation: Sequence[Example], budgets:
 
 
 def calibrate(make: Callable[[float], Method], validation: Sequence[Example], target: float, batch_size: int,
-              tol: float = 0.01, max_iter: int = 20) -> Calibration:
+              tol: float = 0.01, max_iter: int = 20, search: str = "bisect",
+              prior: Sequence[tuple[float, float]] = ()) -> Calibration:
     """The knob ``x ∈ [0, 1]`` (a random-call rate, a confidence threshold) at which the method ``make(x)`` has
-    mean usage ``target ± tol`` on ``validation`` (bisection, :func:`calibrate_threshold`, at most ``max_iter``
-    decodes)."""
+    mean usage ``target ± tol`` on ``validation`` (:func:`calibrate_threshold`'s ``search``, at most ``max_iter``
+    decodes; the secant search's first guess from ``prior``, ``(x, usage)`` decoded at another budget)."""
     if target > 0 and not validation:
         raise ValueError(_NO_VALIDATION)
 
     def usage_at(x: float) -> float:
         return float(np.mean(usages(run(make(x), validation, batch_size))))
 
-    return calibrate_threshold(usage_at, target, tol, max_iter)
+    return calibrate_threshold(usage_at, target, tol, max_iter, search, prior=prior)
 
 
 def calibrated_fields(target: float, cal: Calibration) -> dict:
@@ -167,11 +301,13 @@ class BudgetCalibration:
                 "trace": [[round(k, 4), round(u, 4)] for k, u in self.trace]}
 
 
-def calibrate_budget(usage_at: Callable[[float], float], budget: float, tol: float, max_iter: int
-                     ) -> BudgetCalibration:
+def calibrate_budget(usage_at: Callable[[float], float], budget: float, tol: float, max_iter: int,
+                     search: str = "bisect", prior: Sequence[tuple[float, float]] = ()) -> BudgetCalibration:
     """The offset ``κ`` at which ``usage_at(κ)`` (mean greedy usage on validation data) is ``budget ± tol``; the
     closest value seen when ``max_iter`` evaluations do not reach it. ``budget = 0`` needs no offset: the student
-    never calls at b = 0 (``<τ>`` is masked there)."""
+    never calls at b = 0 (``<τ>`` is masked there). Both searches decode ``κ = 0`` first (``usage_before``);
+    ``search="secant"`` then draws its lines in logits (:data:`LOGIT`) and takes its first guess from ``prior``,
+    ``(κ, usage)`` points decoded at another budget level (the previous one's :attr:`BudgetCalibration.trace`)."""
     if budget == 0.0:
         return BudgetCalibration(0.0, 0.0, 0.0, 0.0, [])
     trace: list[tuple[float, float]] = []
@@ -182,18 +318,21 @@ def calibrate_budget(usage_at: Callable[[float], float], budget: float, tol: flo
         trace.append((k, u))
         return u
 
-    cal = calibrate_threshold(at, budget, tol, max_iter)
+    cal = calibrate_threshold(at, budget, tol, max_iter, search, first=0.5,
+                              prior=[(_sigmoid(k), u) for k, u in prior], scale=LOGIT)
     return BudgetCalibration(budget, bias_of(cal.threshold), trace[0][1], cal.usage, trace)
 
 
 def calibrate_student(model: "TrainedModel", validation: Sequence[Example], budgets: Sequence[float] | None = None,
                       tol: float = 0.005, max_iter: int = 16, desc: str = "calibration",
-                      progress: bool = True) -> list[BudgetCalibration]:
+                      progress: bool = True, search: str | None = None) -> list[BudgetCalibration]:
     """Fit ``κ_b`` for every budget level (default: the grid) on ``validation`` and store the offsets in
     ``model.student.tau_bias`` (save the student afterwards to keep them). Shows a progress bar (one step per
     budget, the budget and its decodes so far beside it) unless ``progress`` is false. Raises ValueError without
-    validation inputs."""
+    validation inputs. ``search``: :func:`calibrate_budget`'s (default ``calibration.search``); the secant search
+    starts each level from the previous level's decodes."""
     budgets = list(model.budgets if budgets is None else budgets)
+    search = model.cfg.calibration.search if search is None else search
     if any(b > 0 for b in budgets) and not validation:
         raise ValueError("budget calibration needs validation inputs (data.validation_split); "
                          "or set calibration.enabled=false")
@@ -209,7 +348,8 @@ def calibrate_student(model: "TrainedModel", validation: Sequence[Example], budg
                 bar.set_postfix_str(f"b={b:g} decode {decodes}")
                 return mean_usage(model, validation, b, k, bs)
 
-            results.append(calibrate_budget(usage_at, b, tol, max_iter))
+            prior = results[-1].trace if results else ()
+            results.append(calibrate_budget(usage_at, b, tol, max_iter, search, prior))
             bar.update(1)
     model.student.tau_bias = {r.budget: r.bias for r in results if r.budget > 0}
     return results

@@ -158,7 +158,9 @@ def _calibrated_setting(kind: RowKind, ctx: Context, at: Point, fields: Callable
     target = ctx.targets[at.value]
     ecfg = ctx.cfg.eval
     cal = calibrate(lambda x: kind.decoder(ctx, at, x), ctx.validation, target, ecfg.batch_size,
-                    ecfg.baseline_tolerance, ecfg.baseline_max_iter)
+                    ecfg.baseline_tolerance, ecfg.baseline_max_iter, ctx.cfg.calibration.search,
+                    prior=ctx.traces.get(kind.method, ()))
+    ctx.traces[kind.method] = cal.trace  # the next budget's secant search starts from these decodes
     return Setting(cal.threshold, fields(cal, target))
 
 

@@ -80,6 +80,7 @@ class Context:
     rows: dict[RowKey, dict] = field(default_factory=dict)  # the rows decoded so far, their outputs and text
     outputs: dict[RowKey, Outputs] = field(default_factory=dict)
     hyps: dict[RowKey, list[str]] = field(default_factory=dict)
+    traces: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # each method's last calibration
 
     @property
     def cfg(self) -> "Config":
